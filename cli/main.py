@@ -1,0 +1,57 @@
+"""The ``guardrail`` command: a thin typer layer over the library.
+
+Each command module in this package exposes ``register(app)``; no logic lives here.
+Errors print as one line with a hint; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    name="guardrail",
+    help="Feature-level monitoring and control of tool-using LLM agents with sparse crosscoders.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+err = Console(stderr=True)
+
+# Command modules, in the order of the data flow; each defines register(app).
+COMMAND_MODULES = ["collect", "train", "organism"]
+
+for _name in COMMAND_MODULES:
+    importlib.import_module(f"guardrail.cli.{_name}").register(app)
+
+
+@app.callback()
+def _root(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")) -> None:
+    if debug:
+        os.environ["GUARDRAIL_DEBUG"] = "1"
+
+
+def main() -> None:
+    """Entry point: run the app; known errors become one clear line (exit 2)."""
+    try:
+        app(standalone_mode=False)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except (KeyboardInterrupt, EOFError):
+        err.print("[red]interrupted[/red]")
+        sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - the CLI's one place to turn errors into lines
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if os.environ.get("GUARDRAIL_DEBUG") or "--debug" in sys.argv:
+            raise
+        err.print(f"[red]error:[/red] {type(exc).__name__}: {exc}")
+        err.print("[dim]hint: rerun with --debug for the traceback[/dim]")
+        sys.exit(2)

@@ -1,0 +1,7 @@
+"""CLI: organism."""
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    """Placeholder until the organism commands land."""
