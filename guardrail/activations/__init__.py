@@ -1,1 +1,6 @@
-"""guardrail."""
+"""Paired activation caches: collect once, train and rank from disk."""
+
+from guardrail.activations.cache import ActivationCache, CacheError, CacheManifest, PairedActivations
+from guardrail.activations.collect import collect
+
+__all__ = ["ActivationCache", "CacheError", "CacheManifest", "PairedActivations", "collect"]

@@ -1,0 +1,163 @@
+"""A paired activation cache on disk: A's and B's residual stream at one site.
+
+Layout of a cache folder::
+
+    manifest.json            what was collected, from what, and which shards are complete
+    shard_00000.safetensors  acts [n, 2, d] (0 = A, 1 = B) + row metadata + per-shard sums
+
+A shard covers a fixed block of prompts and is written to a temporary name, then renamed,
+then recorded in the manifest (also replaced atomically). A process killed at any point
+leaves only complete, recorded shards; ``collect`` on the same folder resumes after them.
+Normalisation statistics are sums over shards, so they never disagree with the data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from safetensors.torch import load_file, save_file
+
+from guardrail.residual.site import Site
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+
+
+class CacheError(RuntimeError):
+    """The cache folder does not match the request, or its files are damaged."""
+
+
+class ShardInfo(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    first_prompt: int
+    n_prompts: int
+    n_rows: int
+    sha256: str
+
+
+class CacheManifest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    format_version: int = FORMAT_VERSION
+    model_a: str
+    model_b: str
+    layer: int
+    site: Site
+    d_model: int
+    dtype: str = "float32"
+    n_prompts: int
+    n_tool_prompts: int
+    data_hash: str
+    shard_prompts: int
+    max_length: int
+    shards: list[ShardInfo] = []
+    complete: bool = False
+
+    @property
+    def positions(self) -> str:
+        return self.site.positions
+
+    @property
+    def n_rows(self) -> int:
+        return sum(s.n_rows for s in self.shards)
+
+    @property
+    def prompts_done(self) -> int:
+        return sum(s.n_prompts for s in self.shards)
+
+
+@dataclass
+class PairedActivations:
+    """Rows of paired activations with what each row is."""
+
+    acts: torch.Tensor  # [N, 2, d]: index 0 = A, 1 = B
+    is_tool: torch.Tensor  # bool [N]
+    is_last: torch.Tensor  # bool [N]: the last prompt token of its prompt
+    prompt_idx: torch.Tensor  # long [N]
+    position: torch.Tensor  # long [N]: token position counted from the prompt's start
+
+    def __len__(self) -> int:
+        return self.acts.shape[0]
+
+    def select(self, mask: torch.Tensor) -> "PairedActivations":
+        return PairedActivations(self.acts[mask], self.is_tool[mask], self.is_last[mask], self.prompt_idx[mask], self.position[mask])
+
+    def last_token(self) -> "PairedActivations":
+        """One row per prompt: the protocol used for ranking and interventions."""
+        return self.select(self.is_last)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_json_atomic(path: Path, payload: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as fh:
+        fh.write(payload)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+class ActivationCache:
+    """Read access to a cache folder (and the bookkeeping ``collect`` writes through)."""
+
+    def __init__(self, root: Path, manifest: CacheManifest):
+        self.root = Path(root)
+        self.manifest = manifest
+
+    @classmethod
+    def open(cls, root: str | Path) -> "ActivationCache":
+        root = Path(root)
+        path = root / MANIFEST
+        if not path.exists():
+            raise CacheError(f"{root} is not an activation cache (no {MANIFEST})")
+        try:
+            manifest = CacheManifest.model_validate_json(path.read_text())
+        except ValueError as exc:
+            raise CacheError(f"{path} is not a valid cache manifest: {exc}") from exc
+        return cls(root, manifest)
+
+    def save_manifest(self) -> None:
+        write_json_atomic(self.root / MANIFEST, self.manifest.model_dump_json(indent=2))
+
+    def _shard(self, info: ShardInfo, verify: bool) -> dict[str, torch.Tensor]:
+        path = self.root / info.name
+        if not path.exists():
+            raise CacheError(f"shard {info.name} listed in the manifest is missing from {self.root}")
+        if verify and sha256_file(path) != info.sha256:
+            raise CacheError(f"shard {info.name} does not match its recorded sha256: the file was modified or damaged")
+        return load_file(path)
+
+    def load(self, verify: bool = True) -> PairedActivations:
+        """All complete shards concatenated, activations as float32."""
+        if not self.manifest.shards:
+            raise CacheError(f"cache {self.root} holds no complete shard yet")
+        parts = [self._shard(s, verify) for s in self.manifest.shards]
+        cat = lambda key: torch.cat([p[key] for p in parts])  # noqa: E731
+        return PairedActivations(cat("acts").float(), cat("is_tool"), cat("is_last"), cat("prompt_idx"), cat("position"))
+
+    @property
+    def stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel mean and std [2, d] over every row, from the shards' exact sums."""
+        total = torch.zeros(2, self.manifest.d_model, dtype=torch.float64)
+        total_sq = torch.zeros_like(total)
+        for info in self.manifest.shards:
+            shard = self._shard(info, verify=False)
+            total += shard["sum"]
+            total_sq += shard["sumsq"]
+        n = max(self.manifest.n_rows, 1)
+        mean = total / n
+        var = (total_sq / n - mean**2).clamp(min=0) * n / max(n - 1, 1)
+        return mean.float(), var.sqrt().clamp(min=1e-6).float()
