@@ -21,3 +21,37 @@ def prompts_hash(prompts: list[PromptItem]) -> str:
     for p in prompts:
         h.update(f"{p.id}\x1f{int(p.is_tool)}\x1f{p.text}\x1e".encode())
     return h.hexdigest()
+
+
+def mixed(
+    tool: int | None = None,
+    plain: int | None = None,
+    *,
+    split: str = "train",
+    mode: str = "raw",
+    tokenizer=None,
+    seed: int = 0,
+    categories: tuple[str, ...] | None = None,
+) -> list[PromptItem]:
+    """Tool prompts (BFCL, answered categories) and ordinary prompts, shuffled together.
+
+    ``mode="raw"`` is the paper's rendering (system + user text, no chat template), the
+    distribution the interventions act on. ``tool=None`` takes every task of the split;
+    ``plain=None`` takes as many ordinary prompts as tool prompts. BFCL's dev split has no
+    counterpart in the general prompts, which are drawn from their train split then.
+    """
+    import random
+
+    from guardrail.tasks import ANSWERED_CATEGORIES, load_tasks, plain_prompts
+
+    tasks = load_tasks(split, categories or ANSWERED_CATEGORIES)
+    if tool is not None:
+        if tool > len(tasks):
+            raise ValueError(f"asked for {tool} tool prompts but the {split!r} split has {len(tasks)}")
+        tasks = random.Random(seed).sample(tasks, tool)
+    n_plain = len(tasks) if plain is None else plain
+    plain_split = "test" if split == "test" else "train"
+    items = [PromptItem(t.id, t.render(tokenizer, mode), True) for t in tasks]
+    items += [PromptItem(p.id, p.render(tokenizer, mode), False) for p in plain_prompts(n_plain, plain_split, seed)]
+    random.Random(seed + 1).shuffle(items)
+    return items

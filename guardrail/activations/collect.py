@@ -99,7 +99,7 @@ def collect(
     *,
     batch_size: int = 8,
     shard_prompts: int = 256,
-    max_length: int = 512,
+    max_length: int = 1024,
     dtype: str = "float32",
     progress: bool = True,
 ) -> ActivationCache:

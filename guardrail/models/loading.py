@@ -36,10 +36,11 @@ class LoadedModel:
 
 
 def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
-    """Left padding so that position -1 is every prompt's last token in a batch."""
+    """Left padding and truncation: position -1 is always the prompt's real last token."""
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
+    tokenizer.truncation_side = "left"  # keep the last prompt token, where the paper reads
     return tokenizer
 
 
