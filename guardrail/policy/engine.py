@@ -1,0 +1,343 @@
+"""Compile a policy against a crosscoder and apply it to a flat batch of token activations.
+
+Engines (transformers hooks, the vLLM worker hook) hand :meth:`CompiledPolicy.apply` the
+raw activations of the tokens of the requests that use this policy, plus which of those
+tokens are prompt / last-prompt / generated; it returns the rows to write back, the events
+to emit and the requests to abort. All feature math is in
+:mod:`guardrail.features.interventions`.
+
+Failure handling: each rule runs inside ``try``; ``fail-open`` skips the rule (an ``error``
+event is emitted), ``fail-closed`` aborts the requests whose tokens the rule was handling.
+Whatever happens, non-finite values never reach the model (reverted rows are counted).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from guardrail.features import interventions as iv
+from guardrail.policy.schema import AbortRule, AlertRule, ClampRule, Policy, PolicyError, SpliceRule, SteerRule
+from guardrail.policy.telemetry import Telemetry, telemetry_for
+
+MAX_EVENT_FEATURES = 8
+RANKING_FILE = "ranking.json"
+
+
+class GuardError(RuntimeError):
+    """A policy cannot be applied to this artifact/model (raised at install time)."""
+
+
+# --------------------------------------------------------------------------- token positions
+@dataclass
+class TokenPositions:
+    """Per-token facts an engine knows about a flat batch ``[N]``."""
+
+    prompt: torch.Tensor  # bool: token is part of its request's prompt
+    last_prompt: torch.Tensor  # bool: token is the last prompt token
+    request: torch.Tensor  # long: index into ``request_ids``
+    position: torch.Tensor  # long: absolute position in its sequence
+    request_ids: list[str] = field(default_factory=list)
+
+    @property
+    def generated(self) -> torch.Tensor:
+        return ~self.prompt
+
+    def mask(self, positions: str) -> torch.Tensor:
+        if positions == "all":
+            return torch.ones_like(self.prompt)
+        if positions == "prompt":
+            return self.prompt
+        if positions == "last_prompt":
+            return self.last_prompt
+        if positions == "generated":
+            return ~self.prompt
+        raise ValueError(f"unknown positions {positions!r}")
+
+    def subset(self, rows: torch.Tensor) -> "TokenPositions":
+        return TokenPositions(self.prompt[rows], self.last_prompt[rows], self.request[rows], self.position[rows], self.request_ids)
+
+
+@dataclass
+class ApplyResult:
+    rows: torch.Tensor | None = None  # long [M]: tokens whose activation changes
+    values: torch.Tensor | None = None  # [M, d]: their new raw activations
+    events: list[dict[str, Any]] = field(default_factory=list)
+    aborted: dict[str, str] = field(default_factory=dict)  # request id -> message
+    nan_reverted: int = 0
+    errors: int = 0
+
+
+@dataclass
+class CompiledRule:
+    rule: Any
+    idx: torch.Tensor | None  # selected feature indices (None for splice)
+    on_error: str
+
+
+# --------------------------------------------------------------------------- selection
+def load_ranking(artifact_dir: str | Path | None) -> dict[str, Any] | None:
+    if artifact_dir is None:
+        return None
+    path = Path(artifact_dir) / RANKING_FILE
+    if not path.exists():
+        return None
+    return json.loads(path.read_text())
+
+
+def resolve_selector(select: Any, partition: Any, dict_size: int, ranking: dict[str, Any] | None, where: str) -> torch.Tensor:
+    """Feature indices a selector names; errors say which rule and what is missing."""
+    if select.indices is not None:
+        bad = [i for i in select.indices if i >= dict_size]
+        if bad:
+            raise GuardError(f"{where}.select.indices: {bad[:5]} out of range for a dictionary of {dict_size} features")
+        chosen = list(dict.fromkeys(select.indices))
+        if select.partition is not None:
+            allowed = set(getattr(partition, select.partition))
+            outside = [i for i in chosen if i not in allowed]
+            if outside:
+                raise GuardError(f"{where}.select.indices: {outside[:5]} are not in partition {select.partition}")
+    elif select.ranked is not None:
+        if ranking is None:
+            raise GuardError(f"{where}.select.ranked: label {select.ranked!r} needs the artifact's {RANKING_FILE}, which is missing (run `guardrail rank`)")
+        labels = ranking.get("labels", {})
+        if select.ranked not in labels:
+            raise GuardError(f"{where}.select.ranked: the artifact's ranking has no label {select.ranked!r} (labels: {sorted(labels)})")
+        chosen = [int(i) for i in labels[select.ranked]]
+        if select.partition is not None:
+            allowed = set(getattr(partition, select.partition))
+            chosen = [i for i in chosen if i in allowed]
+        if select.top is not None:
+            chosen = chosen[: select.top]
+        if not chosen:
+            raise GuardError(f"{where}.select: ranked label {select.ranked!r} has no feature in partition {select.partition}")
+    else:
+        chosen = list(getattr(partition, select.partition))
+        if not chosen:
+            raise GuardError(f"{where}.select.partition: {select.partition} is empty in this artifact (a standard crosscoder has no exclusive features)")
+    return torch.tensor(chosen, dtype=torch.long)
+
+
+# --------------------------------------------------------------------------- compiled policy
+class CompiledPolicy:
+    """A policy bound to a crosscoder: feature indices resolved, tensors precomputed."""
+
+    def __init__(self, policy: Policy, cc: Any, *, artifact_dir: str | Path | None = None, telemetry: Telemetry | None = None, engine: str = "") -> None:
+        self.policy = policy
+        self.cc = cc
+        self.engine = engine
+        manifest = getattr(cc, "manifest", None)
+        self.layer = policy.layer if policy.layer is not None else getattr(manifest, "layer", None)
+        if policy.layer is not None and manifest is not None and manifest.layer is not None and manifest.layer != policy.layer:
+            raise GuardError(f"policy {policy.name}: layer {policy.layer} but the artifact was trained at layer {manifest.layer}")
+        if self.layer is None:
+            raise GuardError(f"policy {policy.name}: no layer (the artifact manifest has none; set `layer:` in the policy)")
+        self.view = iv.dictionary_view(cc, iv.MODEL_A)
+        self.joint = policy.encoding == "joint"
+        ranking = load_ranking(artifact_dir)
+        partition = cc.partition
+        self.rules: list[CompiledRule] = []
+        for i, rule in enumerate(policy.rules):
+            where = f"rules[{i}] ({rule.id})"
+            idx = None if isinstance(rule, SpliceRule) else resolve_selector(rule.select, partition, self.view.dict_size, ranking, where)
+            self.rules.append(CompiledRule(rule, idx, rule.on_error or policy.on_error))
+        tcfg = policy.telemetry
+        self.telemetry = telemetry or telemetry_for(
+            policy.resolve_path(tcfg.alert_log), otel=tcfg.otel, capture_content=tcfg.capture_content, queue_size=tcfg.queue_size
+        )
+        self.nan_reverted = 0
+        self.errors = 0
+        self._lock = threading.Lock()
+
+    @property
+    def name(self) -> str:
+        return self.policy.name
+
+    def positions_used(self) -> set[str]:
+        return {r.rule.positions for r in self.rules}
+
+    # ------------------------------------------------------------------ apply
+    @torch.no_grad()
+    def apply(self, x: torch.Tensor, pos: TokenPositions, x_b: torch.Tensor | None = None) -> ApplyResult:
+        """Apply every rule to the tokens it covers. ``x`` is A's raw activation ``[N, d]``."""
+        result = ApplyResult()
+        masks = [r.rule.positions for r in self.rules]
+        rule_masks = [pos.mask(m) for m in masks]
+        touched = torch.zeros_like(pos.prompt)
+        for m in rule_masks:
+            touched |= m
+        if not bool(touched.any()):
+            return result
+        rows = touched.nonzero().squeeze(-1)
+        xs = x[rows].float()
+        xb = x_b[rows].float() if (self.joint and x_b is not None) else None
+        if self.joint and x_b is None:
+            raise GuardError(f"policy {self.name} uses joint encoding but the engine gave no B activation")
+        sub = pos.subset(rows)
+        masks_sub = [m[rows] for m in rule_masks]
+        f = iv.encode(self.view, xs, xb)
+        base = xs
+        delta = torch.zeros_like(xs)
+        # splice first: it defines the base the other edits are added to.
+        order = sorted(range(len(self.rules)), key=lambda i: not isinstance(self.rules[i].rule, SpliceRule))
+        for i in order:
+            cr, m = self.rules[i], masks_sub[i]
+            if not bool(m.any()):
+                continue
+            try:
+                base, delta = self._apply_rule(cr, m, xs, xb, f, base, delta, sub, result)
+            except Exception as exc:  # noqa: BLE001 - a broken rule must not take the server down
+                self._on_rule_error(cr, m, sub, exc, result)
+        new = base + delta
+        changed = (new != xs).any(dim=-1)
+        if bool(changed.any()):
+            safe, bad = iv.sanitize(new, xs)
+            if bad:
+                result.nan_reverted += bad
+                with self._lock:
+                    self.nan_reverted += bad
+                result.events.append(self._event(sub, int(changed.nonzero()[0]), "nan-guard", "error", reason=f"{bad} non-finite rows reverted"))
+            keep = changed
+            result.rows = rows[keep]
+            result.values = safe[keep].to(x.dtype)
+        return result
+
+    def _apply_rule(self, cr, m, xs, xb, f, base, delta, sub, result):
+        rule, idx = cr.rule, cr.idx
+        rm = m.nonzero().squeeze(-1)
+        if isinstance(rule, SpliceRule):
+            x_hat = iv.reconstruct(self.view, f[rm])
+            base = base.clone()
+            base[rm] = iv.splice(xs[rm], x_hat, rule.keep_error)
+            for r in rm.tolist():
+                result.events.append(self._event(sub, r, rule.id, "splice"))
+            return base, delta
+        if isinstance(rule, AlertRule):  # alert and abort
+            fired = iv.alert_mask(f[rm], idx, rule.threshold)
+            hit = fired.any(dim=-1)
+            for j in hit.nonzero().squeeze(-1).tolist():
+                r = int(rm[j])
+                feats = self._top_features(f[r], idx, fired[j])
+                result.events.append(self._event(sub, r, rule.id, rule.action, features=feats, threshold=rule.threshold))
+                if isinstance(rule, AbortRule):
+                    req = sub.request_ids[int(sub.request[r])] if sub.request_ids else str(int(sub.request[r]))
+                    result.aborted.setdefault(req, f"{rule.message} (policy {self.name}, rule {rule.id})")
+            return base, delta
+        if isinstance(rule, SteerRule):
+            if rule.mode == "scale":
+                d = iv.steer_scale_delta(f[rm], idx, self.view.dirs_raw, rule.alpha)
+                fired = (f[rm][:, idx] > 0).any(dim=-1)
+            else:
+                d = iv.steer_additive_delta(rm.numel(), idx, self.view.dirs_raw, rule.gain, self.view.typical_norm)
+                fired = torch.ones(rm.numel(), dtype=torch.bool)
+            delta = delta.clone()
+            delta[rm] += d
+            for j in fired.nonzero().squeeze(-1).tolist():
+                r = int(rm[j])
+                result.events.append(self._event(sub, r, rule.id, rule.action, features=self._top_features(f[r], idx, None)))
+            return base, delta
+        if isinstance(rule, ClampRule):
+            if rule.method == "decoder":
+                d = iv.clamp_delta_decoder(f[rm], idx, self.view.dirs_raw, rule.value)
+            else:
+                current = base[rm] + delta[rm]
+                d = iv.clamp_delta_encoder(self.view, current, idx, rule.value, None if xb is None else xb[rm])
+            fired = (d != 0).any(dim=-1)
+            delta = delta.clone()
+            delta[rm] += d
+            for j in fired.nonzero().squeeze(-1).tolist():
+                r = int(rm[j])
+                result.events.append(self._event(sub, r, rule.id, "clamp", features=self._top_features(f[r], idx, None), value=rule.value))
+            return base, delta
+        raise GuardError(f"unsupported rule type {type(rule).__name__}")
+
+    def _on_rule_error(self, cr, m, sub, exc, result) -> None:
+        result.errors += 1
+        with self._lock:
+            self.errors += 1
+        reason = f"{type(exc).__name__}: {exc}"[:300]
+        rows = m.nonzero().squeeze(-1).tolist()
+        result.events.append(self._event(sub, rows[0], cr.rule.id, "error", reason=reason, on_error=cr.on_error))
+        if cr.on_error == "fail-closed":
+            for r in rows:
+                req = sub.request_ids[int(sub.request[r])] if sub.request_ids else str(int(sub.request[r]))
+                result.aborted.setdefault(req, f"guardrail rule {cr.rule.id} of policy {self.name} failed ({reason}); request stopped (fail-closed)")
+
+    def _top_features(self, f_row: torch.Tensor, idx: torch.Tensor, fired: torch.Tensor | None) -> list[list]:
+        vals = f_row[idx]
+        keep = fired if fired is not None else vals > 0
+        ids, vs = idx[keep], vals[keep]
+        order = vs.argsort(descending=True)[:MAX_EVENT_FEATURES]
+        return [[int(ids[o]), round(float(vs[o]), 6)] for o in order]
+
+    def _event(self, sub: TokenPositions, r: int, rule: str, action: str, **extra: Any) -> dict[str, Any]:
+        req_i = int(sub.request[r])
+        return {
+            "policy": self.name,
+            "rule": rule,
+            "action": action,
+            "request": sub.request_ids[req_i] if sub.request_ids else str(req_i),
+            "position": int(sub.position[r]),
+            "phase": "prompt" if bool(sub.prompt[r]) else "generated",
+            "layer": self.layer,
+            "engine": self.engine,
+            **extra,
+        }
+
+
+def compile_policy(policy: Policy, artifact: Any = None, *, engine: str = "") -> CompiledPolicy:
+    """Bind a policy to a crosscoder (an object, an artifact folder, or the policy's ``artifact``)."""
+    from guardrail.dictionary import load_artifact
+
+    artifact_dir = None
+    if artifact is None:
+        if policy.artifact is None:
+            raise GuardError(f"policy {policy.name} names no artifact; pass one")
+        artifact = policy.resolve_path(policy.artifact)
+    if isinstance(artifact, (str, Path)):
+        artifact_dir = Path(artifact)
+        cc = load_artifact(artifact_dir)
+        cc.artifact_dir = str(artifact_dir)
+    else:
+        cc = artifact
+        src = getattr(cc, "artifact_dir", None) or getattr(cc, "path", None)
+        artifact_dir = Path(src) if src else None
+    return CompiledPolicy(policy, cc, artifact_dir=artifact_dir, engine=engine)
+
+
+class PolicyStore:
+    """Named compiled policies with atomic reload: an invalid new policy keeps the old one."""
+
+    def __init__(self) -> None:
+        self._policies: dict[str, CompiledPolicy] = {}
+        self._lock = threading.Lock()
+
+    def get(self, name: str) -> CompiledPolicy | None:
+        return self._policies.get(name)
+
+    def names(self) -> list[str]:
+        return sorted(self._policies)
+
+    def items(self):
+        return list(self._policies.items())
+
+    def set(self, name: str, compiled: CompiledPolicy) -> None:
+        with self._lock:
+            new = dict(self._policies)
+            new[name] = compiled
+            self._policies = new  # one reference swap: hooks see the old or the new dict
+
+    def reload(self, name: str, source: str | Path | Policy, artifact: Any = None, engine: str = "") -> CompiledPolicy:
+        """Parse + compile first; only a policy that fully compiles replaces the active one."""
+        policy = Policy.load(source) if not isinstance(source, Policy) else source
+        compiled = compile_policy(policy, artifact, engine=engine)
+        self.set(name, compiled)
+        return compiled
+
+
+__all__ = ["ApplyResult", "CompiledPolicy", "GuardError", "PolicyError", "PolicyStore", "TokenPositions", "compile_policy", "resolve_selector"]

@@ -1,0 +1,298 @@
+"""Policy files: YAML validated by strict pydantic models.
+
+A policy names an artifact (crosscoder folder) and a list of rules. Each rule selects
+features (by index, by partition, or by a ranked label stored in the artifact's
+``ranking.json``), an action, the token positions it applies to, and what happens when its
+hook fails (``on_error``). Numbers that reach the model (gains, clamp values) are bounded
+here, so a typo cannot push the residual stream to infinity.
+
+Errors name the field and the YAML line: ``rules[1].threshold (line 14): ...``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+
+Positions = Literal["last_prompt", "prompt", "generated", "all"]
+OnError = Literal["fail-open", "fail-closed"]
+PartitionName = Literal["a_exclusive", "b_exclusive", "shared"]
+
+# Bounds on what a policy may inject into the residual stream.
+MAX_ALPHA = 256.0  # the paper sweeps α up to 64
+MAX_GAIN = 16.0  # additive gain, in units of the site's typical norm
+MAX_CLAMP = 1.0e4  # feature activations are ReLU outputs: ≥ 0
+MAX_FEATURES = 65536
+RULE_ID = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"
+
+
+class PolicyError(ValueError):
+    """A policy file is invalid; ``problems`` lists (field path, line, message)."""
+
+    def __init__(self, source: str, problems: list[tuple[str, int | None, str]]):
+        self.source = source
+        self.problems = problems
+        lines = [f"{field}{f' (line {line})' if line else ''}: {msg}" for field, line, msg in problems]
+        super().__init__(f"invalid policy {source}:\n  " + "\n  ".join(lines))
+
+    @property
+    def fields(self) -> list[str]:
+        return [p[0] for p in self.problems]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Selector(_Strict):
+    """Which features a rule acts on: explicit indices, a partition, a ranked label, or a mix.
+
+    ``{partition: a_exclusive}`` is every A-exclusive feature; ``{ranked: tool, top: 1}`` is
+    the best-ranked feature of label ``tool`` in ``ranking.json``; combining ``partition`` with
+    ``ranked`` keeps only ranked features of that partition (then takes ``top``).
+    """
+
+    indices: list[Annotated[int, Field(ge=0, lt=MAX_FEATURES)]] | None = Field(default=None, min_length=1, max_length=4096)
+    partition: PartitionName | None = None
+    ranked: str | None = Field(default=None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")
+    top: int | None = Field(default=None, ge=1, le=4096)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Selector":
+        if self.indices is None and self.partition is None and self.ranked is None:
+            raise ValueError("select needs at least one of indices, partition, ranked")
+        if self.indices is not None and self.ranked is not None:
+            raise ValueError("select: give indices or ranked, not both")
+        if self.top is not None and self.ranked is None:
+            raise ValueError("select.top only applies with select.ranked")
+        return self
+
+
+class _RuleBase(_Strict):
+    id: str = Field(pattern=RULE_ID, description="unique within the policy; appears in every event")
+    on_error: OnError | None = Field(default=None, description="override the policy's on_error for this rule")
+
+
+class SteerRule(_RuleBase):
+    """Amplify/steer features. ``mode: scale`` is the paper's δ = Σ(α−1)·f_i·d_i; ``additive``
+    adds g·‖x‖_typ·d_i/‖d_i‖ whether or not the feature fired."""
+
+    action: Literal["steer", "amplify"]
+    select: Selector
+    mode: Literal["scale", "additive"] = "scale"
+    alpha: float = Field(default=1.0, ge=-MAX_ALPHA, le=MAX_ALPHA, allow_inf_nan=False)
+    gain: float = Field(default=0.0, ge=-MAX_GAIN, le=MAX_GAIN, allow_inf_nan=False)
+    positions: Positions = "last_prompt"
+
+    @model_validator(mode="after")
+    def _mode_params(self) -> "SteerRule":
+        if self.mode == "scale" and "gain" in self.model_fields_set:
+            raise ValueError("gain applies to mode: additive; scale mode uses alpha")
+        if self.mode == "additive" and "alpha" in self.model_fields_set:
+            raise ValueError("alpha applies to mode: scale; additive mode uses gain")
+        return self
+
+
+class ClampRule(_RuleBase):
+    """Set features to ``value`` (usually 0). ``method: encoder`` edits the activation so that
+    re-encoding gives the value; ``decoder`` adds Σ(v − f_i)·d_i (reconstruction edit)."""
+
+    action: Literal["clamp"]
+    select: Selector
+    value: float = Field(default=0.0, ge=0.0, le=MAX_CLAMP, allow_inf_nan=False)
+    method: Literal["encoder", "decoder"] = "encoder"
+    positions: Positions = "all"
+
+
+class SpliceRule(_RuleBase):
+    """Replace A's activation by the crosscoder's reconstruction (the paper's splice)."""
+
+    action: Literal["splice"]
+    keep_error: bool = Field(default=False, description="add back the error term x − x̂")
+    positions: Positions = "last_prompt"
+
+
+class AlertRule(_RuleBase):
+    """Emit an event when any selected feature is above ``threshold``."""
+
+    action: Literal["alert"]
+    select: Selector
+    threshold: float = Field(default=0.0, ge=0.0, le=MAX_CLAMP, allow_inf_nan=False)
+    positions: Positions = "all"
+
+
+class AbortRule(AlertRule):
+    """Like alert, then stop the request with a clear error message."""
+
+    action: Literal["abort"]  # type: ignore[assignment]
+    message: str = Field(default="request stopped by guardrail policy", max_length=200)
+
+
+Rule = Annotated[Union[SteerRule, ClampRule, SpliceRule, AlertRule, AbortRule], Field(discriminator="action")]
+
+
+class TelemetryConfig(_Strict):
+    """Where events go. Content (prompt text, token ids) is never exported unless opted in."""
+
+    alert_log: str | None = Field(default=None, description="JSONL file for fired rules; relative to the policy file")
+    otel: bool = True
+    capture_content: bool = False
+    queue_size: int = Field(default=10000, ge=1, le=1_000_000)
+
+
+class Policy(_Strict):
+    """A named set of rules applied at one crosscoder's site."""
+
+    name: str = Field(pattern=RULE_ID)
+    description: str = Field(default="", max_length=2000)
+    artifact: str | None = Field(default=None, description="crosscoder artifact folder; relative to the policy file")
+    layer: int | None = Field(default=None, ge=0, description="if given, must match the artifact's layer")
+    encoding: Literal["single", "joint"] = Field(
+        default="single",
+        description="single: features from the served model A alone (exact for A-exclusive); joint: the paper's, needs B too",
+    )
+    on_error: OnError = "fail-open"
+    telemetry: TelemetryConfig = TelemetryConfig()
+    rules: list[Rule] = Field(min_length=1, max_length=256)
+    _source: str | None = PrivateAttr(default=None)  # file the policy was read from
+
+    @property
+    def source(self) -> str | None:
+        return self._source
+
+    @model_validator(mode="after")
+    def _unique_ids(self) -> "Policy":
+        seen: set[str] = set()
+        for rule in self.rules:
+            if rule.id in seen:
+                raise ValueError(f"duplicate rule id {rule.id!r}")
+            seen.add(rule.id)
+        if sum(isinstance(r, SpliceRule) for r in self.rules) > 1:
+            raise ValueError("at most one splice rule per policy")
+        return self
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def load(cls, path: str | Path) -> "Policy":
+        """Read and validate a YAML policy file; raises :class:`PolicyError` naming field + line."""
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise PolicyError(str(path), [("<file>", None, f"cannot read: {exc}")]) from exc
+        policy = cls.from_yaml(text, source=str(path))
+        policy._source = str(path.resolve())
+        return policy
+
+    @classmethod
+    def from_yaml(cls, text: str, source: str = "<string>") -> "Policy":
+        data, lines = parse_yaml_with_lines(text, source)
+        return cls.from_data(data, source, lines)
+
+    @classmethod
+    def from_data(cls, data: Any, source: str = "<data>", lines: dict[tuple, int] | None = None) -> "Policy":
+        if not isinstance(data, dict):
+            raise PolicyError(source, [("<root>", 1 if lines is not None else None, f"a policy is a mapping, got {type(data).__name__}")])
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise PolicyError(source, _problems(exc, lines or {})) from None
+
+    def resolve_path(self, value: str | None) -> Path | None:
+        """A path from the policy, relative to the policy file's folder."""
+        if value is None:
+            return None
+        p = Path(value).expanduser()
+        if not p.is_absolute() and self.source:
+            p = Path(self.source).parent / p
+        return p
+
+    def dump_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json", exclude_defaults=True), sort_keys=False)
+
+
+def policy_json_schema() -> dict[str, Any]:
+    """JSON Schema of policy files, for editors (yaml-language-server) and other tools."""
+    schema = Policy.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "guardrail policy"
+    return schema
+
+
+def schema_text() -> str:
+    return json.dumps(policy_json_schema(), indent=2)
+
+
+# --------------------------------------------------------------------------- YAML with lines
+class _DuplicateKey(ValueError):
+    pass
+
+
+def parse_yaml_with_lines(text: str, source: str) -> tuple[Any, dict[tuple, int]]:
+    """Parse YAML safely and map every path (tuple of keys/indices) to its 1-based line."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        raise PolicyError(source, [("<yaml>", line, str(getattr(exc, "problem", None) or exc))]) from None
+    except (ValueError, TypeError, RecursionError) as exc:  # e.g. malformed unicode escapes, deep nesting
+        raise PolicyError(source, [("<yaml>", None, str(exc))]) from None
+    if node is None:
+        raise PolicyError(source, [("<root>", 1, "empty policy file")])
+    lines: dict[tuple, int] = {}
+    try:
+        data = _construct(node, (), lines)
+    except _DuplicateKey as exc:
+        path, line = exc.args
+        raise PolicyError(source, [(_fmt(path), line, "duplicate key")]) from None
+    except (yaml.YAMLError, ValueError, TypeError, RecursionError) as exc:
+        raise PolicyError(source, [("<yaml>", None, str(exc))]) from None
+    return data, lines
+
+
+def _construct(node: yaml.Node, path: tuple, lines: dict[tuple, int]) -> Any:
+    lines[path] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        out: dict[Any, Any] = {}
+        for key_node, value_node in node.value:
+            key = yaml.SafeLoader(" ").construct_object(key_node) if isinstance(key_node, yaml.ScalarNode) else None
+            if not isinstance(key, (str, int, float, bool)) or key is None:
+                raise ValueError(f"line {key_node.start_mark.line + 1}: mapping keys must be plain scalars")
+            if key in out:
+                raise _DuplicateKey(path + (key,), key_node.start_mark.line + 1)
+            out[key] = _construct(value_node, path + (key,), lines)
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        return [_construct(child, path + (i,), lines) for i, child in enumerate(node.value)]
+    loader = yaml.SafeLoader(" ")
+    return loader.construct_object(node, deep=True)
+
+
+_TAGS = {"steer", "amplify", "clamp", "splice", "alert", "abort"}
+
+
+def _problems(exc: ValidationError, lines: dict[tuple, int]) -> list[tuple[str, int | None, str]]:
+    out = []
+    for err in exc.errors(include_url=False):
+        loc = tuple(err["loc"])
+        # drop union tags pydantic inserts (rules.0.clamp.value → rules.0.value)
+        clean = tuple(p for i, p in enumerate(loc) if not (isinstance(p, str) and p in _TAGS and i > 0 and isinstance(loc[i - 1], int)))
+        line = None
+        for cut in range(len(clean), -1, -1):
+            if clean[:cut] in lines:
+                line = lines[clean[:cut]]
+                break
+        out.append((_fmt(clean) or "<root>", line, err["msg"]))
+    return out
+
+
+def _fmt(path: tuple) -> str:
+    s = ""
+    for p in path:
+        s += f"[{p}]" if isinstance(p, int) else (f".{p}" if s else str(p))
+    return s
