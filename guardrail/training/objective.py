@@ -1,0 +1,135 @@
+"""The training objective: reconstruction MSE + partition penalties + AuxK, on the sparse path.
+
+Pre-activations are computed densely once without autograd; the sparsity rule picks the
+active positions; only those positions enter autograd (``select_linear``) and the decoder
+is a CSR matmul (``sparse_decode``). The value is the same function as the paper's dense
+einsum loss (checked in tests); only the work on inactive features is skipped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from guardrail.dictionary.crosscoder import Crosscoder
+from guardrail.dictionary.partition import PARTITION_MODELS, PARTITION_NAMES
+from guardrail.dictionary.sparse import Codes, select_linear, sparse_decode
+
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor
+    mse: torch.Tensor
+    terms: dict[str, float]
+    fired: torch.Tensor  # bool [D]: features active on at least one row
+    min_active: float | None  # smallest selected positive activation (BatchTopK threshold update)
+
+
+def _partition_sums(cc: Crosscoder, codes: Codes | None, vals: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of |f| per partition [3] (differentiable)."""
+    if codes is None:  # dense f [N, D]
+        return torch.zeros(3, dtype=vals.dtype).index_add(0, labels, vals.abs().sum(0))
+    return torch.zeros(3, dtype=vals.dtype).index_add(0, labels[codes.cols], vals.abs())
+
+
+def _penalty(cc: Crosscoder, sums: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, dict[str, float]]:
+    cfg, part = cc.config, cc.partition
+    n_a, n_b, n_s = part.n_a, part.n_b, part.n_shared
+    zero = sums.new_zeros(())
+    l1_shared = sums[2] / (n_rows * n_s) if n_s else zero
+    if cfg.penalty_form == "paper":
+        l1_excl = ((sums[0] + sums[2]) / (n_rows * (n_a + n_s)) + (sums[1] + sums[2]) / (n_rows * (n_b + n_s))) / 2
+    else:
+        l1_excl = (sums[0] + sums[1]) / (n_rows * (n_a + n_b)) if n_a + n_b else zero
+    pen = cfg.lambda_shared * l1_shared + cfg.lambda_excl * l1_excl
+    return pen, {"l1_shared": float(l1_shared.detach()), "l1_exclusive": float(l1_excl.detach())}
+
+
+def _model_cols(part_name: str, d: int) -> slice:
+    models = PARTITION_MODELS[part_name]
+    return slice(models[0] * d, (models[-1] + 1) * d)
+
+
+def auxk_loss(cc: Crosscoder, xf: torch.Tensor, W: torch.Tensor, pre: torch.Tensor, err: torch.Tensor, dead: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    """AuxK: the top ``k_aux`` dead features (per partition) reconstruct the detached residual error."""
+    aux_cfg, d = cc.config.aux_k, cc.d_model
+    k_aux = aux_cfg.resolved_k_aux(d)
+    Wd = cc.W_dec.reshape(cc.dict_size, -1)
+    groups = [(name, cc.partition.range(name)) for name in PARTITION_NAMES] if aux_cfg.per_partition else [("all", range(cc.dict_size))]
+    total = xf.new_zeros(())
+    logs: dict[str, float] = {}
+    for name, r in groups:
+        if len(r) == 0:
+            continue
+        dead_r = dead[r.start : r.stop]
+        n_dead = int(dead_r.sum())
+        if n_dead == 0:
+            continue
+        kk = min(k_aux, n_dead)
+        cand = pre[:, r.start : r.stop].masked_fill(~dead_r, float("-inf"))
+        idx = cand.topk(kk, dim=-1, sorted=False).indices + r.start
+        codes, _ = Codes.from_topk(idx, cc.dict_size)
+        vals = F.relu(select_linear(xf, W, cc.b_enc, pre, codes))
+        e_hat = sparse_decode(vals, Wd, codes)
+        cols = _model_cols(name, d) if name != "all" else slice(None)
+        e = err[:, cols]
+        denom = (e - e.mean(0)).pow(2).sum()
+        if float(denom) <= 0:
+            continue
+        part_loss = (e_hat[:, cols] - e).pow(2).sum() / denom
+        total = total + part_loss
+        logs[f"aux_{name}"] = float(part_loss.detach())
+    return aux_cfg.coef * total, logs
+
+
+def compute_loss(cc: Crosscoder, x: torch.Tensor, dead: torch.Tensor | None = None) -> StepResult:
+    """Loss of one normalised batch [N, 2, d]; ``dead`` (bool [D]) enables AuxK on those features."""
+    cfg = cc.config
+    n, D = x.shape[0], cc.dict_size
+    xf = x.reshape(n, -1)
+    W = cc.W_enc.reshape(-1, D)
+    Wd = cc.W_dec.reshape(D, -1)
+    labels = cc.partition.labels()
+    with torch.no_grad():
+        pre = torch.addmm(cc.b_enc, xf, W)
+    min_active: float | None = None
+    if cfg.sparsity == "l1":
+        f = F.relu(torch.addmm(cc.b_enc, xf, W))
+        x_hat = torch.addmm(cc.b_dec.reshape(-1), f, Wd)
+        sums = _partition_sums(cc, None, f, labels)
+        fired = (f > 0).any(0)
+        l0_rows = (f > 0).sum(1).float()
+        l0_part = torch.zeros(3).index_add(0, labels, (f > 0).float().sum(0)) / n
+        norms = cc.W_dec.norm(dim=-1).sum(-1)  # [D]
+        l1_weighted = (f * norms).sum(1).mean()
+        extra = cfg.l1_coef * l1_weighted
+        terms: dict[str, float] = {"l1_weighted": float(l1_weighted.detach())}
+    else:
+        codes = cc.select(pre, batch_rule=True)
+        vals = F.relu(select_linear(xf, W, cc.b_enc, pre, codes))
+        x_hat = sparse_decode(vals, Wd, codes) + cc.b_dec.reshape(-1)
+        sums = _partition_sums(cc, codes, vals, labels)
+        active = vals.detach() > 0
+        fired = torch.zeros(D, dtype=torch.bool)
+        fired[codes.cols[active]] = True
+        l0_rows = torch.zeros(n).index_add(0, codes.rows, active.float())
+        l0_part = torch.zeros(3).index_add(0, labels[codes.cols], active.float()) / n
+        if active.any():
+            min_active = float(vals.detach()[active].min())
+        extra = x_hat.new_zeros(())
+        terms = {}
+    mse = F.mse_loss(x_hat, xf)
+    pen, pen_terms = _penalty(cc, sums, n)
+    loss = mse + pen + extra
+    terms.update(pen_terms)
+    if dead is not None and cfg.aux_k.enabled and cfg.aux_k.coef > 0 and bool(dead.any()) and cfg.sparsity != "l1":
+        aux, aux_terms = auxk_loss(cc, xf, W, pre, (xf - x_hat).detach(), dead)
+        loss = loss + aux
+        terms.update(aux_terms)
+        terms["aux"] = float(aux.detach())
+    terms.update({"loss": float(loss.detach()), "mse": float(mse.detach()), "l0": float(l0_rows.mean())})
+    for i, name in enumerate(PARTITION_NAMES):
+        terms[f"l0_{name}"] = float(l0_part[i])
+    return StepResult(loss=loss, mse=mse, terms=terms, fired=fired, min_active=min_active)

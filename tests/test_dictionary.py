@@ -1,0 +1,120 @@
+"""Crosscoder/DFC semantics, partition integrity, and the sparse kernels against the dense reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from guardrail.dictionary import Crosscoder, CrosscoderConfig, DFCConfig, Partition
+from guardrail.dictionary.reference import PaperDFC
+from guardrail.training import TrainingConfig, train
+from guardrail.training.objective import compute_loss
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny ops: thread wake-ups cost more than the work
+    yield
+    torch.set_num_threads(old)
+
+
+def _paper_copy(cc: Crosscoder) -> PaperDFC:
+    p = cc.partition
+    ref = PaperDFC(cc.d_model, cc.dict_size, cc.config.k, p.n_a, p.n_b)
+    with torch.no_grad():
+        for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
+            getattr(ref, name).copy_(getattr(cc, name))
+    return ref
+
+
+def test_partition_layout_and_masks():
+    p = Partition.from_fraction(100, 0.05)
+    assert (p.n_a, p.n_b, p.n_shared) == (5, 5, 90)
+    assert list(p.indices("b_exclusive")) == list(range(5, 10))
+    enc = p.encoder_mask()
+    assert not enc[1, :5].any() and not enc[0, 5:10].any() and enc[:, 10:].all()
+    assert torch.equal(p.decoder_mask(), enc.T)
+    with pytest.raises(ValueError, match="exceeds dict_size"):
+        Partition(dict_size=10, n_a=6, n_b=6)
+    with pytest.raises(ValueError, match="extra"):
+        CrosscoderConfig(dict_size=10, k=2, bogus=1)
+
+
+def test_dfc_partition_integrity_holds_after_training():
+    torch.manual_seed(0)
+    x = torch.randn(600, 2, 16)
+    cc = train(x, DFCConfig(dict_size=128, k=8, exclusive=0.1, lambda_excl=1e-3), steps=40, batch_size=64, lr=3e-3,
+               training=TrainingConfig(progress=False))
+    assert cc.partition_violation() == 0.0
+    p = cc.partition
+    assert cc.W_enc[1, :, p.a_exclusive.start : p.a_exclusive.stop].abs().max() == 0
+    assert cc.W_dec[p.b_exclusive.start : p.b_exclusive.stop, 0].abs().max() == 0
+    # and the weights did move away from init where allowed
+    assert cc.W_enc[0, :, : p.n_a].abs().max() > 0
+
+
+def test_encode_single_makes_a_exclusive_exact():
+    cc = Crosscoder(DFCConfig(dict_size=64, k=64, exclusive=0.1).with_d_model(8), seed=1)
+    x = torch.randn(5, 2, 8)
+    joint = cc.encode(x)
+    solo = cc.encode_single(x[:, 0], model=0)
+    a = cc.partition.a_exclusive
+    assert torch.allclose(joint[:, a.start : a.stop], solo[:, a.start : a.stop], atol=1e-6)
+
+
+def test_topk_and_shapes():
+    cc = Crosscoder(CrosscoderConfig(dict_size=32, k=4).with_d_model(8))
+    x = torch.randn(3, 7, 2, 8)
+    x_hat, f = cc(x)
+    assert x_hat.shape == x.shape and f.shape == (3, 7, 32)
+    assert ((f > 0).sum(-1) <= 4).all()
+    with pytest.raises(ValueError, match=r"\[\.\.\., 2, 8\]"):
+        cc.encode(torch.randn(3, 8))
+
+
+@pytest.mark.parametrize("form", ["partition", "paper"])
+def test_sparse_loss_and_gradients_match_dense_reference(form):
+    torch.manual_seed(0)
+    cfg = DFCConfig(dict_size=96, k=6, exclusive=0.1, lambda_shared=1e-2, lambda_excl=3e-2, penalty_form=form)
+    cc = Crosscoder(cfg.with_d_model(12), seed=3)
+    with torch.no_grad():
+        cc.b_enc.normal_(0, 0.1)
+        cc.b_dec.normal_(0, 0.1)
+        cc.apply_masks()
+    ref = _paper_copy(cc)
+    x = torch.randn(40, 2, 12)
+    ours = compute_loss(cc, x)
+    ours.loss.backward()
+    cc.mask_gradients()
+    theirs = ref.loss(x, cfg.lambda_shared, cfg.lambda_excl, form)
+    theirs.backward()
+    assert torch.allclose(ours.loss, theirs, rtol=1e-5, atol=1e-7)
+    for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
+        g_ours, g_ref = getattr(cc, name).grad, getattr(ref, name).grad
+        assert torch.allclose(g_ours, g_ref, rtol=1e-4, atol=1e-6), name
+    # the masked einsum gives exactly zero gradient on forbidden weights; so must we
+    assert cc.W_enc.grad[1, :, : cc.partition.n_a].abs().max() == 0
+
+
+def test_batchtopk_inference_is_batch_independent():
+    torch.manual_seed(0)
+    x = torch.randn(500, 2, 8)
+    cc = train(x, CrosscoderConfig(dict_size=64, k=4, sparsity="batchtopk"), steps=30, batch_size=64, lr=3e-3,
+               training=TrainingConfig(progress=False))
+    assert cc.threshold.min() > 0
+    xn = cc.normalize(x[:10])
+    f_alone = torch.cat([cc.encode(xn[i : i + 1]) for i in range(10)])
+    f_in_batch = cc.encode(cc.normalize(x))[:10]  # the same rows among 490 others
+    assert torch.equal(f_alone > 0, f_in_batch > 0)
+    assert torch.allclose(f_alone, f_in_batch, atol=1e-6)
+
+
+def test_l1_crosscoder_trains_with_decoder_norm_weighted_penalty():
+    torch.manual_seed(0)
+    x = torch.randn(400, 2, 8)
+    cfg = CrosscoderConfig(dict_size=32, k=None, sparsity="l1", l1_coef=1e-2)
+    run = lambda n: train(x, cfg, steps=n, batch_size=64, lr=3e-3, training=TrainingConfig(progress=False, log_every=1))  # noqa: E731
+    first, trained = run(1), run(60)
+    assert "l1_weighted" in trained.metrics["final_step"]
+    assert trained.metrics["fvu"] < 0.7 * first.metrics["fvu"]
