@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
-from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
 from guardrail.models.loading import LoadedModel
 
@@ -22,6 +22,8 @@ _VOCAB_CHARS = (
     " abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
     ".,:;!?'\"()[]{}<>/\\_-+=*&%$#@|~`^\n\t"
 )
+# transformers' Qwen2 pre-tokenizer split (models/qwen2/tokenization_qwen2.py).
+_QWEN2_PRETOKENIZE = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 SPECIAL = ["<|pad|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<tool_call>", "</tool_call>"]
 
 
@@ -43,16 +45,31 @@ def tiny_config(vocab_size: int) -> Qwen2Config:
     )
 
 
+_BYTE_LEVEL = {" ": "\u0120", "\n": "\u010a", "\t": "\u0109"}  # GPT-2 byte-level names of whitespace
+
+
 @lru_cache(maxsize=1)
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """A character-level tokenizer with chat special tokens: no files, no network."""
+    """A character-level tokenizer with chat special tokens: no files, no network.
+
+    Built exactly the way transformers' ``Qwen2Tokenizer`` rebuilds a saved Qwen2 folder
+    (byte-level BPE over the vocabulary, no merges), so the in-memory tokenizer, a folder
+    written by :func:`save_tiny` and loaded with ``AutoTokenizer``, and vLLM all produce the
+    same ids. Whitespace therefore carries its byte-level names (space = ``Ġ``).
+    """
     vocab = {tok: i for i, tok in enumerate(SPECIAL)}
     for ch in _VOCAB_CHARS:
-        vocab.setdefault(ch, len(vocab))
+        vocab.setdefault(_BYTE_LEVEL.get(ch, ch), len(vocab))
     vocab["<unk>"] = len(vocab)
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
-    core.decoder = decoders.Fuse()
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False, byte_fallback=False))
+    core.normalizer = normalizers.NFC()
+    core.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(_QWEN2_PRETOKENIZE), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    core.decoder = decoders.ByteLevel()
     core.add_special_tokens(SPECIAL)
     tok = PreTrainedTokenizerFast(
         tokenizer_object=core,
