@@ -1,0 +1,151 @@
+"""One tool-use task and its prompt in the ToolRL format.
+
+The system text is the one ToolRL's BFCL handler uses (numbered ``N. Name: …`` tool
+lines with description and JSON parameters, then the ``<think>`` / ``<tool_call>`` /
+``<response>`` output format); the user text wraps the question in ``<user> … </user>``
+with the same instruction. Two renderings:
+
+* ``chat``: system + user turns through the model's chat template (how A was trained);
+* ``raw``: system text + "\\n" + user text with no template — the paper's evaluation
+  protocol, where an RL model hedges more and interventions have headroom.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+RenderMode = Literal["chat", "raw"]
+
+TOOL_CALL_EXAMPLE = (
+    '{"name": "Tool name", "parameters": {"Parameter name": "Parameter content", "... ...": "... ..."}}\n'
+    '{"name": "... ...", "parameters": {"... ...": "... ...", "... ...": "... ..."}}'
+)
+
+SYSTEM_TEMPLATE = """You are a helpful multi-turn dialogue assistant capable of leveraging tool calls to solve user tasks and provide structured chat responses.
+
+**Available Tools**
+In your response, you can use the following tools:
+{tools}
+
+**Steps for Each Turn**
+1. **Think:** Recall relevant context and analyze the current user goal.
+2. **Decide on Tool Usage:** If a tool is needed, specify the tool and its parameters.
+3. **Respond Appropriately:** If a response is needed, generate one while maintaining consistency across user queries.
+
+**Output Format**
+```plaintext
+<think> Your thoughts and reasoning </think>
+<tool_call>
+{json_string}
+...
+</tool_call>
+<response> AI's final response </response>
+```
+
+**Important Notes**
+1. You must always include the `<think>` field to outline your reasoning. Provide at least one of `<tool_call>` or `<response>`. Decide whether to use `<tool_call>` (possibly multiple times), `<response>`, or both.
+2. You can invoke multiple tool calls simultaneously in the `<tool_call>` fields. Each tool call should be a JSON object with a "name" field and an "parameters" field containing a dictionary of parameters. If no parameters are needed, leave the "parameters" field an empty dictionary.
+3. Refer to the previous dialogue records in the history, including the user's queries, previous `<tool_call>`, `<response>`, and any tool feedback noted as `<obs>` (if exists).
+"""
+
+USER_SUFFIX = (
+    "If there's no appropriate tools to apply or required parameters are missing, please directly inform me "
+    "in your response without any tool call, or call the tool with the name as 'None'. Otherwise, you should "
+    "use one or more necessary tool calls to complete the given task in this turn."
+)
+
+
+def format_tools(functions: list[dict]) -> str:
+    """``N. Name: …`` / ``Description: …`` / ``Parameters: {json}`` lines, one block per tool."""
+    blocks = []
+    for i, fn in enumerate(functions, start=1):
+        params = (fn.get("parameters") or {}).get("properties", {})
+        blocks.append(f"{i}. Name: {fn['name']}\nDescription: {fn.get('description', '')}\nParameters: {json.dumps(params)}")
+    return "\n".join(blocks)
+
+
+def _first_options(options: dict[str, list]) -> dict[str, Any]:
+    """{param: [accepted...]} -> {param: first accepted}, recursing into nested dict answers."""
+    out = {}
+    for key, opts in options.items():
+        alts = opts if isinstance(opts, list) else [opts]
+        if not alts or alts[0] == "":
+            continue
+        out[key] = _concrete(alts[0])
+    return out
+
+
+def _concrete(value: Any) -> Any:
+    if isinstance(value, dict):
+        return _first_options(value)
+    if isinstance(value, list):
+        return [_concrete(v) for v in value]
+    return value
+
+
+@dataclass(frozen=True)
+class ToolTask:
+    """A BFCL question with its tool list and (except for irrelevance) possible answers.
+
+    ``possible_answer`` is BFCL's ground truth: a list of calls ``{name: {param: [accepted
+    values]}}``, where ``""`` among the accepted values means the parameter may be omitted.
+    """
+
+    id: str
+    category: str
+    user: str
+    functions: list[dict] = field(hash=False)
+    possible_answer: list[dict] | None = field(default=None, hash=False)
+
+    @property
+    def tool_names(self) -> list[str]:
+        return [fn["name"] for fn in self.functions]
+
+    @property
+    def expects_call(self) -> bool:
+        """False for irrelevance tasks: no listed tool applies, the right move is to answer."""
+        return bool(self.possible_answer)
+
+    def system_text(self) -> str:
+        return SYSTEM_TEMPLATE.format(tools=format_tools(self.functions), json_string=TOOL_CALL_EXAMPLE)
+
+    def user_text(self) -> str:
+        return f"**Dialogue Records History**\n<user> {self.user.strip()}\n{USER_SUFFIX} </user>"
+
+    def messages(self) -> list[dict[str, str]]:
+        return [{"role": "system", "content": self.system_text()}, {"role": "user", "content": self.user_text()}]
+
+    def render(self, tokenizer: Any = None, mode: RenderMode = "chat") -> str:
+        """The prompt string: chat template (``chat``) or system + "\\n" + user (``raw``)."""
+        if mode == "raw":
+            return self.system_text() + "\n" + self.user_text()
+        if mode != "chat":
+            raise ValueError(f"unknown render mode {mode!r}; choose 'chat' or 'raw'")
+        if tokenizer is None:
+            raise ValueError("chat rendering needs a tokenizer")
+        return tokenizer.apply_chat_template(self.messages(), tokenize=False, add_generation_prompt=True)
+
+    def reference_calls(self) -> list[dict]:
+        """One concrete correct answer: the first accepted value of each parameter.
+
+        Parameters whose first accepted value is ``""`` (optional, may be omitted) are left out.
+        """
+        calls = []
+        for call in self.possible_answer or []:
+            (name, params), = call.items()
+            calls.append({"name": name, "parameters": _first_options(params)})
+        return calls
+
+    def reference_completion(self) -> str:
+        """A target completion in the ToolRL format (used for the supervised warm start)."""
+        if not self.expects_call:
+            return (
+                "<think> None of the listed tools can do what the user asks. </think>\n"
+                "<response> None of the available tools can help with this request. </response>"
+            )
+        calls = self.reference_calls()
+        names = ", ".join(dict.fromkeys(c["name"] for c in calls))
+        body = "\n".join(json.dumps(c) for c in calls)
+        return f"<think> The user's request can be handled with {names}. </think>\n<tool_call>\n{body}\n</tool_call>"
