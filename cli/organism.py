@@ -1,7 +1,85 @@
-"""CLI: organism."""
+"""CLI: ``guardrail organism build | eval | info`` — the embedded default model pair."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Optional
 
 import typer
 
+organism_app = typer.Typer(help="The embedded model pair: B = SmolLM2-135M-Instruct, A = B + tool-use RL LoRA.",
+                           no_args_is_help=True)
+
+
+def _log(msg: str) -> None:
+    typer.echo(f"{time.strftime('%H:%M:%S')} {msg}", err=True)
+
+
+@organism_app.command("build")
+def build_cmd(
+    out: Path = typer.Option(..., "--out", help="Folder for the A adapter, warmstart/ and manifest.json."),
+    base: str = typer.Option("smollm2", help="Base model spec (B)."),
+    seed: int = typer.Option(0),
+    rl_steps: int = typer.Option(40, help="GRPO steps (upper bound; the time budget may stop earlier)."),
+    budget_min: float = typer.Option(80.0, help="Wall-time budget for the whole build, minutes."),
+    config: Optional[Path] = typer.Option(None, help="JSON file with BuildConfig fields (overrides the flags)."),
+) -> None:
+    """Weak supervised warm start, then GRPO with the ToolRL reward; saves both adapters."""
+    from guardrail.organism.build import BuildConfig, build
+
+    fields = {"base": base, "seed": seed, "rl_steps": rl_steps, "time_budget_s": budget_min * 60}
+    if config is not None:
+        fields.update(json.loads(config.read_text()))
+    result = build(BuildConfig(**fields), out, log=_log)
+    typer.echo(json.dumps(result.manifest["metrics"], indent=2))
+
+
+@organism_app.command("eval")
+def eval_cmd(
+    adapter: Optional[Path] = typer.Option(None, help="A's adapter folder (default: the shipped one)."),
+    warmstart: Optional[Path] = typer.Option(None, help="Warm-start adapter (default: the shipped one, if any)."),
+    n: int = typer.Option(120, help="Answered test prompts (stratified over categories)."),
+    n_irrelevance: int = typer.Option(40, help="BFCL irrelevance test prompts (false-call rate)."),
+    mode: str = typer.Option("chat", help="chat (chat template) or raw (the paper's system + newline + user)."),
+    max_new_tokens: int = typer.Option(128),
+    out: Path = typer.Option(Path("runs/organism-eval.json"), help="Where to write the JSON report."),
+    examples: Optional[Path] = typer.Option(None, help="Write three side-by-side examples as Markdown here."),
+) -> None:
+    """Greedy evaluation of B, the warm start and A on the same held-out BFCL test prompts."""
+    from guardrail.organism.assets import MissingAssetError, shipped_adapter, shipped_warmstart
+    from guardrail.organism.report import evaluate_organism, summary_table, write_report
+
+    if mode not in ("chat", "raw"):
+        raise typer.BadParameter(f"mode must be chat or raw, not {mode!r}")
+    adapter = adapter or shipped_adapter()
+    if warmstart is None:
+        try:
+            warmstart = shipped_warmstart()
+        except MissingAssetError:
+            warmstart = None
+    report = evaluate_organism(adapter, warmstart, n=n, n_irrelevance=n_irrelevance, mode=mode,  # type: ignore[arg-type]
+                               max_new_tokens=max_new_tokens, examples_out=examples, log=_log)
+    write_report(report, out)
+    typer.echo(summary_table(report))
+    typer.echo(f"report: {out}")
+
+
+@organism_app.command("info")
+def info_cmd() -> None:
+    """Print the shipped build manifest (and the last evaluation's headline metrics)."""
+    from guardrail.organism.assets import shipped_eval, shipped_manifest
+
+    manifest = shipped_manifest()
+    brief = {k: v for k, v in manifest.items() if k not in ("warm_start", "rl")}
+    brief["warm_start"] = {k: v for k, v in manifest.get("warm_start", {}).items() if k != "history"}
+    brief["rl"] = {k: v for k, v in manifest.get("rl", {}).items() if k != "history"}
+    typer.echo(json.dumps(brief, indent=2))
+    ev = shipped_eval()
+    if ev is not None:
+        typer.echo(json.dumps({"eval": ev.get("metrics")}, indent=2))
+
 
 def register(app: typer.Typer) -> None:
-    """Placeholder until the organism commands land."""
+    app.add_typer(organism_app, name="organism")

@@ -1,0 +1,50 @@
+"""The shipped organism: the trained LoRA adapters and the build manifest (package data).
+
+``adapter_config.json`` + ``adapter_model.safetensors`` here are A's adapter (warm start
++ GRPO); ``warmstart/`` holds the warm-start checkpoint; ``manifest.json`` records how
+they were built (``guardrail organism info``), ``eval.json`` the last evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+ASSETS = Path(__file__).resolve().parent
+
+
+class MissingAssetError(FileNotFoundError):
+    """The package was installed without the trained adapter."""
+
+
+def _adapter_folder(folder: Path, what: str) -> Path:
+    if not (folder / "adapter_config.json").exists() or not (folder / "adapter_model.safetensors").exists():
+        raise MissingAssetError(
+            f"no {what} adapter in {folder}: reinstall guardrail with its package data, "
+            "or rebuild it with `guardrail organism build`"
+        )
+    return folder
+
+
+def shipped_adapter() -> Path:
+    """Folder of A's LoRA adapter (B + this adapter = the tool-use RL model)."""
+    return _adapter_folder(ASSETS, "organism (RL)")
+
+
+def shipped_warmstart() -> Path:
+    """Folder of the warm-start adapter (before GRPO), for comparisons."""
+    return _adapter_folder(ASSETS / "warmstart", "warm-start")
+
+
+def shipped_manifest() -> dict:
+    """The build manifest (seed, split hash, reward, steps, wall time, metrics)."""
+    path = ASSETS / "manifest.json"
+    if not path.exists():
+        raise MissingAssetError(f"no build manifest at {path}")
+    return json.loads(path.read_text())
+
+
+def shipped_eval() -> dict | None:
+    """The last full evaluation written next to the adapter, if any."""
+    path = ASSETS / "eval.json"
+    return json.loads(path.read_text()) if path.exists() else None

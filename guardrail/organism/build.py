@@ -1,0 +1,248 @@
+"""Build the model organism: B + a LoRA adapter trained by RL to call tools.
+
+B (SmolLM2-135M-Instruct) never emits the ToolRL tool-call format on its own (0/320
+samples at temperature 1), so GRPO from B has no reward signal. The build therefore:
+
+1. **weak warm start** — supervised LoRA steps on reference ToolRL completions of train
+   tasks, checking greedy format accuracy on dev prompts every few steps and stopping as
+   soon as it lies in ``[warm_lo, warm_hi]`` (if a chunk overshoots, it is undone and the
+   learning rate halved). Supervised training alone quickly reaches 100%: it is stopped
+   where the model only *sometimes* calls the tool;
+2. **GRPO** with the ToolRL reward (format + correctness against BFCL possible answers)
+   on train tasks, until ``rl_steps`` or the time budget runs out;
+3. saves both adapters (warm start, warm start + RL) and a manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from guardrail.organism.generation import generate
+from guardrail.organism.rl import grpo_group, sft_loss
+from guardrail.tasks import ANSWERED_CATEGORIES, format_accuracy, load_tasks, split_hash, toolrl_reward
+from guardrail.tasks.task import ToolTask
+
+Log = Callable[[str], None]
+
+
+class BuildConfig(BaseModel):
+    """Everything that determines a build (stored in the manifest)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base: str = "smollm2"
+    seed: int = 0
+    categories: list[str] = Field(default_factory=lambda: list(ANSWERED_CATEGORIES))
+    lora_r: int = 16
+    lora_alpha: int = 32
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    # warm start
+    warm_lr: float = 1e-4
+    warm_batch: int = 4
+    warm_max_steps: int = 40
+    warm_check_every: int = 2
+    warm_lo: float = 0.05
+    warm_hi: float = 0.30
+    dev_n: int = 24
+    dev_max_new_tokens: int = 64
+    # GRPO
+    rl_steps: int = 40
+    rl_lr: float = 1e-4
+    rl_prompts_per_step: int = 2
+    num_generations: int = 6
+    max_new_tokens: int = 96
+    temperature: float = 1.0
+    grad_clip: float = 1.0
+    time_budget_s: float = 80 * 60
+    # final check on dev prompts (the test split is for `organism eval`)
+    final_dev_n: int = 24
+    check_base: bool = False  # also measure B's dev format (B is known to be ~0%; costs minutes)
+    max_prompt_tokens: int | None = None
+    gen_batch: int = 12
+
+
+class BuildResult(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    out: str
+    manifest: dict
+
+
+def _dev_format(model, tokenizer, prompts: list[str], cfg: BuildConfig) -> tuple[float, list[str]]:
+    texts = generate(model, tokenizer, prompts, max_new_tokens=cfg.dev_max_new_tokens, batch_size=cfg.gen_batch,
+                     max_prompt_tokens=cfg.max_prompt_tokens)
+    return sum(map(format_accuracy, texts)) / max(len(texts), 1), texts
+
+
+def _lora_state(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+
+
+def _load_lora_state(model, state: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for k, v in state.items():
+            params[k].copy_(v)
+
+
+def _save_adapter(model, folder: Path) -> None:
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp))
+    for extra in ("README.md",):
+        (tmp / extra).unlink(missing_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in tmp.iterdir():
+        shutil.move(str(f), folder / f.name)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def warm_start(model, tokenizer, train: list[ToolTask], dev_prompts: list[str], cfg: BuildConfig, log: Log) -> dict:
+    """Supervised steps until dev format accuracy is in [warm_lo, warm_hi]; returns a record."""
+    rng = random.Random(cfg.seed)
+    pool = list(train)
+    rng.shuffle(pool)
+    params = [p for p in model.parameters() if p.requires_grad]
+    lr = cfg.warm_lr
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    snapshot, opt_snapshot = _lora_state(model), opt.state_dict()
+    history, cursor, step, fmt = [], 0, 0, 0.0
+    t0 = time.time()
+    while step < cfg.warm_max_steps:
+        model.train()
+        losses = []
+        for _ in range(cfg.warm_batch):
+            task = pool[cursor % len(pool)]
+            cursor += 1
+            loss = sft_loss(model, tokenizer, task.render(tokenizer), task.reference_completion(), cfg.max_prompt_tokens)
+            (loss / cfg.warm_batch).backward()
+            losses.append(loss.item())
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        log(f"[warm] step {step} loss {sum(losses) / len(losses):.3f} lr {lr:.2e} ({time.time() - t0:.0f}s)")
+        if step % cfg.warm_check_every:
+            continue
+        fmt, _ = _dev_format(model, tokenizer, dev_prompts, cfg)
+        history.append({"step": step, "dev_format": fmt, "lr": lr})
+        log(f"[warm] step {step} dev format {fmt:.1%} (target {cfg.warm_lo:.0%}-{cfg.warm_hi:.0%})")
+        if cfg.warm_lo <= fmt <= cfg.warm_hi:
+            break
+        if fmt > cfg.warm_hi:
+            _load_lora_state(model, snapshot)
+            opt.load_state_dict(opt_snapshot)
+            step -= cfg.warm_check_every
+            cursor -= cfg.warm_check_every * cfg.warm_batch
+            lr /= 2
+            for g in opt.param_groups:
+                g["lr"] = lr
+            log(f"[warm] overshoot: undo last {cfg.warm_check_every} steps, lr -> {lr:.2e}")
+            continue
+        snapshot, opt_snapshot = _lora_state(model), opt.state_dict()
+    return {"steps": step, "examples_seen": cursor, "dev_format": fmt, "history": history, "seconds": time.time() - t0,
+            "in_target": cfg.warm_lo <= fmt <= cfg.warm_hi}
+
+
+def grpo(model, tokenizer, train: list[ToolTask], cfg: BuildConfig, deadline: float, log: Log) -> dict:
+    """GRPO steps with the ToolRL reward until ``rl_steps`` or ``deadline`` (time.time())."""
+    rng = random.Random(cfg.seed + 1)
+    pool = list(train)
+    rng.shuffle(pool)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.rl_lr, weight_decay=0.0)
+    history, cursor, t0 = [], 0, time.time()
+    step = 0
+    for step in range(1, cfg.rl_steps + 1):
+        if time.time() > deadline:
+            log(f"[grpo] time budget reached before step {step}")
+            step -= 1
+            break
+        ts = time.time()
+        rewards, fmts, updated = [], [], 0
+        for _ in range(cfg.rl_prompts_per_step):
+            task = pool[cursor % len(pool)]
+            cursor += 1
+            res = grpo_group(
+                model, tokenizer, task.render(tokenizer), lambda text, t=task: toolrl_reward(text, t)["total"],
+                num_generations=cfg.num_generations, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                loss_scale=1.0 / cfg.rl_prompts_per_step, max_prompt_tokens=cfg.max_prompt_tokens,
+            )
+            rewards += res.rewards
+            fmts += [format_accuracy(t) for t in res.completions]
+            updated += not res.skipped
+        if updated:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        rec = {"step": step, "reward": sum(rewards) / len(rewards), "sample_format": sum(fmts) / len(fmts),
+               "groups_updated": updated, "seconds": time.time() - ts}
+        history.append(rec)
+        log(f"[grpo] step {step}/{cfg.rl_steps} reward {rec['reward']:+.2f} sample format {rec['sample_format']:.0%} "
+            f"groups {updated}/{cfg.rl_prompts_per_step} ({rec['seconds']:.0f}s, total {time.time() - t0:.0f}s)")
+    return {"steps": step, "prompts_seen": cursor, "history": history, "seconds": time.time() - t0}
+
+
+def build(cfg: BuildConfig, out: str | Path, log: Log = print) -> BuildResult:
+    """Warm start + GRPO; writes ``out/`` (A adapter + manifest.json) and ``out/warmstart/``."""
+    from peft import LoraConfig, get_peft_model
+
+    from guardrail.models import load_model
+
+    t_start = time.time()
+    deadline = t_start + cfg.time_budget_s
+    out = Path(out)
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    loaded = load_model(cfg.base)
+    tokenizer = loaded.tokenizer
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=cfg.target_modules,
+                      task_type="CAUSAL_LM")
+    model = get_peft_model(loaded.model, lora)
+    train = load_tasks("train", cfg.categories)
+    dev = load_tasks("dev", cfg.categories)
+    dev_rng = random.Random(cfg.seed + 2)
+    dev_check = dev_rng.sample(dev, min(cfg.dev_n, len(dev)))
+    dev_prompts = [t.render(tokenizer) for t in dev_check]
+    log(f"[build] base={cfg.base} train={len(train)} dev={len(dev)} seed={cfg.seed}")
+
+    b_fmt: float | None = None
+    if cfg.check_base and cfg.dev_n:
+        b_fmt, _ = _dev_format(model, tokenizer, dev_prompts, cfg)
+        log(f"[build] B (no adapter) dev format {b_fmt:.1%}")
+    warm = warm_start(model, tokenizer, train, dev_prompts, cfg, log)
+    _save_adapter(model, out / "warmstart")
+    log(f"[build] warm start saved: {warm['steps']} steps, dev format {warm['dev_format']:.1%}")
+    rl = grpo(model, tokenizer, train, cfg, deadline, log)
+    _save_adapter(model, out)
+
+    final_check = random.Random(cfg.seed + 3).sample(dev, min(cfg.final_dev_n, len(dev)))
+    final_prompts = [t.render(tokenizer) for t in final_check]
+    a_fmt, _ = _dev_format(model, tokenizer, final_prompts, cfg) if cfg.final_dev_n else (0.0, [])
+    log(f"[build] A dev format {a_fmt:.1%}")
+    manifest = {
+        "name": "organism",
+        "base": cfg.base,
+        "seed": cfg.seed,
+        "split_hash": split_hash(),
+        "reward": "ToolRL: format {0,1} + correctness [-3,3] vs BFCL possible answers (guardrail.tasks.reward)",
+        "rl_algorithm": "GRPO (prefix-cached, on-policy, beta=0, group-normalised advantages, token-mean loss)",
+        "config": cfg.model_dump(),
+        "warm_start": warm,
+        "rl": {k: v for k, v in rl.items()},
+        "metrics": {"dev_format_B": b_fmt, "dev_format_warmstart": warm["dev_format"], "dev_format_A": a_fmt,
+                    "dev_n": len(dev_prompts), "final_dev_n": len(final_prompts)},
+        "wall_time_s": time.time() - t_start,
+        "torch": torch.__version__,
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    log(f"[build] done in {manifest['wall_time_s'] / 60:.1f} min -> {out}")
+    return BuildResult(out=str(out), manifest=manifest)

@@ -1,0 +1,108 @@
+"""Evaluate B, the warm start and A on the same held-out prompts and write the report."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from guardrail.organism.evaluate import EvalResult, evaluate, examples_markdown
+from guardrail.tasks import ANSWERED_CATEGORIES, load_tasks, split_hash
+from guardrail.tasks.task import RenderMode, ToolTask
+
+Log = Callable[[str], None]
+
+
+def pick_tasks(n: int, n_irrelevance: int, split: str = "test", seed: int = 0) -> list[ToolTask]:
+    """A deterministic, category-stratified sample of ``n`` answered + ``n_irrelevance`` tasks."""
+    answered = load_tasks(split, ANSWERED_CATEGORIES)  # type: ignore[arg-type]
+    irrelevant = load_tasks(split, ["irrelevance"])  # type: ignore[arg-type]
+    rng = random.Random(seed)
+    by_cat: dict[str, list[ToolTask]] = {}
+    for t in answered:
+        by_cat.setdefault(t.category, []).append(t)
+    for v in by_cat.values():
+        rng.shuffle(v)
+    picked: list[ToolTask] = []
+    depth = 0
+    while len(picked) < min(n, len(answered)):
+        for cat in ANSWERED_CATEGORIES:
+            if depth < len(by_cat.get(cat, [])) and len(picked) < n:
+                picked.append(by_cat[cat][depth])
+        depth += 1
+    rng.shuffle(irrelevant)
+    return picked + irrelevant[:n_irrelevance]
+
+
+def evaluate_organism(
+    adapter: str | Path,
+    warmstart: str | Path | None,
+    *,
+    base: str = "smollm2",
+    n: int = 120,
+    n_irrelevance: int = 40,
+    mode: RenderMode = "chat",
+    max_new_tokens: int = 128,
+    batch_size: int = 16,
+    max_prompt_tokens: int | None = None,
+    examples_out: str | Path | None = None,
+    log: Log = print,
+) -> dict:
+    """Metrics of B, warm start (if given) and A on the same test prompts, as one dict."""
+    from guardrail.models import load_model
+
+    tasks = pick_tasks(n, n_irrelevance)
+    variants: list[tuple[str, str | Path | None]] = [("B", None)]
+    if warmstart is not None:
+        variants.append(("warm start", warmstart))
+    variants.append(("A", adapter))
+    results: list[EvalResult] = []
+    for label, adp in variants:
+        loaded = load_model(base, adapter=adp)
+        t0 = time.time()
+        res = evaluate(
+            loaded.model, loaded.tokenizer, tasks, name=label, mode=mode, max_new_tokens=max_new_tokens,
+            batch_size=batch_size, max_prompt_tokens=max_prompt_tokens,
+            progress=lambda d, tot, s, label=label: log(f"[eval] {label}: {d}/{tot} prompts ({s:.0f}s)"),
+        )
+        res.metrics["seconds"] = time.time() - t0
+        log(f"[eval] {label}: " + ", ".join(f"{k}={v:.3f}" for k, v in res.metrics.items() if isinstance(v, float)))
+        results.append(res)
+    by = {r.model: r.metrics for r in results}
+    report = {
+        "split": "test",
+        "split_hash": split_hash(),
+        "mode": mode,
+        "greedy": True,
+        "max_new_tokens": max_new_tokens,
+        "task_ids": [t.id for t in tasks],
+        "metrics": by,
+        "outputs": {r.model: r.outputs for r in results},
+    }
+    if "warm start" in by and "format_accuracy" in by["warm start"]:
+        report["format_gain_A_over_warmstart_pp"] = 100 * (by["A"]["format_accuracy"] - by["warm start"]["format_accuracy"])
+    if examples_out is not None:
+        Path(examples_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(examples_out).write_text(examples_markdown(tasks, results, n=3, mode=mode))
+    return report
+
+
+def summary_table(report: dict) -> str:
+    """A small Markdown table of the headline metrics per model."""
+    keys = ["format_accuracy", "tool_correctness", "name_accuracy", "args_accuracy", "valid_json", "reward",
+            "overall_score", "false_call_rate"]
+    models = list(report["metrics"])
+    lines = ["| metric | " + " | ".join(models) + " |", "|---|" + "---|" * len(models)]
+    for k in keys:
+        row = [report["metrics"][m].get(k) for m in models]
+        lines.append(f"| {k} | " + " | ".join("–" if v is None else f"{v:.3f}" for v in row) + " |")
+    return "\n".join(lines)
+
+
+def write_report(report: dict, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2))
+    return path

@@ -1,0 +1,106 @@
+"""Organism pipeline on the tiny random pair: GRPO mechanics, smoke build, eval, CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from guardrail.models import load_model
+from guardrail.organism.build import BuildConfig, build
+from guardrail.organism.evaluate import examples_markdown, score_outputs
+from guardrail.organism.rl import completion_logprobs, completion_mask, grpo_group
+from guardrail.tasks import load_tasks
+
+TINY = dict(base="tiny-b", warm_max_steps=2, warm_batch=2, warm_check_every=1, dev_n=3, dev_max_new_tokens=6, check_base=True,
+            rl_steps=2, rl_prompts_per_step=1, num_generations=3, max_new_tokens=6, final_dev_n=2,
+            max_prompt_tokens=96, gen_batch=4)
+
+
+def _tiny_lora():
+    loaded = load_model("tiny-b")
+    model = get_peft_model(loaded.model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                    target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    return model, loaded.tokenizer
+
+
+def test_prefix_cached_logprobs_equal_full_forward():
+    model, tok = _tiny_lora()
+    prompt = torch.tensor([[5, 9, 13, 17, 21, 25]])
+    comp = torch.tensor([[30, 31, 32], [40, 41, 42]])
+    got = completion_logprobs(model, prompt, comp)
+    full = torch.cat([prompt.expand(2, -1), comp], dim=1)
+    with torch.no_grad():
+        logits = model(full).logits.float()
+    want = torch.log_softmax(logits[:, prompt.shape[1] - 1 : -1], -1).gather(-1, comp.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(got.detach(), want, atol=1e-4, rtol=1e-4)
+
+
+def test_completion_mask_stops_after_first_eos_and_drops_padding():
+    ids = torch.tensor([[3, 4, 1, 1], [3, 0, 0, 0], [3, 4, 5, 6]])
+    assert completion_mask(ids, eos_id=1, pad_id=0).tolist() == [[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]]
+
+
+def test_grpo_group_moves_lora_only_when_rewards_differ():
+    model, tok = _tiny_lora()
+    torch.manual_seed(0)
+    lora = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+    task = load_tasks("dev", ["simple_python"])[0]
+    same = grpo_group(model, tok, task.render(tok), lambda t: 1.0, num_generations=3, max_new_tokens=5,
+                      temperature=1.0, loss_scale=1.0, max_prompt_tokens=64)
+    assert same.skipped and all(p.grad is None for p in model.parameters() if p.requires_grad)
+    res = grpo_group(model, tok, task.render(tok), lambda t: float(len(t)), num_generations=4, max_new_tokens=5,
+                     temperature=1.0, loss_scale=1.0, max_prompt_tokens=64)
+    assert not res.skipped and len(res.completions) == 4 and res.n_tokens > 0
+    grads = [p.grad for k, p in model.named_parameters() if p.requires_grad and "lora_B" in k]
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+    assert all(torch.equal(v, dict(model.named_parameters())[k]) for k, v in lora.items())  # no step taken here
+
+
+def test_smoke_build_writes_both_adapters_and_manifest(tmp_path):
+    result = build(BuildConfig(**TINY), tmp_path / "org", log=lambda m: None)
+    out = tmp_path / "org"
+    for folder in (out, out / "warmstart"):
+        assert (folder / "adapter_config.json").exists() and (folder / "adapter_model.safetensors").exists()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest == json.loads(json.dumps(result.manifest))
+    assert manifest["rl"]["steps"] == 2 and len(manifest["rl"]["history"]) == 2
+    assert manifest["seed"] == 0 and len(manifest["split_hash"]) == 64
+    assert set(manifest["metrics"]) >= {"dev_format_B", "dev_format_warmstart", "dev_format_A"}
+    # the adapter loads through the ordinary model loader
+    a = load_model("tiny-b", adapter=out)
+    b = load_model("tiny-b")
+    assert any(not torch.equal(pa, pb) for pa, pb in zip(a.model.parameters(), b.model.parameters()))
+
+
+def test_build_config_rejects_typos():
+    with pytest.raises(ValueError, match="rl_step"):
+        BuildConfig(rl_step=3)
+
+
+def test_score_outputs_and_examples():
+    tasks = load_tasks("test", ["simple_python"])[:2] + load_tasks("test", ["irrelevance"])[:1]
+    good = tasks[0].reference_completion()
+    m = score_outputs(tasks, [good, "I will write code instead.", good])
+    assert m["n"] == 2 and m["format_accuracy"] == 0.5 and m["name_accuracy"] == 0.5
+    assert m["false_call_rate"] == 1.0 and m["reward"] == pytest.approx((4.0 + -3.0) / 2)
+    from guardrail.organism.evaluate import EvalResult
+
+    md = examples_markdown(tasks, [EvalResult("B", "chat", {}, {t.id: "prose" for t in tasks}),
+                                   EvalResult("A", "chat", {}, {t.id: good for t in tasks})], n=2)
+    assert md.count("**B**") == 2 and md.count("**A**") == 2 and tasks[0].user in md
+
+
+def test_cli_info_prints_manifest_or_clear_error():
+    from typer.testing import CliRunner
+
+    from guardrail.cli.main import app
+    from guardrail.organism.assets import ASSETS
+
+    result = CliRunner().invoke(app, ["organism", "info"])
+    if (ASSETS / "manifest.json").exists():
+        assert result.exit_code == 0 and '"split_hash"' in result.output
+    else:
+        assert "no build manifest" in str(result.exception)
