@@ -1,0 +1,271 @@
+"""Generation backends for the harness: batched greedy decoding with the paper's patch.
+
+The paper's protocol: the intervention rewrites **only the last prompt token's activation at
+one layer, once, during prefill**; decoding is greedy. The harness computes the new
+activations with :mod:`guardrail.features.interventions` (the one intervention math) and
+a backend writes them:
+
+* :class:`TransformersBackend` — left-padded batches through ``generate``; the write is a
+  forward hook (``guardrail.residual.hf.patch_residual``) that fires on the prefill pass
+  only. With left padding, column −1 is every row's last prompt token.
+* :class:`VLLMBackend` — vLLM (CPU build here) in-process; each request carries its
+  replacement vector in ``SamplingParams.extra_args`` and a worker hook writes it at the
+  request's last prompt token during its prefill.
+
+``default_backend()`` picks vLLM when it is installed and the model is a local folder,
+transformers otherwise. Greedy outputs of the two agree on the tiny pair
+(``tests/test_eval_experiments.py``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from typing import Any, Protocol, Sequence
+
+import torch
+
+from guardrail.residual.hf import patch_residual, read_residual
+
+Patch = torch.Tensor | None  # replacement for the last prompt token's residual, [d], or None
+
+
+@dataclass
+class GenerationSettings:
+    """How to decode: greedy, ``max_new_tokens`` (the paper uses 200), prompt cap, batch size."""
+
+    max_new_tokens: int = 200
+    batch_size: int = 8
+    max_prompt_tokens: int | None = None  # truncate from the left (keeps the last prompt token)
+
+
+class Backend(Protocol):
+    name: str
+
+    def generate(self, loaded: Any, prompts: Sequence[str], settings: GenerationSettings, *, layer: int | None = None,
+                 patches: Sequence[Patch] | None = None) -> list[str]: ...
+
+
+def _tokenize(tok: Any, texts: Sequence[str], max_prompt_tokens: int | None) -> dict[str, torch.Tensor]:
+    side = tok.truncation_side
+    tok.truncation_side = "left"
+    try:
+        kw: dict[str, Any] = {"truncation": True, "max_length": max_prompt_tokens} if max_prompt_tokens else {}
+        return tok(list(texts), return_tensors="pt", padding=True, add_special_tokens=False, **kw)
+    finally:
+        tok.truncation_side = side
+
+
+def _decode(tok: Any, ids: list[int], eos_ids: set[int]) -> str:
+    out = []
+    for t in ids:
+        if t in eos_ids:
+            break
+        out.append(t)
+    pad = tok.pad_token_id
+    while out and out[-1] == pad:
+        out.pop()
+    # Keep added tokens such as <tool_call> (some tokenizers mark them special).
+    return tok.decode(out, skip_special_tokens=False)
+
+
+def _eos_ids(loaded: Any) -> set[int]:
+    ids: set[int] = set()
+    gc = getattr(loaded.model, "generation_config", None)
+    for src in (getattr(gc, "eos_token_id", None), loaded.tokenizer.eos_token_id):
+        if isinstance(src, int):
+            ids.add(src)
+        elif src:
+            ids.update(int(i) for i in src)
+    return ids
+
+
+def _batches(prompts: Sequence[str], batch_size: int) -> list[list[int]]:
+    """Indices grouped by length (less padding per batch)."""
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+class TransformersBackend:
+    """Batched greedy ``generate`` with an optional one-shot prefill patch per row."""
+
+    name = "transformers"
+
+    @torch.no_grad()
+    def generate(self, loaded: Any, prompts: Sequence[str], settings: GenerationSettings, *, layer: int | None = None,
+                 patches: Sequence[Patch] | None = None) -> list[str]:
+        if patches is not None and len(patches) != len(prompts):
+            raise ValueError(f"{len(patches)} patches for {len(prompts)} prompts")
+        if patches is not None and any(p is not None for p in patches) and layer is None:
+            raise ValueError("patched generation needs the layer to patch")
+        tok, model = loaded.tokenizer, loaded.model
+        eos = _eos_ids(loaded)
+        out: list[str] = [""] * len(prompts)
+        for idx in _batches(prompts, settings.batch_size):
+            enc = _tokenize(tok, [prompts[i] for i in idx], settings.max_prompt_tokens)
+            rows = [(j, patches[i]) for j, i in enumerate(idx) if patches is not None and patches[i] is not None]
+            gen = self._generate_batch(model, tok, enc, settings, layer, rows)
+            width = enc["input_ids"].shape[1]
+            for j, i in enumerate(idx):
+                out[i] = _decode(tok, gen[j, width:].tolist(), eos)
+        return out
+
+    @staticmethod
+    def _generate_batch(model, tok, enc, settings, layer, rows) -> torch.Tensor:
+        kwargs = dict(do_sample=False, max_new_tokens=settings.max_new_tokens, pad_token_id=tok.pad_token_id, top_p=None, top_k=None, temperature=None)
+        if not rows:
+            return model.generate(**enc, **kwargs)
+        state = {"done": False}
+
+        def write_once(hidden: torch.Tensor) -> torch.Tensor | None:
+            if state["done"]:
+                return None  # decode steps: untouched (the paper patches once, at prefill)
+            state["done"] = True
+            new = hidden.clone()
+            for j, vec in rows:
+                new[j, -1] = vec.to(new.dtype)
+            return new
+
+        with patch_residual(model, layer, write_once):
+            return model.generate(**enc, **kwargs)
+
+
+@torch.no_grad()
+def last_token_activations(pair: Any, prompts: Sequence[str], layer: int, *, batch_size: int = 8,
+                           max_prompt_tokens: int | None = None) -> torch.Tensor:
+    """Raw residual ``[N, 2, d]`` of A (0) and B (1) at the last prompt token after ``layer``."""
+    rows: list[torch.Tensor | None] = [None] * len(prompts)
+    for idx in _batches(prompts, batch_size):
+        enc = _tokenize(pair.tokenizer, [prompts[i] for i in idx], max_prompt_tokens)
+        acts = [read_residual(m.model, layer, enc["input_ids"], enc["attention_mask"])[:, -1].float() for m in (pair.a, pair.b)]
+        for j, i in enumerate(idx):
+            rows[i] = torch.stack([acts[0][j], acts[1][j]])
+    return torch.stack(rows)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- vLLM
+def vllm_available() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def _install_patch_hook(worker: Any, layer: int) -> bool:
+    """Worker-side: write ``extra_args['guardrail_eval_patch']`` at each prefilling request's last prompt token."""
+    from vllm.forward_context import get_forward_context
+
+    runner = worker.model_runner
+    model = runner.get_model() if hasattr(runner, "get_model") else runner.model
+    layers = model.model.layers
+    if getattr(model, "_guardrail_eval_hook", None) is not None:
+        return True
+
+    def hook(_module, _inputs, output):
+        ctx = get_forward_context()
+        meta = ctx.attn_metadata
+        if isinstance(meta, dict):
+            meta = next(iter(meta.values()), None)
+        if meta is None:
+            return None
+        qsl = meta.query_start_loc.tolist()
+        batch = runner.input_batch
+        mlp_out, residual = output
+        changed = False
+        for r, req_id in enumerate(batch.req_ids):
+            req = runner.requests.get(req_id)
+            extra = getattr(req.sampling_params, "extra_args", None) or {}
+            vec = extra.get("guardrail_eval_patch")
+            if vec is None:
+                continue
+            n_prompt = len(req.prompt_token_ids)
+            computed = int(batch.num_computed_tokens_cpu[r])
+            end = qsl[r + 1]
+            # This step holds the request's last prompt token iff its chunk reaches it.
+            if computed + (end - qsl[r]) != n_prompt:
+                continue
+            row = end - 1
+            target = torch.tensor(vec, dtype=mlp_out.dtype, device=mlp_out.device)
+            if not changed:
+                mlp_out = mlp_out.clone()
+                changed = True
+            mlp_out[row] = target - residual[row]  # residual stream = mlp_out + residual
+        return (mlp_out, residual) if changed else None
+
+    model._guardrail_eval_hook = layers[layer].register_forward_hook(hook)
+    return True
+
+
+class VLLMBackend:
+    """vLLM in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), one engine per model folder."""
+
+    name = "vllm"
+
+    def __init__(self, gpu_memory_utilization: float = 0.2, dtype: str = "float32") -> None:
+        if not vllm_available():
+            raise RuntimeError("vLLM is not installed: `pip install guardrail[vllm]`, or use --backend transformers")
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        self._engines: dict[str, Any] = {}
+        self._hooked: set[tuple[str, int]] = set()
+        self.gpu_memory_utilization = gpu_memory_utilization
+        self.dtype = dtype
+
+    def _engine(self, loaded: Any) -> Any:
+        path = model_folder(loaded)
+        if path not in self._engines:
+            from vllm import LLM
+
+            self._engines[path] = LLM(model=path, dtype=self.dtype, enforce_eager=True, gpu_memory_utilization=self.gpu_memory_utilization,
+                                      max_model_len=getattr(loaded.model.config, "max_position_embeddings", 4096), seed=0)
+        return self._engines[path]
+
+    def generate(self, loaded: Any, prompts: Sequence[str], settings: GenerationSettings, *, layer: int | None = None,
+                 patches: Sequence[Patch] | None = None) -> list[str]:
+        from vllm import SamplingParams
+
+        llm = self._engine(loaded)
+        key = (model_folder(loaded), -1 if layer is None else layer)
+        if patches is not None and any(p is not None for p in patches):
+            if layer is None:
+                raise ValueError("patched generation needs the layer to patch")
+            if key not in self._hooked:
+                llm.collective_rpc(_install_patch_hook, args=(layer,))
+                self._hooked.add(key)
+        tok = loaded.tokenizer
+        enc = [_tokenize(tok, [p], settings.max_prompt_tokens)["input_ids"][0].tolist() for p in prompts]
+        params = []
+        for i in range(len(prompts)):
+            extra = {"guardrail_eval_patch": patches[i].float().tolist()} if patches is not None and patches[i] is not None else None
+            params.append(SamplingParams(temperature=0.0, max_tokens=settings.max_new_tokens, extra_args=extra, skip_special_tokens=False))
+        outs = llm.generate([{"prompt_token_ids": ids} for ids in enc], params, use_tqdm=False)
+        eos = _eos_ids(loaded)
+        return [_decode(tok, list(o.outputs[0].token_ids), eos) for o in outs]
+
+
+def model_folder(loaded: Any) -> str:
+    """A local HF folder holding ``loaded``'s weights (vLLM loads from disk)."""
+    from pathlib import Path
+
+    spec = Path(str(loaded.spec)).expanduser()
+    if spec.is_dir():
+        return str(spec)
+    path = getattr(loaded.model, "name_or_path", None) or getattr(loaded.model.config, "_name_or_path", "")
+    if path and Path(path).is_dir() and "+" not in str(loaded.spec):
+        return str(path)
+    from guardrail.paths import home
+
+    out = home() / "eval" / "vllm_models" / str(loaded.spec).replace("/", "_").replace("+", "_")
+    if not (out / "config.json").exists():
+        out.mkdir(parents=True, exist_ok=True)
+        loaded.model.save_pretrained(out, safe_serialization=True)
+        loaded.tokenizer.save_pretrained(out)
+    return str(out)
+
+
+def make_backend(name: str = "auto") -> Backend:
+    """``auto`` (vLLM when installed, else transformers), ``vllm`` or ``transformers``."""
+    if name == "transformers":
+        return TransformersBackend()
+    if name == "vllm":
+        return VLLMBackend()
+    if name == "auto":
+        return VLLMBackend() if vllm_available() else TransformersBackend()
+    raise ValueError(f"unknown backend {name!r}; choose auto, vllm or transformers")

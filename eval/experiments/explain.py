@@ -1,0 +1,132 @@
+"""Feature explanations without an LLM judge: top-activating contexts and template share.
+
+For the top tool-signed features of each partition, every prompt token of a suite is
+encoded (joint encoding of A's and B's residual at the crosscoder's layer) and the
+strongest activations are kept with their surrounding text. The *template share* is the
+fraction of those top activations that sit on tokens of the tool-call output template
+(``<tool_call>``, ``</tool_call>``, ``<response>``, ``<think>``, …) — the paper found its top
+features to be structural-template detectors (firing on ``</tool_call> <response>``).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Sequence
+
+import torch
+
+from guardrail.eval.suites import Suite
+from guardrail.residual.hf import read_residual
+
+TEMPLATE_MARKERS = ("<tool_call>", "</tool_call>", "<response>", "</response>", "<think>", "</think>", "<obs>", "</obs>",
+                    "<user>", "</user>", '"name"', '"parameters"')
+_MARKER_RE = re.compile("|".join(re.escape(m) for m in TEMPLATE_MARKERS))
+
+
+def template_spans(text: str) -> list[tuple[int, int]]:
+    return [(m.start(), m.end()) for m in _MARKER_RE.finditer(text)]
+
+
+def token_spans(tok: Any, text: str, ids: list[int]) -> list[tuple[int, int]]:
+    """Character span of each token (offset mapping when the tokenizer has one)."""
+    try:
+        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        if enc["input_ids"] == ids:
+            return [tuple(o) for o in enc["offset_mapping"]]
+    except (NotImplementedError, TypeError, KeyError):
+        pass
+    spans, pos = [], 0
+    for t in ids:
+        piece = tok.decode([t])
+        start = text.find(piece, pos) if piece else -1
+        start = pos if start < 0 else start
+        spans.append((start, start + len(piece)))
+        pos = start + len(piece)
+    return spans
+
+
+def on_template(span: tuple[int, int], marks: Sequence[tuple[int, int]]) -> bool:
+    return any(span[0] < e and s < span[1] for s, e in marks)
+
+
+@torch.no_grad()
+def run_explain(pair: Any, cc: Any, ranking: Any, suite: Suite, layer: int, *, per_partition: int = 3, top_k: int = 10,
+                window: int = 40, max_prompt_tokens: int | None = None, batch_size: int = 4) -> dict[str, Any]:
+    """Top contexts and template share of the top tool-signed features of each partition."""
+    parts = ("a_exclusive", "b_exclusive", "shared") if cc.is_dfc else ("shared",)
+    chosen: list[tuple[str, int]] = [(p, i) for p in parts for i in ranking.top("tool", p, per_partition)]
+    if not chosen:
+        return {"features": [], "note": "no tool-signed feature to explain"}
+    idx = torch.tensor([i for _, i in chosen])
+    tok = pair.tokenizer
+    best_vals = torch.full((len(chosen), top_k), -1.0)
+    best_loc = torch.full((len(chosen), top_k, 2), -1, dtype=torch.long)
+    n_tokens = 0
+    fire_counts = torch.zeros(len(chosen))
+    texts = suite.texts
+    for start in range(0, len(texts), batch_size):
+        batch = texts[start : start + batch_size]
+        side = tok.truncation_side
+        tok.truncation_side = "left"
+        kw = {"truncation": True, "max_length": max_prompt_tokens} if max_prompt_tokens else {}
+        enc = tok(batch, return_tensors="pt", padding=True, add_special_tokens=False, **kw)
+        tok.truncation_side = side
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        acts = torch.stack([read_residual(m.model, layer, ids, mask).float() for m in (pair.a, pair.b)], dim=2)  # [B, T, 2, d]
+        real = mask.bool()
+        flat = acts[real]
+        f = cc.encode(cc.normalize(flat))[:, idx]  # [n_real, k]
+        n_tokens += flat.shape[0]
+        fire_counts += (f > 0).float().sum(0)
+        b_idx, t_idx = real.nonzero(as_tuple=True)
+        for j in range(len(chosen)):
+            vals = torch.cat([best_vals[j], f[:, j]])
+            locs = torch.cat([best_loc[j], torch.stack([b_idx + start, t_idx - (~real).sum(1)[b_idx]], dim=1)])
+            top = vals.topk(min(top_k, len(vals))).indices
+            best_vals[j], best_loc[j] = vals[top], locs[top]
+    features = []
+    token_cache: dict[int, tuple[int, list[tuple[int, int]], list[tuple[int, int]]]] = {}
+    for j, (part, fi) in enumerate(chosen):
+        contexts, on_tpl, on_last, n_pos = [], 0, 0, 0
+        for v, (p, t) in zip(best_vals[j].tolist(), best_loc[j].tolist()):
+            if v <= 0 or p < 0:
+                continue
+            if p not in token_cache:
+                full = tok(texts[p], add_special_tokens=False)["input_ids"]
+                kept = min(len(full), max_prompt_tokens) if max_prompt_tokens else len(full)
+                token_cache[p] = (kept, token_spans(tok, texts[p], full), template_spans(texts[p]))
+            kept, spans, marks = token_cache[p]
+            offset = len(spans) - kept  # tokens dropped by left truncation
+            span = spans[t + offset] if 0 <= t + offset < len(spans) else (0, 0)
+            tpl = on_template(span, marks)
+            last = t == kept - 1
+            n_pos += 1
+            on_tpl += tpl
+            on_last += last
+            text = texts[p]
+            contexts.append({"prompt": suite.items[p].id, "kind": suite.items[p].kind, "activation": round(v, 4),
+                             "token": text[span[0] : span[1]], "on_template": tpl, "last_prompt_token": last,
+                             "context": text[max(0, span[0] - window) : span[0]] + "[[" + text[span[0] : span[1]] + "]]" + text[span[1] : span[1] + window // 2]})
+        stat = ranking.stat(fi)
+        features.append({"feature": fi, "partition": part, "cohens_d": stat.cohens_d, "auroc": stat.auroc,
+                         "fire_rate_tokens": float(fire_counts[j] / max(n_tokens, 1)), "n_top": n_pos,
+                         "template_share": on_tpl / n_pos if n_pos else None, "last_token_share": on_last / n_pos if n_pos else None,
+                         "top_contexts": contexts})
+    shares = [f["template_share"] for f in features if f["template_share"] is not None]
+    return {"n_prompts": len(suite), "n_tokens": n_tokens, "markers": list(TEMPLATE_MARKERS), "features": features,
+            "mean_template_share": sum(shares) / len(shares) if shares else None,
+            "template_token_fraction": _template_fraction(tok, texts, max_prompt_tokens)}
+
+
+def _template_fraction(tok: Any, texts: Sequence[str], max_prompt_tokens: int | None) -> float:
+    """Base rate: the share of all prompt tokens that are template tokens (what chance would give)."""
+    total = hits = 0
+    for text in texts:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        spans = token_spans(tok, text, ids)
+        if max_prompt_tokens:
+            spans = spans[-max_prompt_tokens:]
+        marks = template_spans(text)
+        total += len(spans)
+        hits += sum(on_template(s, marks) for s in spans)
+    return hits / total if total else 0.0
