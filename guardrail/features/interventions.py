@@ -160,32 +160,35 @@ def clamp_delta_encoder(
 ) -> torch.Tensor:
     """Clamp so that *re-encoding* the edited activation gives ``value`` for features ``idx``.
 
-    δ stays in the span of the clamped features' decoder directions: δ = Σ_j c_j·d_j with c
-    solving, per token, M_AA·c_A = target − pre_A over the features that need moving
-    (M_ij = e_i·w_j, encoder column i against decoder row j in normalised space). For
-    ``value == 0`` only features whose pre-activation is positive move, to a small negative
-    target so ReLU gives an exact zero; the solve is repeated because moving some features
-    can lift others. Features A cannot encode (B-exclusive) are left alone.
+    The edit is the smallest one (L2, in the dictionary's normalised space) that sets the
+    pre-activations of the features that need moving to the target: δ = E_A·c with
+    (E_Aᵀ E_A)·c = target − pre_A, E_A the encoder columns of those features. The encoder
+    Gram matrix is well conditioned for distinct features, unlike a solve restricted to the
+    decoder span (e_i·w_j), which blows up on dictionaries whose encoder and decoder are
+    not aligned. For ``value == 0`` only features with a positive pre-activation move, to a
+    small negative target so ReLU gives an exact zero; the solve repeats because moving
+    some features can lift others. Features A cannot encode (B-exclusive) are left alone.
     """
     target = -1e-4 if value == 0 else float(value)
     enc = view.w_enc[:, idx]  # [d, k]
-    m = enc.T @ view.w_dec[idx].T  # [k, k]; M_ij = e_i · w_j
+    gram = enc.T @ enc  # [k, k]
     encodable = enc.abs().sum(0) > 0
     n, k = x_a_raw.shape[0], idx.numel()
     coef = torch.zeros(n, k, dtype=x_a_raw.dtype)
-    eye = torch.eye(k, dtype=m.dtype)
+    eye = torch.eye(k, dtype=gram.dtype)
     for _ in range(iterations):
-        pre = pre_activations(view, x_a_raw + coef @ view.dirs_raw[idx], idx, x_b_raw)
+        delta = (coef @ enc.T) * view.std
+        pre = pre_activations(view, x_a_raw + delta, idx, x_b_raw)
         need = (pre > 0) if value == 0 else ((pre - target).abs() > 1e-6)
         need = need & encodable
         if not bool(need.any()):
             break
         pair = need.unsqueeze(-1) & need.unsqueeze(-2)
-        sys = torch.where(pair, m.expand(n, k, k), eye.expand(n, k, k))
+        sys = torch.where(pair, gram.expand(n, k, k), eye.expand(n, k, k))
         rhs = torch.where(need, target - pre, torch.zeros_like(pre))
-        step = (torch.linalg.pinv(sys) @ rhs.unsqueeze(-1)).squeeze(-1)
+        step = torch.linalg.solve(sys, rhs.unsqueeze(-1)).squeeze(-1)
         coef = coef + torch.where(need, step, torch.zeros_like(step))
-    return coef @ view.dirs_raw[idx]
+    return (coef @ enc.T) * view.std
 
 
 def splice(x_raw: torch.Tensor, x_hat: torch.Tensor, keep_error: bool, x_hat_edited: torch.Tensor | None = None) -> torch.Tensor:

@@ -98,8 +98,8 @@ class SteerRule(_RuleBase):
 
 
 class ClampRule(_RuleBase):
-    """Set features to ``value`` (usually 0). ``method: encoder`` edits the activation so that
-    re-encoding gives the value; ``decoder`` adds Σ(v − f_i)·d_i (reconstruction edit)."""
+    """Set features to ``value`` (usually 0). ``method: encoder`` makes the smallest edit after
+    which re-encoding reads the value; ``decoder`` adds Σ(v − f_i)·d_i (reconstruction edit)."""
 
     action: Literal["clamp"]
     select: Selector

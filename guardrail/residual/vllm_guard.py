@@ -25,6 +25,7 @@ the hook and reuse KV computed under another policy); :func:`engine_kwargs` says
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -39,6 +40,12 @@ from guardrail.residual.hf import decoder_layers
 POLICY_KEY = "guardrail_policy"
 NO_POLICY = "none"
 WORKER_ATTR = "_guardrail_guard"
+_SUFFIX = re.compile(r"-[0-9a-f]{8}$")
+
+
+def external_id(req_id: str) -> str:
+    """The id the caller sees: vLLM appends ``-xxxxxxxx`` to make internal ids unique."""
+    return _SUFFIX.sub("", str(req_id))
 
 
 def engine_kwargs(**overrides: Any) -> dict[str, Any]:
@@ -260,7 +267,7 @@ class WorkerGuard:
         x = (first.float() + residual.float()).detach()
         for i, rid in enumerate(req_ids):
             for r in range(qsl[i], qsl[i + 1]):
-                self.captured.append({"request": rid, "position": int(pos_all[r]), "activation": x[r].clone()})
+                self.captured.append({"request": external_id(rid), "position": int(pos_all[r]), "activation": x[r].clone()})
 
     # ------------------------------------------------------------------ failures, aborts, logits
     def _policy_failure(self, compiled: CompiledPolicy, tp: TokenPositions, exc: Exception) -> None:
@@ -337,6 +344,8 @@ class WorkerGuard:
 
     # ------------------------------------------------------------------ events
     def _log(self, event: dict[str, Any], compiled: CompiledPolicy | None = None) -> None:
+        if "request" in event:
+            event["request"] = external_id(event["request"])
         if len(self.events) < self.keep_events:
             self.events.append(event)
         sink = compiled.telemetry if compiled is not None else None
@@ -352,7 +361,7 @@ class WorkerGuard:
             **self.stats,
             "policies": self.store.names(),
             "default": self.default,
-            "aborted": dict(self.aborted),
+            "aborted": {external_id(k): v for k, v in self.aborted.items()},
             "telemetry": [s.stats() for s in sinks.values()],
         }
 
