@@ -1,7 +1,169 @@
-"""CLI: train."""
+"""CLI: ``guardrail train | sweep | inspect | import-paper | import-dictionary-learning``.
+
+Thin wrappers: every command is one call into ``guardrail.training`` or ``guardrail.dictionary``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
 
 import typer
 
 
+def _stats_from(cache: Optional[Path]):
+    if cache is None:
+        return None, None
+    from guardrail.activations import ActivationCache
+
+    return ActivationCache.open(cache).stats
+
+
+def train_cmd(
+    cache: Path = typer.Option(..., "--cache", help="Activation cache folder (guardrail collect)."),
+    out: Path = typer.Option(..., "--out", help="Artifact folder to write (checkpoints resume from here)."),
+    dict_size: Optional[int] = typer.Option(None, help="Dictionary size D (default 8 x d_model)."),
+    k: int = typer.Option(32, help="Active features per sample (top-k)."),
+    exclusive: float = typer.Option(0.05, help="DFC exclusive share per model; 0 = standard crosscoder."),
+    sparsity: str = typer.Option("topk", help="topk | batchtopk | l1."),
+    lambda_shared: float = typer.Option(0.0, help="L1 coefficient on shared activations."),
+    lambda_excl: float = typer.Option(0.0, help="L1 coefficient on exclusive activations (0 = free)."),
+    l1_coef: float = typer.Option(1e-3, help="sparsity=l1: decoder-norm-weighted L1 coefficient."),
+    k_exclusive: Optional[int] = typer.Option(None, help="Top-k slots reserved per exclusive partition."),
+    no_aux_k: bool = typer.Option(False, "--no-aux-k", help="Disable AuxK revival of dead features."),
+    steps: int = typer.Option(9000),
+    batch_size: int = typer.Option(1024),
+    lr: float = typer.Option(1e-4),
+    warmup_steps: int = typer.Option(0),
+    seed: int = typer.Option(0),
+    checkpoint_every: int = typer.Option(500),
+    threads: Optional[int] = typer.Option(None, help="torch threads."),
+    config: Optional[Path] = typer.Option(None, help="JSON/YAML with CrosscoderConfig fields (overrides the flags)."),
+    fresh: bool = typer.Option(False, "--fresh", help="Ignore an existing checkpoint in --out."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+) -> None:
+    """Train a DFC (default) or standard crosscoder on a paired activation cache."""
+    import yaml
+
+    from guardrail.activations import ActivationCache
+    from guardrail.dictionary import AuxKConfig, CrosscoderConfig, Partition
+    from guardrail.training import TrainingConfig, train
+
+    cache_obj = ActivationCache.open(cache)
+    d_model = cache_obj.manifest.d_model
+    size = dict_size or 8 * d_model
+    fields = dict(d_model=d_model, dict_size=size, k=k if sparsity != "l1" else None, sparsity=sparsity,
+                  lambda_shared=lambda_shared, lambda_excl=lambda_excl, l1_coef=l1_coef if sparsity == "l1" else 0.0,
+                  k_exclusive=k_exclusive, aux_k=AuxKConfig(enabled=not no_aux_k))
+    if exclusive > 0:
+        fields["partition"] = Partition.from_fraction(size, exclusive)
+    if config is not None:
+        fields.update(yaml.safe_load(config.read_text()) or {})
+    cfg = CrosscoderConfig(**fields)
+    tc = TrainingConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, seed=seed,
+                        checkpoint_every=checkpoint_every, threads=threads, progress=not quiet)
+    cc = train(cache_obj, cfg, out, training=tc, resume=not fresh)
+    typer.echo(_summary(cc.metrics, out))
+
+
+def _summary(m: dict, out: Path) -> str:
+    lines = [f"artifact: {out}", f"FVU A {m['fvu_A']:.4f}  B {m['fvu_B']:.4f}   L0 {m['l0']:.1f}   ({m['n_rows']} eval rows, {m['eval_rows']})"]
+    for name, p in m.get("partitions", {}).items():
+        lines.append(f"  {name:12s} size {p['size']:6d}  L0 {p['l0']:6.2f}  dead {p['dead_fraction']:.3f}  "
+                     f"mean fire rate {p['mean_fire_rate']:.4f}  rows with any {p['rows_with_any']:.3f}")
+    return "\n".join(lines)
+
+
+def sweep_cmd(
+    grid: str = typer.Argument(..., help="Built-in grid (paper, quick) or a YAML file."),
+    cache: Path = typer.Option(..., "--cache", help="Activation cache folder."),
+    out: Path = typer.Option(..., "--out", help="Folder receiving one artifact per run + sweep.json."),
+    only: Optional[list[str]] = typer.Option(None, "--only", help="Train only runs whose name contains this (repeatable)."),
+    steps: Optional[int] = typer.Option(None, help="Override every run's steps (smoke tests)."),
+    threads: Optional[int] = typer.Option(None),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List the runs and exit."),
+    quiet: bool = typer.Option(False, "--quiet"),
+) -> None:
+    """Train every configuration of a sweep grid (finished runs are skipped, interrupted ones resume)."""
+    from guardrail.training.sweep import expand_grid, load_grid, run_sweep
+
+    g = load_grid(grid)
+    if dry_run:
+        for spec in expand_grid(g):
+            c = spec.crosscoder
+            part = c.partition.sizes() if c.partition else "standard"
+            typer.echo(f"{spec.name:34s} D={c.dict_size:6d} k={c.k:4d} lambda_sh={c.lambda_shared:g} lambda_excl={c.lambda_excl:g} {part}")
+        return
+    overrides = {k: v for k, v in {"steps": steps, "threads": threads}.items() if v is not None}
+    rows = run_sweep(g, cache, out, only=only, overrides=overrides, progress=not quiet)
+    for r in rows:
+        typer.echo(f"{r['name']:34s} {r['status']:26s} FVU {r['fvu']:.4f}  L0 {r['l0']:.1f}  dead {r['dead']}")
+
+
+def inspect_cmd(
+    artifact: Path = typer.Argument(..., help="Artifact folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print the whole manifest as JSON."),
+) -> None:
+    """Verify an artifact (sha256 of tensors and manifest, partition integrity) and describe it."""
+    from guardrail.dictionary import load_artifact
+
+    cc = load_artifact(artifact)
+    man = cc.manifest
+    if as_json:
+        typer.echo(man.model_dump_json(indent=2))
+        return
+    p = man.partition
+    lines = [
+        f"{artifact}: verified (tensors sha256, manifest digest, partition integrity 0.0)",
+        f"kind {man.kind}  architecture {man.architecture}  source {man.source.kind}",
+        f"models A={man.model_a}  B={man.model_b}  layer {man.layer}  positions {man.positions}",
+        f"d_model {man.d_model}  dict_size {man.dict_size}  sparsity {man.sparsity}  k {man.k}",
+        f"partition A-excl {p.n_a}  B-excl {p.n_b}  shared {p.n_shared}",
+        f"loss lambda_shared {man.config.lambda_shared:g}  lambda_excl {man.config.lambda_excl:g} ({man.config.penalty_form})  "
+        f"AuxK {'on' if man.config.aux_k.enabled else 'off'}",
+        f"normalisation: {man.normalization.source}",
+        f"training data hash {man.training_data_hash}",
+    ]
+    if man.metrics.get("fvu_A") is not None:
+        lines.append(_summary(man.metrics, artifact))
+    for note in man.source.notes:
+        lines.append(f"note: {note}")
+    typer.echo("\n".join(lines))
+
+
+def _import(kind: str, src: Path, out: Path, stats_cache: Optional[Path]) -> None:
+    from guardrail.dictionary import import_dictionary_learning, import_paper_checkpoint, save_artifact
+
+    mean, std = _stats_from(stats_cache)
+    fn = import_paper_checkpoint if kind == "paper" else import_dictionary_learning
+    cc, fields = fn(src, mean=mean, std=std)
+    save_artifact(cc, out, **fields)
+    typer.echo(f"{out}: {cc}")
+    typer.echo(json.dumps(fields["source"]["notes"], indent=1))
+
+
+def import_paper_cmd(
+    src: Path = typer.Argument(..., help="Folder with the paper's model.pt + config.json (+ hparams.json)."),
+    out: Path = typer.Option(..., "--out", help="Artifact folder to write."),
+    stats_from: Optional[Path] = typer.Option(None, help="Activation cache whose per-channel stats the checkpoint expects."),
+) -> None:
+    """Convert a checkpoint of the paper (torch.load weights_only=True) to a verified artifact."""
+    _import("paper", src, out, stats_from)
+
+
+def import_dl_cmd(
+    src: Path = typer.Argument(..., help="dictionary_learning crosscoder .pt (or its folder)."),
+    out: Path = typer.Option(..., "--out", help="Artifact folder to write."),
+    stats_from: Optional[Path] = typer.Option(None, help="Activation cache whose per-channel stats the checkpoint expects."),
+) -> None:
+    """Convert a dictionary_learning-style CrossCoder / BatchTopKCrossCoder to a verified artifact."""
+    _import("dictionary_learning", src, out, stats_from)
+
+
 def register(app: typer.Typer) -> None:
-    """Placeholder until the train commands land."""
+    app.command("train")(train_cmd)
+    app.command("sweep")(sweep_cmd)
+    app.command("inspect")(inspect_cmd)
+    app.command("import-paper")(import_paper_cmd)
+    app.command("import-dictionary-learning")(import_dl_cmd)

@@ -90,3 +90,63 @@ def test_bad_input_is_named():
         train(torch.randn(10, 12), CFG, training=TC)
     with pytest.raises(ValueError, match="d_model=8"):
         train(_data(), CrosscoderConfig(d_model=8, dict_size=32, k=4), training=TC)
+
+
+def test_sweep_grid_paper_is_the_48_runs():
+    from guardrail.training.sweep import expand_grid, load_grid
+
+    specs = expand_grid(load_grid("paper"))
+    names = {s.name for s in specs}
+    assert len(specs) == 48 and sum(s.crosscoder.is_dfc for s in specs) == 36
+    assert {"dfc-D8k-excl10-freeexcl-k160", "dfc-D16k-excl3-k45", "cc-D8k-k45", "cc-D16k-nol1-k160"} <= names
+    s = next(s for s in specs if s.name == "dfc-D8k-excl3-k45")
+    assert s.crosscoder.partition.n_a == int(8192 * 0.03) and s.crosscoder.lambda_excl == 1e-3
+    assert (s.training.steps, s.training.batch_size, s.training.lr, s.training.grad_clip) == (9000, 1024, 1e-4, 1.0)
+    assert len(expand_grid(load_grid("quick"))) == 48
+
+
+def test_sweep_runs_every_config_and_skips_finished(tmp_path):
+    from guardrail.training.sweep import SweepError, load_grid, run_sweep
+
+    grid = tmp_path / "g.yaml"
+    grid.write_text(
+        "name: t\ntraining: {steps: 6, batch_size: 32, lr: 1.0e-3, checkpoint_every: 0}\n"
+        "groups:\n"
+        "  - name: dfc\n    grid: {dict_size: [64], k: [4, 6], exclusive: [0.1]}\n"
+        "  - name: cc\n    grid: {dict_size: [64], k: [4]}\n"
+    )
+    x = _data(300)
+    rows = run_sweep(grid, x, tmp_path / "out", progress=False)
+    assert [r["name"] for r in rows] == ["dfc-dict_size64-k4-exclusive0.1", "dfc-dict_size64-k6-exclusive0.1", "cc-dict_size64-k4"]
+    assert all(r["status"] == "trained" for r in rows)
+    assert load_artifact(tmp_path / "out" / rows[1]["name"]).config.k == 6
+    again = run_sweep(grid, x, tmp_path / "out", progress=False)
+    assert all(r["status"].startswith("skipped") for r in again)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: b\ngroups:\n  - name: x\n    grid: {dict_size: [64], kk: [4]}\n")
+    with pytest.raises(SweepError, match="kk"):
+        run_sweep(load_grid(bad), x, tmp_path / "o2", progress=False)
+
+
+def test_train_from_activation_cache_uses_its_stats_and_cli(tiny_pair, tmp_path):
+    from typer.testing import CliRunner
+
+    from guardrail.activations import ActivationCache, collect
+    from guardrail.cli.main import app
+    from guardrail.prompts import PromptItem
+    from guardrail.residual import Site
+
+    prompts = [PromptItem(id=f"p{i}", text=("call a tool " if i % 2 else "tell me a story ") * 3, is_tool=bool(i % 2)) for i in range(8)]
+    cache = collect(tiny_pair, prompts, Site(layer=1, positions="prompt", last_n=8), tmp_path / "cache", progress=False)
+    runner = CliRunner()
+    res = runner.invoke(app, ["train", "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "art"), "--dict-size", "256",
+                              "--k", "8", "--steps", "15", "--batch-size", "32", "--lr", "1e-3", "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert "a_exclusive" in res.output
+    cc = load_artifact(tmp_path / "art")
+    mean, std = ActivationCache.open(tmp_path / "cache").stats
+    assert torch.equal(cc.act_mean, mean) and torch.equal(cc.act_std, std)
+    assert cc.manifest.layer == 1 and cc.manifest.model_a == cache.manifest.model_a
+    assert cc.manifest.normalization.source == "activation cache statistics"
+    res = runner.invoke(app, ["inspect", str(tmp_path / "art")])
+    assert res.exit_code == 0 and "verified" in res.output, res.output

@@ -135,8 +135,11 @@ def save_artifact(cc: Crosscoder, out_dir: str | Path, **manifest_fields: Any) -
     os.replace(tmp, out / TENSORS_FILE)
 
     norm_source = manifest_fields.pop("normalization_source", "training data")
-    if isinstance(manifest_fields.get("source"), dict):
-        manifest_fields["source"] = Source(**manifest_fields["source"])
+    src = manifest_fields.get("source")
+    if isinstance(src, str):  # a free-text note about where the dictionary came from
+        manifest_fields["source"] = Source(kind="trained", notes=[src])
+    elif isinstance(src, dict):
+        manifest_fields["source"] = Source(**src)
     cfg = cc.config
     manifest = ArtifactManifest(
         architecture=cfg.architecture,

@@ -79,4 +79,4 @@ def dense_train_step(model: PaperDFC, opt: torch.optim.Optimizer, x: torch.Tenso
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
     model.apply_masks()
-    return float(loss)
+    return float(loss.detach())

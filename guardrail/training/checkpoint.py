@@ -66,6 +66,12 @@ def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
         if "betas" in g:
             g["betas"] = tuple(g["betas"])
     opt.load_state_dict({"state": state, "param_groups": groups})
+    # Fused kernels walk memory linearly: moment buffers must share their parameter's strides.
+    for group in opt.param_groups:
+        for p in group["params"]:
+            for key, val in opt.state.get(p, {}).items():
+                if isinstance(val, torch.Tensor) and val.shape == p.shape and val.stride() != p.stride():
+                    opt.state[p][key] = torch.empty_strided(p.shape, p.stride(), dtype=val.dtype).copy_(val)
 
 
 def save_checkpoint(folder: Path, step: int, tensors: dict[str, torch.Tensor], meta: dict[str, Any], keep: int = 2) -> Path:

@@ -59,6 +59,10 @@ def prepare_data(
     std: torch.Tensor | None = None,
 ) -> TrainingData:
     """Normalise ``data`` per channel; stats come from ``mean``/``std``, else the cache, else the data."""
+    if isinstance(data, TrainingData):
+        if mean is not None or std is not None:
+            raise ValueError("data is already normalised (TrainingData); do not pass mean/std again")
+        return data
     meta: dict[str, Any] = {}
     data_hash: str | None = None
     source = "training data"

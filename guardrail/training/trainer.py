@@ -41,7 +41,11 @@ class _State:
 
 
 def _make_optimizer(cc: Crosscoder, tc: TrainingConfig) -> torch.optim.Adam:
-    return torch.optim.Adam(cc.parameters(), lr=tc.lr, betas=tc.betas, foreach=True)
+    """Adam; the fused kernel (one pass per tensor) where this torch build has it for the device."""
+    try:
+        return torch.optim.Adam(cc.parameters(), lr=tc.lr, betas=tc.betas, fused=True)
+    except (RuntimeError, ValueError):
+        return torch.optim.Adam(cc.parameters(), lr=tc.lr, betas=tc.betas, foreach=True)
 
 
 def _lr_at(tc: TrainingConfig, step: int) -> float:

@@ -1,0 +1,196 @@
+"""Sweeps: train every configuration of a YAML grid into its own artifact folder.
+
+A grid file has shared ``base`` settings and ``groups``; each group is a cartesian product
+of values. Keys of a grid point go to ``CrosscoderConfig`` (``exclusive`` becomes the
+partition share per model; 0 or absent = standard crosscoder) or, if they are training
+settings, to ``TrainingConfig``. The paper's 48 runs are ``grids/paper.yaml``.
+
+Runs whose artifact already exists (and verifies) are skipped, so an interrupted sweep
+continues where it stopped; a run interrupted mid-way resumes from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from guardrail.dictionary.artifact import ArtifactError, read_manifest
+from guardrail.dictionary.config import CrosscoderConfig
+from guardrail.dictionary.partition import Partition
+from guardrail.training.config import TrainingConfig
+
+TRAINING_KEYS = set(TrainingConfig.model_fields)
+SUMMARY_FILE = "sweep.json"
+
+
+class SweepError(ValueError):
+    """The grid file is malformed or names unknown settings."""
+
+
+class GridGroup(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    grid: dict[str, list[Any]]
+    fixed: dict[str, Any] = {}
+    run_name: str | None = Field(default=None, description="format string over the point's values and *_label entries")
+    labels: dict[str, dict[str, str]] = {}
+
+
+class Grid(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    description: str = ""
+    base: dict[str, Any] = {}
+    training: dict[str, Any] = {}
+    groups: list[GridGroup]
+
+
+class RunSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    group: str
+    point: dict[str, Any]
+    crosscoder: CrosscoderConfig
+    training: TrainingConfig
+
+
+def builtin_grids() -> list[str]:
+    return sorted(p.name.removesuffix(".yaml") for p in resources.files("guardrail.training.grids").iterdir() if p.name.endswith(".yaml"))
+
+
+def load_grid(src: str | Path) -> Grid:
+    """A grid from a YAML path or a built-in name (``paper``, ``quick``)."""
+    path = Path(src)
+    if not path.exists():
+        name = str(src).removesuffix(".yaml")
+        if name not in builtin_grids():
+            raise SweepError(f"grid {src!r} is neither a file nor a built-in grid ({', '.join(builtin_grids())})")
+        text = resources.files("guardrail.training.grids").joinpath(f"{name}.yaml").read_text()
+    else:
+        text = path.read_text()
+    try:
+        return Grid.model_validate(yaml.safe_load(text))
+    except (ValidationError, yaml.YAMLError) as exc:
+        raise SweepError(f"grid {src}: {exc}") from exc
+
+
+def _label(value: Any) -> str:
+    return format(value, "g") if isinstance(value, float) else str(value)
+
+
+def _run_name(group: GridGroup, point: dict[str, Any]) -> str:
+    if group.run_name is None:
+        return "-".join([group.name] + [f"{k}{_label(v)}" for k, v in point.items()])
+    fmt = dict(point)
+    for key, table in group.labels.items():
+        fmt[f"{key}_label"] = table.get(_label(point.get(key)), "")
+    if "dict_size" in point:
+        fmt["dict_size_k"] = point["dict_size"] // 1024
+    if "exclusive" in point:
+        fmt["exclusive_pct"] = round(float(point["exclusive"]) * 100)
+    try:
+        return group.run_name.format(**fmt)
+    except (KeyError, ValueError) as exc:
+        raise SweepError(f"group {group.name}: run_name {group.run_name!r} cannot be filled: {exc}") from exc
+
+
+def _specs_of(grid: Grid, group: GridGroup) -> list[RunSpec]:
+    keys = list(group.grid)
+    specs = []
+    for values in itertools.product(*(group.grid[k] for k in keys)):
+        point = dict(zip(keys, values))
+        settings = {**grid.base, **group.fixed, **point}
+        train_kw = {**grid.training, **{k: settings.pop(k) for k in list(settings) if k in TRAINING_KEYS}}
+        exclusive = float(settings.pop("exclusive", 0.0) or 0.0)
+        if exclusive > 0:
+            settings["partition"] = Partition.from_fraction(int(settings["dict_size"]), exclusive)
+        try:
+            cfg = CrosscoderConfig(**settings)
+            tc = TrainingConfig(**train_kw)
+        except ValidationError as exc:
+            raise SweepError(f"grid {grid.name}, group {group.name}, point {point}: {exc}") from exc
+        specs.append(RunSpec(name=_run_name(group, point), group=group.name, point=point, crosscoder=cfg, training=tc))
+    return specs
+
+
+def expand_grid(grid: Grid) -> list[RunSpec]:
+    """Every run of the grid, in file order; run names must be unique."""
+    specs = [s for g in grid.groups for s in _specs_of(grid, g)]
+    seen: set[str] = set()
+    for s in specs:
+        if s.name in seen:
+            raise SweepError(f"grid {grid.name}: run name {s.name!r} occurs twice; make run_name distinguish all grid keys")
+        seen.add(s.name)
+    return specs
+
+
+def _finished(folder: Path) -> bool:
+    try:
+        read_manifest(folder)
+        return True
+    except ArtifactError:
+        return False
+
+
+def run_sweep(
+    grid: Grid | str | Path,
+    data: Any,
+    out_dir: str | Path,
+    *,
+    only: list[str] | None = None,
+    overrides: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Train every run (or those whose names contain one of ``only``); returns the summary rows.
+
+    ``overrides`` replace training settings of every run (e.g. ``{"steps": 100}`` for a smoke test).
+    """
+    from guardrail.training.data import prepare_data
+    from guardrail.training.trainer import train
+
+    grid = grid if isinstance(grid, Grid) else load_grid(grid)
+    specs = expand_grid(grid)
+    if only:
+        specs = [s for s in specs if any(o in s.name for o in only)]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    prepared = prepare_data(data)
+    rows = []
+    for i, spec in enumerate(specs, 1):
+        folder = out / spec.name
+        tc = spec.training.model_copy(update={**(overrides or {}), "progress": progress})
+        if _finished(folder):
+            status = "skipped (artifact exists)"
+        else:
+            if progress:
+                print(f"[{i}/{len(specs)}] {spec.name}", flush=True)
+            note = f"sweep {grid.name}, run {spec.name}"
+            train(prepared, spec.crosscoder, folder, training=tc, manifest_fields={"source": {"kind": "trained", "notes": [note]}})
+            status = "trained"
+        manifest = read_manifest(folder)
+        rows.append(_summary_row(spec, folder, manifest, status))
+        (out / SUMMARY_FILE).write_text(json.dumps({"grid": grid.name, "runs": rows}, indent=1))
+    return rows
+
+
+def _summary_row(spec: RunSpec, folder: Path, manifest: Any, status: str) -> dict[str, Any]:
+    m = manifest.metrics
+    parts = m.get("partitions", {})
+    return {
+        "name": spec.name,
+        "group": spec.group,
+        "point": spec.point,
+        "artifact": str(folder),
+        "status": status,
+        "fvu": m.get("fvu"),
+        "fvu_A": m.get("fvu_A"),
+        "fvu_B": m.get("fvu_B"),
+        "l0": m.get("l0"),
+        "dead": {k: v.get("dead_fraction") for k, v in parts.items()},
+    }
