@@ -21,22 +21,33 @@ from guardrail.eval.stats import one_sample_t, pearson, sign_test, welch_t
 from guardrail.eval.suites import Suite
 
 
-def train_variants(variants: Sequence[Any], data: Any, out_dir: str | Path, *, progress: bool = False,
-                   threads: int | None = None) -> list[tuple[Any, Any]]:
-    """Train (or load, if already finished) every variant into ``out_dir/<name>``."""
+def train_variants(grid: Any, data: Any, out_dir: str | Path, *, names: Sequence[str] | None = None,
+                   overrides: dict[str, Any] | None = None, progress: bool = False) -> list[tuple[Any, Any]]:
+    """Train a grid's runs into ``out_dir/<run name>`` (finished artifacts are reused); returns (spec, dictionary).
+
+    The whole grid goes through the training layer's sweep runner; a subset (``names``)
+    is trained run by run with the same trainer and settings.
+    """
     from guardrail.dictionary import load_artifact
     from guardrail.training import train
+    from guardrail.training.sweep import expand_grid, run_sweep as train_sweep
 
-    out: list[tuple[Any, Any]] = []
-    for v in variants:
-        folder = Path(out_dir) / v.name
-        if (folder / "manifest.json").exists():
-            out.append((v, load_artifact(folder)))
-            continue
-        tc = v.training.model_copy(update={"progress": progress, **({"threads": threads} if threads else {})})
-        cc = train(data, v.config, folder, training=tc, manifest_fields={"source": f"sweep variant {v.name}"})
-        out.append((v, load_artifact(folder) if (folder / "manifest.json").exists() else cc))
-    return out
+    out = Path(out_dir)
+    specs = expand_grid(grid)
+    if names is None:
+        train_sweep(grid, data, out, overrides=overrides, progress=progress)
+    else:
+        missing = set(names) - {s.name for s in specs}
+        if missing:
+            raise ValueError(f"grid {grid.name} has no runs named {sorted(missing)}")
+        specs = [s for s in specs if s.name in set(names)]
+        for spec in specs:
+            folder = out / spec.name
+            if (folder / "manifest.json").exists():
+                continue
+            tc = spec.training.model_copy(update={**(overrides or {}), "progress": progress})
+            train(data, spec.crosscoder, folder, training=tc, manifest_fields={"source": {"kind": "trained", "notes": [f"eval grid {grid.name}, run {spec.name}"]}})
+    return [(spec, load_artifact(out / spec.name)) for spec in specs]
 
 
 def _mse(cc: Any) -> float | None:
@@ -49,7 +60,7 @@ def run_sweep(ctx: RunContext, trained: Sequence[tuple[Any, Any]], suite: Suite,
     rows = []
     for variant, cc in trained:
         res = run_splice(ctx, cc, suite, name=f"{name}_{variant.name}", encodings=("joint",))
-        row = {"name": variant.name, "kind": variant.kind, "axes": variant.axes, "mse": _mse(cc), "n_prompts": len(suite),
+        row = {"name": variant.name, "kind": "dfc" if cc.is_dfc else "standard", "axes": variant.point, "mse": _mse(cc), "n_prompts": len(suite),
                "dictionary": res["dictionary"], "outputs": res["outputs"]}
         for m in ("A", "B"):
             d = res[f"{m}_recon_joint_delta"]

@@ -1,0 +1,467 @@
+"""Run folder output: results.json, report.md and report.html with the plots embedded.
+
+Every number is printed with the number of prompts (or variants) behind it, and the
+headline numbers are set against the paper's in a "paper vs this run" table with a
+verdict per finding: ``reproduces``, ``opposite``, ``not significant``, ``not run``.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+# --------------------------------------------------------------------------- formatting
+
+
+def pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.1f}%"
+
+
+def pp(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:+.1f} pp"
+
+
+def ci_pp(ci: list | None) -> str:
+    if not ci or ci[0] is None or ci[1] is None:
+        return ""
+    return f"[{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]"
+
+
+def num(x: Any, fmt: str = "{:.3g}") -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    return fmt.format(x)
+
+
+def pval(p: float | None) -> str:
+    if p is None:
+        return "–"
+    return f"{p:.2e}" if p < 1e-3 else f"{p:.3f}"
+
+
+def delta_cell(d: dict[str, Any] | None) -> str:
+    """``+12.5 pp [t-CI] (boot [..]) n=40`` for a paired delta of a rate."""
+    if not d:
+        return "–"
+    return f"{pp(d['delta'])} t-CI {ci_pp(d.get('t_ci'))} boot {ci_pp(d.get('bootstrap_ci'))} (n={d['n']})"
+
+
+# --------------------------------------------------------------------------- paper vs run
+
+
+def _verdict_ci(d: dict[str, Any] | None, want_positive: bool = True) -> str:
+    if not d or d.get("delta") is None:
+        return "not run"
+    lo, hi = (d.get("t_ci") or [None, None])
+    if lo is None or hi is None:
+        lo = hi = d["delta"]
+    if want_positive:
+        return "reproduces" if lo > 0 else ("opposite" if hi < 0 else "not significant")
+    return "reproduces" if hi < 0 else ("opposite" if lo > 0 else "not significant")
+
+
+def paper_vs_run(res: dict[str, Any]) -> list[dict[str, str]]:
+    """One row per headline finding of the paper, filled from whatever this run measured."""
+    rows: list[dict[str, str]] = []
+    sp = res.get("splice", {})
+
+    def add(finding: str, paper: str, run: str, verdict: str) -> None:
+        rows.append({"finding": finding, "paper": paper, "run": run, "verdict": verdict})
+
+    dA = sp.get("A_recon_joint_delta", {}).get("tool_correctness")
+    add("Splice raises A's tool correctness (joint encoding)", "19% → 50%, +31.1 ± 9.7 pp (n=100 per run, 47 runs)",
+        f"{pct(dA and dA['pre'])} → {pct(dA and dA['post'])}, {delta_cell(dA)}" if dA else "–", _verdict_ci(dA))
+    dA1 = sp.get("A_recon_single_delta", {}).get("tool_correctness")
+    add("Splice of A from A alone (single-model encoding)", "not measured",
+        f"{pct(dA1 and dA1['pre'])} → {pct(dA1 and dA1['post'])}, {delta_cell(dA1)}" if dA1 else "–", _verdict_ci(dA1) if dA1 else "not run")
+    dB = sp.get("B_recon_joint_delta", {}).get("tool_correctness")
+    add("Spillover: B's tool selection rises under splice (joint)", "+6.8 ± 5.0 pp", delta_cell(dB), _verdict_ci(dB))
+    dBf = sp.get("B_recon_joint_delta", {}).get("format_accuracy")
+    add("Format accuracy never spills into B", "0 pp in 47/47 runs", delta_cell(dBf),
+        "not run" if not dBf else ("reproduces" if dBf["post"] == 0 and dBf["pre"] == 0 else ("reproduces" if abs(dBf["delta"]) < 1e-12 else "differs")))
+    dB1 = sp.get("B_recon_single_delta", {}).get("tool_correctness")
+    add("Artifact-only threat: B + crosscoder, no A (single-model encoding)", "not measured (confounded in the paper)", delta_cell(dB1),
+        "new measurement" if dB1 else "not run")
+
+    st = res.get("steering", {}).get("summary", {})
+    n_st = res.get("steering", {}).get("n_prompts")
+    one = st.get("a_exclusive_single_feature_best")
+    add("Steering one A-exclusive feature raises A's tool correctness", "+65 pp [48, 82] (n=40, best of grid)",
+        f"{pp(one['delta'])} boot {ci_pp(one['bootstrap_ci'])} at α={one['alpha']:g}, feature {one['features']} (n={one['n']}, best of {len(res.get('steering', {}).get('alphas', []))} α)" if one else "–",
+        "not run" if not one else ("reproduces" if (one["bootstrap_ci"][0] or 0) > 0 else "not significant"))
+    need = st.get("standard_features_to_match_single_a_exclusive")
+    sb = st.get("standard_best")
+    add("The standard crosscoder needs many features for the same gain", "33 features for +70 pp",
+        (f"{need} features match the single A-exclusive gain" if need is not None else "no |S| matched it")
+        + (f"; best {pp(sb['delta'])} with {sb['n_features']} features at α={sb['alpha']:g} (n={n_st})" if sb else ""),
+        "not run" if not sb or not one else ("no A-exclusive gain to match" if one["delta"] <= 0
+                                             else ("reproduces" if need is None or need > 1 else "differs")))
+    bc = st.get("b_exclusive_control")
+    add("B-exclusive control changes nothing in A", "exactly 0",
+        f"max ‖δ‖ = {num(bc['max_delta_norm'])}, rows changed {bc['rows_changed']}, max |Δ| {pp(bc['max_abs_gain'])} over {bc['n_cells']} cells" if bc else "–",
+        "not run" if not bc else ("reproduces" if bc["exactly_zero"] else "FAILS"))
+    itf = st.get("interference")
+    add("A-exclusive ∪ shared interferes (worse than A-exclusive alone)", "worse",
+        f"mean Δ(union) − Δ(A-excl) = {pp(itf['mean_union_minus_a_exclusive'])}; worse in {itf['cells_worse']}/{itf['n_cells']} cells, better in {itf['cells_better']}" if itf else "–",
+        "not run" if not itf else ("no effect in either" if itf["cells_worse"] == itf["cells_better"] == 0
+                                   else ("reproduces" if itf["mean_union_minus_a_exclusive"] < 0 else "not reproduced")))
+
+    ab = res.get("ablation")
+    if ab:
+        fr, pe, diff = ab["free"]["A_gain"]["tool_correctness"], ab["penalised"]["A_gain"]["tool_correctness"], ab["penalised_minus_free"]["tool_correctness"]
+        verdict = _verdict_ci(diff, want_positive=False)
+        if verdict == "not significant" and diff["delta"] < 0:
+            verdict = "same direction, not significant"
+        add("Penalising exclusive features lowers A's splice gain", "+34.8 → +25.8 pp (5% share)",
+            f"{pp(fr['delta'])} (free) → {pp(pe['delta'])} (λ_excl={ab['settings']['lambda_excl'][1]:g}); difference {delta_cell(diff)}", verdict)
+    else:
+        add("Penalising exclusive features lowers A's splice gain", "+34.8 → +25.8 pp (5% share)", "–", "not run")
+
+    sw = res.get("sweep", {}).get("statistics")
+    if sw:
+        s = sw["dA_tool_sign_test"]
+        add("Splice gain is positive across the sweep (sign test)", "45/47 positive, p ≈ 8e-12",
+            f"{s['n_pos']}/{s['n']} positive ({s['n_ties']} ties), p = {pval(s['p'])}", "reproduces" if s["p"] < 0.05 else "not significant")
+        t = sw["dB_tool_one_sample_t"]
+        add("Δ_B > 0 across runs (one-sample t)", "mean +6.7 pp, t = 9.6, p < 1e-12",
+            f"mean {pp(t['mean'])}, t = {num(t['t'])}, p = {pval(t['p'])} (n={t['n']} variants)",
+            "reproduces" if t["p"] is not None and t["p"] < 0.05 and (t["mean"] or 0) > 0 else "not significant")
+        w = sw["welch_dB_standard_vs_dfc"]
+        add("Standard CC spills more into B than the DFC (Welch t)", "+8.9 vs +5.9 pp, t = 1.63, p = 0.12",
+            f"{pp(w.get('mean_x'))} vs {pp(w.get('mean_y'))}, t = {num(w.get('t'))}, p = {pval(w.get('p'))} (n={w['n']})",
+            "not run" if w.get("t") is None else ("same direction" if w["t"] > 0 else "opposite direction"))
+        r = sw["pearson_mse_vs_dA"]
+        add("Reconstruction MSE does not predict the splice gain", "r = +0.08 [−0.21, +0.36] (n=47)",
+            f"r = {num(r['r'], '{:+.2f}')} [{num(r['ci'][0], '{:+.2f}')}, {num(r['ci'][1], '{:+.2f}')}] (n={r['n']})",
+            "not run" if r["r"] is None else ("reproduces" if r["ci"][0] is not None and r["ci"][0] <= 0 <= r["ci"][1] else "differs"))
+    else:
+        add("Splice gain is positive across the sweep (sign test)", "45/47 positive, p ≈ 8e-12", "–", "not run")
+
+    ex = res.get("explain")
+    if ex and ex.get("features"):
+        a_feats = [f for f in ex["features"] if f["partition"] == "a_exclusive" and f["template_share"] is not None]
+        share = sum(f["template_share"] for f in a_feats) / len(a_feats) if a_feats else ex.get("mean_template_share")
+        base = ex.get("template_token_fraction") or 0
+        add("Top features are structural-template detectors", "fire on `</tool_call> <response>`",
+            f"{pct(share)} of top activations on template tokens (base rate {pct(base)}; {len(a_feats) or len(ex['features'])} features, {ex['n_prompts']} prompts)",
+            "reproduces" if share is not None and share > 2 * base else "not reproduced")
+    geo = res.get("geometry")
+    if geo:
+        rd, rc = geo["dfc"]["recovery"], geo.get("control", {}).get("recovery", {})
+        add("Decoder geometry separates partitions beyond a random-partition control", "partitions visually separable, not disjoint",
+            f"ARI {num(rd.get('ari'), '{:.2f}')} (DFC) vs {num(rc.get('ari'), '{:.2f}')} (standard CC, random matched partition); {geo['n_features']} features",
+            "reproduces" if rd.get("ari") is not None and rc.get("ari") is not None and rd["ari"] > rc["ari"] + 0.05 else "not reproduced")
+    return rows
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def _png(fig) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def saturation_figure(steering: dict[str, Any]):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fams = [(f, v) for f, v in steering["families"].items() if v.get("cells")]
+    if not fams:
+        return None
+    fig, axes = plt.subplots(1, len(fams), figsize=(4.2 * len(fams), 3.6), squeeze=False, sharey=True)
+    for ax, (fam, data) in zip(axes[0], fams):
+        sizes = [str(s) for s in data["sizes"]]
+        for alpha in steering["alphas"]:
+            cells = [c for c in data["cells"] if c["alpha"] == alpha]
+            y = [100 * c["delta"]["tool_correctness"]["delta"] for c in cells]
+            lo = [100 * (c["delta"]["tool_correctness"]["bootstrap_ci"][0] or 0) for c in cells]
+            hi = [100 * (c["delta"]["tool_correctness"]["bootstrap_ci"][1] or 0) for c in cells]
+            x = list(range(len(cells)))
+            ax.errorbar(x, y, yerr=[[a - b for a, b in zip(y, lo)], [b - a for a, b in zip(y, hi)]], marker="o", ms=3, capsize=2, label=f"α={alpha:g}")
+        ax.set_xticks(range(len(sizes)), sizes)
+        ax.axhline(0, color="gray", lw=0.5)
+        ax.set_title(f"{fam} ({data['n_candidates']} candidates)", fontsize=9)
+        ax.set_xlabel("|S|")
+    axes[0][0].set_ylabel(f"Δ tool correctness of A (pp), n={steering['n_prompts']}")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def splice_figure(splice: dict[str, Any]):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    conds = [("A", "clean"), ("A", "recon_joint"), ("A", "recon_single"), ("B", "clean"), ("B", "recon_joint"), ("B", "recon_single")]
+    conds = [c for c in conds if f"{c[0]}_{c[1]}" in splice]
+    fig, ax = plt.subplots(figsize=(7, 3.4))
+    for j, metric in enumerate(("tool_correctness", "format_accuracy", "name_correct")):
+        vals = [100 * splice[f"{m}_{c}"][metric] for m, c in conds]
+        ax.bar([i + 0.27 * (j - 1) for i in range(len(conds))], vals, width=0.27, label=metric)
+    ax.set_xticks(range(len(conds)), [f"{m} {c}" for m, c in conds], fontsize=8)
+    ax.set_ylabel(f"% of {splice['n_prompts']} tool prompts")
+    ax.legend(fontsize=7)
+    ax.set_title("splice: clean vs reconstructed last prompt token", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def sweep_figure(sweep: dict[str, Any]):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = sweep["variants"]
+    if not rows:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for k, (kind, colour) in enumerate((("standard", "tab:orange"), ("dfc", "tab:blue"))):
+        sel = [r for r in rows if r["kind"] == kind]
+        for m, off in (("A", -0.15), ("B", 0.15)):
+            y = [100 * r[f"d{m}_tool_correctness"] for r in sel]
+            axes[0].scatter([k + off] * len(y), y, c=colour, marker="o" if m == "A" else "^", s=18, label=f"{kind} Δ{m}" if y else None)
+    axes[0].set_xticks([0, 1], ["standard", "DFC"])
+    axes[0].axhline(0, color="gray", lw=0.5)
+    axes[0].set_ylabel(f"Δ tool correctness (pp), n={sweep['n_prompts']} prompts each")
+    axes[0].legend(fontsize=7)
+    axes[0].set_title(f"sweep: {sweep['n_variants']} variants", fontsize=9)
+    with_mse = [r for r in rows if r.get("mse") is not None]
+    axes[1].scatter([r["mse"] for r in with_mse], [100 * r["dA_tool_correctness"] for r in with_mse], s=18)
+    pr = sweep["statistics"]["pearson_mse_vs_dA"]
+    axes[1].set_title(f"MSE vs Δ_A: r={num(pr['r'], '{:+.2f}')} (n={pr['n']})", fontsize=9)
+    axes[1].set_xlabel("reconstruction MSE (normalised)")
+    axes[1].set_ylabel("Δ_A tool correctness (pp)")
+    fig.tight_layout()
+    return fig
+
+
+def make_figures(res: dict[str, Any]) -> dict[str, bytes]:
+    from guardrail.eval.experiments.geometry import geometry_figure
+
+    makers: list[tuple[str, str, Callable]] = [
+        ("splice", "splice.png", splice_figure), ("steering", "saturation.png", saturation_figure),
+        ("sweep", "sweep.png", sweep_figure), ("geometry", "geometry.png", geometry_figure),
+    ]
+    out: dict[str, bytes] = {}
+    for key, fname, fn in makers:
+        if res.get(key) and "error" not in res[key]:
+            try:
+                fig = fn(res[key])
+            except Exception as exc:  # noqa: BLE001 - a broken plot must not lose the run's numbers
+                res.setdefault("meta", {}).setdefault("notes", []).append(f"plot {fname} failed: {type(exc).__name__}: {exc}")
+                continue
+            if fig is not None:
+                out[fname] = _png(fig)
+    return out
+
+
+# --------------------------------------------------------------------------- markdown
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    esc = lambda s: str(s).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(esc(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _health_rows(name: str, h: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    tr = (h.get("training") or {}).get("partitions") or {}
+    ev = (h.get("eval") or {}).get("partitions") or {}
+    for part in ("a_exclusive", "b_exclusive", "shared"):
+        if part not in tr and part not in ev:
+            continue
+        t, e = tr.get(part, {}), ev.get(part, {})
+        rows.append([name, part, str(h["partition"].get(part, "")), num(t.get("dead_fraction"), "{:.3f}"), num(t.get("mean_fire_rate"), "{:.4f}"),
+                     num(e.get("dead_fraction_all"), "{:.3f}"), num(e.get("fire_rate_tool"), "{:.4f}"), num(e.get("fire_rate_plain"), "{:.4f}")])
+    return rows
+
+
+def dictionaries_section(res: dict[str, Any]) -> str:
+    rows = []
+    for name, h in (res.get("dictionaries") or {}).items():
+        rows += _health_rows(name, h)
+    n_eval = next((h.get("eval", {}).get("n_prompts") for h in (res.get("dictionaries") or {}).values() if h.get("eval")), None)
+    return _table(["dictionary", "partition", "size", "dead (train)", "fire rate (train)", f"dead (eval, n={n_eval})", "fire rate tool", "fire rate plain"], rows)
+
+
+def render_markdown(res: dict[str, Any], figures: dict[str, str] | None = None) -> str:
+    """The whole report; ``figures`` maps a PNG name to how to reference it (path or data URI)."""
+    meta = res.get("meta", {})
+    figures = figures or {}
+    out = [f"# guardrail eval — {meta.get('profile', '?')} profile on the {meta.get('pair', '?')} pair", ""]
+    out.append(f"Models: A = `{meta.get('model_a')}`, B = `{meta.get('model_b')}`; layer {meta.get('layer')}; backend {meta.get('backend')}; "
+               f"greedy, {meta.get('max_new_tokens')} new tokens{' (the paper uses 200)' if meta.get('max_new_tokens') != 200 else ''}; "
+               f"prompts rendered {meta.get('render_mode', 'raw')} (no chat template); seed {meta.get('seed')}; "
+               f"{meta.get('n_generated', '?')} generations in {num(meta.get('duration_s'), '{:.0f}')} s.")
+    for note in meta.get("notes", []):
+        out.append(f"- {note}")
+    out += ["", "## Paper vs this run", ""]
+    out.append(_table(["finding", "paper", "this run", "verdict"], [[r["finding"], r["paper"], r["run"], r["verdict"]] for r in res.get("paper_vs_run", [])]))
+    out += ["", "## Dictionaries behind the figures (per-partition dead fraction and fire rate)", "", dictionaries_section(res)]
+    sp = res.get("splice")
+    if sp:
+        out += ["", f"## Splice (n = {sp['n_prompts']} tool prompts)", ""]
+        rows = []
+        for key in ("A_clean", "A_recon_joint", "A_recon_single", "B_clean", "B_recon_joint", "B_recon_single"):
+            if key in sp:
+                a = sp[key]
+                d = sp.get(f"{key}_delta", {})
+                rows.append([key, pct(a["tool_correctness"]), pct(a["format_accuracy"]), num(a["overall_score"], "{:+.2f}"), pct(a["name_correct"]),
+                             pct(a["args_correct"]), delta_cell(d.get("tool_correctness")) if d else "", num((a.get("reconstruction") or {}).get("relative_l2"), "{:.3f}")])
+        out.append(_table(["condition", "tool corr.", "format", "overall", "strict name", "strict args", "Δ tool corr. vs clean", "rel. recon error"], rows))
+        if "splice.png" in figures:
+            out += ["", f"![splice]({figures['splice.png']})"]
+    st = res.get("steering")
+    if st:
+        out += ["", f"## Steering saturation curves (n = {st['n_prompts']} tool prompts, A clean tool correctness {pct(st['A_clean']['tool_correctness'])})", ""]
+        rows = []
+        for fam, data in st["families"].items():
+            if "cells" not in data:
+                rows.append([fam, "–", "–", "–", data.get("skipped", ""), ""])
+                continue
+            for c in data["cells"]:
+                rows.append([fam, str(c["size"]), f"{c['alpha']:g}", str(c["rows_changed"]), delta_cell(c["delta"]["tool_correctness"]), pp(c["delta"]["format_accuracy"]["delta"])])
+        out.append(_table(["family", "|S|", "α", "rows changed", "Δ tool corr.", "Δ format"], rows))
+        sel = {f: d.get("selection") for f, d in st["families"].items() if d.get("selection")}
+        out += ["", "Feature selection: " + "; ".join(f"{f}: {s}" for f, s in sel.items())]
+        if "saturation.png" in figures:
+            out += ["", f"![saturation]({figures['saturation.png']})"]
+    ab = res.get("ablation")
+    if ab:
+        out += ["", f"## Exclusive-penalty ablation (n = {ab['n_prompts']} tool prompts)", "",
+                f"Settings: {json.dumps(ab['settings'])}", "",
+                _table(["dictionary", "Δ_A tool corr. (splice)", "Δ_A format"],
+                       [["free (λ_excl=0)", delta_cell(ab["free"]["A_gain"]["tool_correctness"]), pp(ab["free"]["A_gain"]["format_accuracy"]["delta"])],
+                        ["penalised", delta_cell(ab["penalised"]["A_gain"]["tool_correctness"]), pp(ab["penalised"]["A_gain"]["format_accuracy"]["delta"])],
+                        ["penalised − free", delta_cell(ab["penalised_minus_free"]["tool_correctness"]), pp(ab["penalised_minus_free"]["format_accuracy"]["delta"])]])]
+    sw = res.get("sweep")
+    if sw:
+        out += ["", f"## Sweep ({sw['n_variants']} variants × {sw['n_prompts']} tool prompts)", ""]
+        out.append(_table(["variant", "kind", "MSE", "Δ_A tool", "Δ_B tool", "Δ_B format", "dead A-excl (train)"],
+                          [[r["name"], r["kind"], num(r.get("mse"), "{:.4f}"), pp(r["dA_tool_correctness"]), pp(r["dB_tool_correctness"]), pp(r["dB_format_accuracy"]),
+                            num(((r["dictionary"].get("training") or {}).get("partitions") or {}).get("a_exclusive", {}).get("dead_fraction"), "{:.2f}")]
+                           for r in sw["variants"]]))
+        s = sw["statistics"]
+        out += ["", f"- sign test Δ_A > 0: {s['dA_tool_sign_test']['n_pos']}/{s['dA_tool_sign_test']['n']}, p = {pval(s['dA_tool_sign_test']['p'])}",
+                f"- one-sample t Δ_B: mean {pp(s['dB_tool_one_sample_t']['mean'])}, t = {num(s['dB_tool_one_sample_t']['t'])}, p = {pval(s['dB_tool_one_sample_t']['p'])} (n={s['dB_tool_one_sample_t']['n']})",
+                f"- Welch t Δ_B standard vs DFC: t = {num(s['welch_dB_standard_vs_dfc'].get('t'))}, p = {pval(s['welch_dB_standard_vs_dfc'].get('p'))} (n={s['welch_dB_standard_vs_dfc']['n']})",
+                f"- Welch t Δ_A standard vs DFC: t = {num(s['welch_dA_standard_vs_dfc'].get('t'))}, p = {pval(s['welch_dA_standard_vs_dfc'].get('p'))}",
+                f"- Pearson MSE vs Δ_A: r = {num(s['pearson_mse_vs_dA']['r'], '{:+.3f}')} Fisher CI [{num(s['pearson_mse_vs_dA']['ci'][0], '{:+.2f}')}, {num(s['pearson_mse_vs_dA']['ci'][1], '{:+.2f}')}] (n={s['pearson_mse_vs_dA']['n']})"]
+        if "sweep.png" in figures:
+            out += ["", f"![sweep]({figures['sweep.png']})"]
+    geo = res.get("geometry")
+    if geo:
+        out += ["", f"## Decoder geometry ({geo['method']}, {geo['n_features']} features)", "",
+                f"- DFC cluster recovery of the partition: {json.dumps(geo['dfc']['recovery'])}",
+                f"- control (standard CC, random matched partition): {json.dumps(geo.get('control', {}).get('recovery'))}",
+                f"- mean relative decoder norm ‖d_A‖/(‖d_A‖+‖d_B‖) by partition: {json.dumps(geo['dfc']['relative_decoder_norm_by_partition'])}"]
+        if geo.get("a_exclusive_clusters"):
+            out.append(f"- A-exclusive features alone, 2 clusters: {json.dumps(geo['a_exclusive_clusters'])}")
+        if "geometry.png" in figures:
+            out += ["", f"![geometry]({figures['geometry.png']})"]
+    ex = res.get("explain")
+    if ex and ex.get("features"):
+        out += ["", f"## Feature explanations ({ex['n_prompts']} prompts, {ex['n_tokens']} tokens; template base rate {pct(ex['template_token_fraction'])})", ""]
+        rows = []
+        for f in ex["features"]:
+            top = f["top_contexts"][0]["context"] if f["top_contexts"] else ""
+            rows.append([str(f["feature"]), f["partition"], num(f["cohens_d"], "{:+.2f}"), num(f["auroc"], "{:.2f}"), pct(f["template_share"]), pct(f["last_token_share"]),
+                         f"`{top[-80:]}`" if top else ""])
+        out.append(_table(["feature", "partition", "Cohen's d", "AUROC", "template share", "last-token share", "top context"], rows))
+    rk = res.get("ranking")
+    if rk:
+        out += ["", "## Feature ranking (tool vs ordinary prompts)", ""]
+        for name, r in rk.items():
+            out.append(f"- {name}: {r['n_tool']} tool / {r['n_plain']} ordinary prompts; tool-signed per partition {json.dumps(r['tool_signed'])}; sidecar `{r['sidecar']}`")
+    out += ["", "Per-prompt outputs: `outputs/*.jsonl` in the run folder (one row per prompt and condition, with the generated text and every score)."]
+    return "\n".join(out) + "\n"
+
+
+def render_html(md_text: str, images: dict[str, bytes]) -> str:
+    """Minimal HTML rendering of the markdown (tables, headings, lists) with images inline."""
+    body: list[str] = []
+    lines = md_text.splitlines()
+    i = 0
+    while i < len(lines):
+        ln = lines[i]
+        if ln.startswith("|"):
+            tbl = []
+            while i < len(lines) and lines[i].startswith("|"):
+                tbl.append(lines[i])
+                i += 1
+            cells = [[c.strip().replace("\\|", "|") for c in re_split(r)] for r in tbl if not set(r.replace("|", "").strip()) <= {"-"}]
+            head, rest = cells[0], cells[1:]
+            body.append("<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in head) + "</tr>"
+                        + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rest) + "</table>")
+            continue
+        if ln.startswith("!["):
+            name = ln[ln.index("(") + 1 : -1]
+            key = Path(name).name
+            if key in images:
+                body.append(f'<img alt="{html.escape(key)}" src="data:image/png;base64,{base64.b64encode(images[key]).decode()}"/>')
+        elif ln.startswith("## "):
+            body.append(f"<h2>{html.escape(ln[3:])}</h2>")
+        elif ln.startswith("# "):
+            body.append(f"<h1>{html.escape(ln[2:])}</h1>")
+        elif ln.startswith("- "):
+            body.append(f"<li>{html.escape(ln[2:])}</li>")
+        elif ln.strip():
+            body.append(f"<p>{html.escape(ln)}</p>")
+        i += 1
+    style = "body{font-family:sans-serif;max-width:1200px;margin:auto}table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;padding:3px 6px}img{max-width:100%}"
+    return f"<!doctype html><html><head><meta charset='utf-8'><title>guardrail eval</title><style>{style}</style></head><body>{''.join(body)}</body></html>"
+
+
+def re_split(row: str) -> list[str]:
+    """Split a markdown table row on unescaped pipes."""
+    import re
+
+    parts = re.split(r"(?<!\\)\|", row.strip())
+    return parts[1:-1]
+
+
+def _slim(res: dict[str, Any]) -> dict[str, Any]:
+    """results.json without the bulky embedding coordinates (saved to geometry.json)."""
+    out = dict(res)
+    if "geometry" in out and out["geometry"]:
+        g = json.loads(json.dumps(out["geometry"]))
+        for key in ("dfc", "control"):
+            if key in g:
+                g[key].pop("embedding", None)
+                g[key].pop("labels", None)
+        out["geometry"] = g
+    return out
+
+
+def write_report(res: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
+    """results.json, report.md (PNG files beside it), report.html (PNGs embedded)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    res["paper_vs_run"] = paper_vs_run(res)
+    images = make_figures(res)
+    for name, data in images.items():
+        (out / name).write_bytes(data)
+    if res.get("geometry"):
+        (out / "geometry.json").write_text(json.dumps(res["geometry"]))
+    (out / "results.json").write_text(json.dumps(_slim(res), indent=1, default=str))
+    md = render_markdown(res, {n: n for n in images})
+    (out / "report.md").write_text(md)
+    (out / "report.html").write_text(render_html(md, images))
+    return {"results": out / "results.json", "markdown": out / "report.md", "html": out / "report.html"}
