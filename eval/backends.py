@@ -149,48 +149,63 @@ def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
+PATCH_KEY = "guardrail_eval_patch"
+
+
 def _install_patch_hook(worker: Any, layer: int) -> bool:
-    """Worker-side: write ``extra_args['guardrail_eval_patch']`` at each prefilling request's last prompt token."""
+    """Worker side: write ``extra_args[PATCH_KEY]`` over each request's last prompt token.
+
+    vLLM decoder layers return ``(mlp_out, residual)`` over the flattened batch; the residual
+    stream is their sum, so the new first element is ``target − residual``. The row is the
+    request's token whose position is ``len(prompt) − 1``: it is present only in the step
+    that prefills it, so the write happens once, during prefill, as in the paper.
+    """
     from vllm.forward_context import get_forward_context
 
     runner = worker.model_runner
     model = runner.get_model() if hasattr(runner, "get_model") else runner.model
-    layers = model.model.layers
     if getattr(model, "_guardrail_eval_hook", None) is not None:
         return True
 
-    def hook(_module, _inputs, output):
-        ctx = get_forward_context()
-        meta = ctx.attn_metadata
-        if isinstance(meta, dict):
-            meta = next(iter(meta.values()), None)
-        if meta is None:
-            return None
-        qsl = meta.query_start_loc.tolist()
-        batch = runner.input_batch
+    def layout() -> tuple[list[str], list[int]]:
+        n = runner.input_batch.num_reqs
+        ids = list(runner.input_batch.req_ids[:n])
+        qsl = None
+        meta = get_forward_context().attn_metadata
+        if isinstance(meta, list):
+            meta = meta[0] if meta else None
+        if isinstance(meta, dict) and meta:
+            m = next(iter(meta.values()))
+            q = getattr(m, "query_start_loc_cpu", None)
+            q = getattr(m, "query_start_loc", None) if q is None else q
+            qsl = q.tolist()[: n + 1] if q is not None else None
+        if qsl is None or len(qsl) != n + 1:
+            qsl = runner.query_start_loc.cpu[: n + 1].tolist()
+        return ids, [int(v) for v in qsl]
+
+    def hook(_module, inputs, output):
         mlp_out, residual = output
-        changed = False
-        for r, req_id in enumerate(batch.req_ids):
-            req = runner.requests.get(req_id)
-            extra = getattr(req.sampling_params, "extra_args", None) or {}
-            vec = extra.get("guardrail_eval_patch")
+        positions = inputs[0]
+        ids, qsl = layout()
+        new = None
+        for r, rid in enumerate(ids):
+            state = runner.requests.get(rid)
+            extra = getattr(getattr(state, "sampling_params", None), "extra_args", None) or {}
+            vec = extra.get(PATCH_KEY) if isinstance(extra, dict) else None
             if vec is None:
                 continue
-            n_prompt = len(req.prompt_token_ids)
-            computed = int(batch.num_computed_tokens_cpu[r])
-            end = qsl[r + 1]
-            # This step holds the request's last prompt token iff its chunk reaches it.
-            if computed + (end - qsl[r]) != n_prompt:
+            last = len(state.prompt_token_ids) - 1
+            rows = (positions[qsl[r] : qsl[r + 1]] == last).nonzero().flatten()
+            if rows.numel() == 0:
                 continue
-            row = end - 1
-            target = torch.tensor(vec, dtype=mlp_out.dtype, device=mlp_out.device)
-            if not changed:
-                mlp_out = mlp_out.clone()
-                changed = True
-            mlp_out[row] = target - residual[row]  # residual stream = mlp_out + residual
-        return (mlp_out, residual) if changed else None
+            row = qsl[r] + int(rows[0])
+            if new is None:
+                new = mlp_out.clone()
+            target = torch.tensor(vec, dtype=torch.float32, device=mlp_out.device)
+            new[row] = (target - residual[row].float()).to(mlp_out.dtype)
+        return None if new is None else (new, residual)
 
-    model._guardrail_eval_hook = layers[layer].register_forward_hook(hook)
+    model._guardrail_eval_hook = model.model.layers[layer].register_forward_hook(hook)
     return True
 
 
@@ -213,8 +228,10 @@ class VLLMBackend:
         if path not in self._engines:
             from vllm import LLM
 
-            self._engines[path] = LLM(model=path, dtype=self.dtype, enforce_eager=True, gpu_memory_utilization=self.gpu_memory_utilization,
-                                      max_model_len=getattr(loaded.model.config, "max_position_embeddings", 4096), seed=0)
+            from guardrail.residual.vllm_guard import engine_kwargs
+
+            self._engines[path] = LLM(model=path, max_model_len=getattr(loaded.model.config, "max_position_embeddings", 4096),
+                                      **engine_kwargs(dtype=self.dtype, gpu_memory_utilization=self.gpu_memory_utilization))
         return self._engines[path]
 
     def generate(self, loaded: Any, prompts: Sequence[str], settings: GenerationSettings, *, layer: int | None = None,
@@ -233,7 +250,7 @@ class VLLMBackend:
         enc = [_tokenize(tok, [p], settings.max_prompt_tokens)["input_ids"][0].tolist() for p in prompts]
         params = []
         for i in range(len(prompts)):
-            extra = {"guardrail_eval_patch": patches[i].float().tolist()} if patches is not None and patches[i] is not None else None
+            extra = {PATCH_KEY: patches[i].float().tolist()} if patches is not None and patches[i] is not None else None
             params.append(SamplingParams(temperature=0.0, max_tokens=settings.max_new_tokens, extra_args=extra, skip_special_tokens=False))
         outs = llm.generate([{"prompt_token_ids": ids} for ids in enc], params, use_tqdm=False)
         eos = _eos_ids(loaded)
@@ -253,6 +270,10 @@ def model_folder(loaded: Any) -> str:
     from guardrail.paths import home
 
     out = home() / "eval" / "vllm_models" / str(loaded.spec).replace("/", "_").replace("+", "_")
+    from guardrail.models.tiny import TINY_SPECS, save_tiny
+
+    if loaded.spec in TINY_SPECS and not (out / "config.json").exists():
+        return str(save_tiny(loaded.spec, out))
     if not (out / "config.json").exists():
         out.mkdir(parents=True, exist_ok=True)
         loaded.model.save_pretrained(out, safe_serialization=True)

@@ -330,7 +330,7 @@ def render_markdown(res: dict[str, Any], figures: dict[str, str] | None = None) 
             out += ["", f"![splice]({figures['splice.png']})"]
     st = res.get("steering")
     if st:
-        out += ["", f"## Steering saturation curves (n = {st['n_prompts']} tool prompts, A clean tool correctness {pct(st['A_clean']['tool_correctness'])})", ""]
+        out += ["", f"## Steering saturation curves (n = {st['n_prompts']} tool prompts, A clean tool correctness {pct(st.get('A_clean', {}).get('tool_correctness'))})", ""]
         rows = []
         for fam, data in st["families"].items():
             if "cells" not in data:

