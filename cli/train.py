@@ -132,12 +132,12 @@ def inspect_cmd(
     typer.echo("\n".join(lines))
 
 
-def _import(kind: str, src: Path, out: Path, stats_cache: Optional[Path]) -> None:
+def _import(kind: str, src: Path, out: Path, stats_cache: Optional[Path], **kw) -> None:
     from guardrail.dictionary import import_dictionary_learning, import_paper_checkpoint, save_artifact
 
     mean, std = _stats_from(stats_cache)
     fn = import_paper_checkpoint if kind == "paper" else import_dictionary_learning
-    cc, fields = fn(src, mean=mean, std=std)
+    cc, fields = fn(src, mean=mean, std=std, **kw)
     save_artifact(cc, out, **fields)
     typer.echo(f"{out}: {cc}")
     typer.echo(json.dumps(fields["source"]["notes"], indent=1))
@@ -156,9 +156,10 @@ def import_dl_cmd(
     src: Path = typer.Argument(..., help="dictionary_learning crosscoder .pt (or its folder)."),
     out: Path = typer.Option(..., "--out", help="Artifact folder to write."),
     stats_from: Optional[Path] = typer.Option(None, help="Activation cache whose per-channel stats the checkpoint expects."),
+    swap_models: bool = typer.Option(False, "--swap-models", help="The checkpoint's index 0 is the base model (B)."),
 ) -> None:
     """Convert a dictionary_learning-style CrossCoder / BatchTopKCrossCoder to a verified artifact."""
-    _import("dictionary_learning", src, out, stats_from)
+    _import("dictionary_learning", src, out, stats_from, swap_models=swap_models)
 
 
 def register(app: typer.Typer) -> None:

@@ -134,3 +134,19 @@ def test_dictionary_learning_import(tmp_path):
     x_hat, f = cc(x)
     assert torch.allclose(f, f_ref, atol=1e-5)
     assert torch.allclose(x_hat, x_ref, atol=1e-4)
+
+
+def test_dictionary_learning_import_swapped_order(tmp_path):
+    d, D = 4, 16
+    torch.manual_seed(1)
+    state = {"encoder.weight": torch.randn(2, d, D), "encoder.bias": torch.zeros(D),
+             "decoder.weight": torch.randn(2, D, d), "decoder.bias": torch.randn(2, d)}
+    torch.save(state, tmp_path / "cc.pt")
+    plain, _ = import_dictionary_learning(tmp_path / "cc.pt")
+    swapped, fields = import_dictionary_learning(tmp_path / "cc.pt", swap_models=True)
+    assert plain.config.sparsity == "l1"
+    assert torch.equal(swapped.W_enc[0], plain.W_enc[1]) and torch.equal(swapped.W_dec[:, 0], plain.W_dec[:, 1])
+    assert torch.equal(swapped.b_dec[0], plain.b_dec[1])
+    x = torch.randn(6, 2, d)
+    assert torch.allclose(swapped(x.flip(1))[0].flip(1), plain(x)[0], atol=1e-5)
+    assert any("swapped" in n for n in fields["source"]["notes"])

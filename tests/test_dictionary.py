@@ -118,3 +118,42 @@ def test_l1_crosscoder_trains_with_decoder_norm_weighted_penalty():
     first, trained = run(1), run(60)
     assert "l1_weighted" in trained.metrics["final_step"]
     assert trained.metrics["fvu"] < 0.7 * first.metrics["fvu"]
+
+
+def test_auxk_sends_gradient_only_to_dead_features_in_their_models():
+    from guardrail.dictionary import AuxKConfig
+
+    torch.manual_seed(0)
+    cfg = DFCConfig(dict_size=64, k=4, exclusive=0.1, aux_k=AuxKConfig(k_aux=4, coef=1.0)).with_d_model(8)
+    x = torch.randn(32, 2, 8)
+    grads = {}
+    for label, dead in (("plain", None), ("aux", torch.zeros(64, dtype=torch.bool))):
+        cc = Crosscoder(cfg, seed=0)
+        if dead is not None:
+            dead[: cc.partition.n_a] = True  # all A-exclusive features dead
+        res = compute_loss(cc, x, dead)
+        res.loss.backward()
+        cc.mask_gradients()
+        grads[label] = (cc.W_enc.grad.clone(), cc.W_dec.grad.clone(), res.terms)
+    n_a = cfg.partition.n_a
+    assert "aux_a_exclusive" in grads["aux"][2] and "aux_b_exclusive" not in grads["aux"][2]
+    d_enc = (grads["aux"][0] - grads["plain"][0]).abs()
+    d_dec = (grads["aux"][1] - grads["plain"][1]).abs()
+    assert d_enc[0, :, :n_a].sum() > 0 and d_enc[:, :, n_a:].sum() == 0 and d_enc[1].sum() == 0
+    assert d_dec[:n_a, 0].sum() > 0 and d_dec[:n_a, 1].sum() == 0 and d_dec[n_a:].sum() == 0
+
+
+def test_default_dfc_keeps_exclusive_features_alive_on_synthetic_pair():
+    """The paper's settings let exclusive features die here; the defaults (balanced init + AuxK) do not."""
+    from guardrail.dictionary import AuxKConfig
+    from guardrail.training.synthetic import synthetic_pair
+
+    data = synthetic_pair(n=6000, d=32, n_shared=128, n_a=8, n_b=8, p_fire_exclusive=0.05, exclusive_scale=0.3, drift=0.02)
+    tc = TrainingConfig(steps=300, batch_size=128, lr=1e-3, warmup_steps=30, progress=False, eval_fraction=0.3)
+    base = dict(dict_size=256, k=8, exclusive=0.05, lambda_shared=1e-3)
+    default = train(data.acts, DFCConfig(**base), training=tc).metrics
+    paper = train(data.acts, DFCConfig(**base, exclusive_init_scale=1.0, aux_k=AuxKConfig(enabled=False)), training=tc).metrics
+    for name in ("a_exclusive", "b_exclusive"):
+        assert default["train_dead_fraction"][name] == 0.0
+        assert default["partitions"][name]["dead_fraction"] < paper["partitions"][name]["dead_fraction"]
+        assert default["partitions"][name]["rows_with_any"] > paper["partitions"][name]["rows_with_any"]

@@ -150,3 +150,38 @@ def test_train_from_activation_cache_uses_its_stats_and_cli(tiny_pair, tmp_path)
     assert cc.manifest.normalization.source == "activation cache statistics"
     res = runner.invoke(app, ["inspect", str(tmp_path / "art")])
     assert res.exit_code == 0 and "verified" in res.output, res.output
+
+
+KILL_SCRIPT = """
+import os, signal, sys, torch
+torch.set_num_threads(1)
+sys.path.insert(0, {tests!r})
+from test_training import CFG, TC, _data
+from guardrail.training import train
+
+def die(done, cc, res):
+    if done == 17:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+train(_data(), CFG, sys.argv[1], training=TC.model_copy(update={{"checkpoint_every": 5}}), callback=die)
+"""
+
+
+def test_kill9_then_resume_equals_uninterrupted(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "die.py"
+    script.write_text(KILL_SCRIPT.format(tests=str(Path(__file__).parent)))
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "killed")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    import json
+
+    assert json.loads((tmp_path / "killed" / "checkpoints" / "latest.json").read_text())["step"] == 15
+    tc = TC.model_copy(update={"checkpoint_every": 5})
+    resumed = train(_data(), CFG, tmp_path / "killed", training=tc)
+    clean = train(_data(), CFG, tmp_path / "clean", training=tc)
+    for name, t in clean.state_dict().items():
+        assert torch.equal(t, resumed.state_dict()[name]), name

@@ -135,8 +135,12 @@ def import_dictionary_learning(
     mean: torch.Tensor | None = None,
     std: torch.Tensor | None = None,
     k: int | None = None,
+    swap_models: bool = False,
 ) -> tuple[Crosscoder, dict[str, Any]]:
     """Read a dictionary_learning ``CrossCoder`` / ``BatchTopKCrossCoder`` checkpoint (``.pt`` or folder).
+
+    Its layer index 0 becomes model A; many model-diffing crosscoders put the base model
+    first, so pass ``swap_models=True`` when index 0 is the base (B) model.
 
     BatchTopK crosscoders there threshold the code scaled by the summed decoder norms
     (``f * sum_m |d_i^m| > theta``); that is ``f > theta / sum_m |d_i^m|`` per feature,
@@ -172,6 +176,10 @@ def import_dictionary_learning(
             notes.append("BatchTopK checkpoint without a learned threshold: per-sample top-k used at inference")
     else:
         sparsity = "l1"
+    if swap_models:
+        W_enc, W_dec = W_enc.flip(0), W_dec.flip(0)
+        state = dict(state, **{"decoder.bias": state["decoder.bias"].flip(0)})
+        notes.append("model order swapped: checkpoint index 0 is model B (mean/std are taken in guardrail's order, 0 = A)")
     config = CrosscoderConfig(d_model=d, dict_size=D, k=int(k_val) if k_val else None, sparsity=sparsity, exclusive_init_scale=1.0)
     cc = Crosscoder(config, seed=None)
     with torch.no_grad():
