@@ -23,7 +23,7 @@ app = typer.Typer(
 err = Console(stderr=True)
 
 # Command modules, in the order of the data flow; each defines register(app).
-COMMAND_MODULES = ["collect", "train", "organism", "guard"]
+COMMAND_MODULES = ["collect", "train", "organism", "guard", "eval"]
 
 for _name in COMMAND_MODULES:
     importlib.import_module(f"guardrail.cli.{_name}").register(app)
