@@ -134,11 +134,13 @@ def paper_vs_run(res: dict[str, Any]) -> list[dict[str, str]]:
         w = sw["welch_dB_standard_vs_dfc"]
         add("Standard CC spills more into B than the DFC (Welch t)", "+8.9 vs +5.9 pp, t = 1.63, p = 0.12",
             f"{pp(w.get('mean_x'))} vs {pp(w.get('mean_y'))}, t = {num(w.get('t'))}, p = {pval(w.get('p'))} (n={w['n']})",
-            "not run" if w.get("t") is None else ("same direction" if w["t"] > 0 else "opposite direction"))
+            "undefined (no spread in Δ_B)" if w.get("t") is None and min(w["n"]) >= 2 else
+            ("not run" if w.get("t") is None else ("same direction" if w["t"] > 0 else "opposite direction")))
         r = sw["pearson_mse_vs_dA"]
         add("Reconstruction MSE does not predict the splice gain", "r = +0.08 [−0.21, +0.36] (n=47)",
             f"r = {num(r['r'], '{:+.2f}')} [{num(r['ci'][0], '{:+.2f}')}, {num(r['ci'][1], '{:+.2f}')}] (n={r['n']})",
-            "not run" if r["r"] is None else ("reproduces" if r["ci"][0] is not None and r["ci"][0] <= 0 <= r["ci"][1] else "differs"))
+            ("undefined (Δ_A or MSE constant)" if r["n"] >= 3 else "not run") if r["r"] is None
+            else ("reproduces" if r["ci"][0] is not None and r["ci"][0] <= 0 <= r["ci"][1] else "differs"))
     else:
         add("Splice gain is positive across the sweep (sign test)", "45/47 positive, p ≈ 8e-12", "–", "not run")
 

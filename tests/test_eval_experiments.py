@@ -210,3 +210,23 @@ def test_vllm_and_transformers_agree_clean_and_patched(tiny_pair):
     patched = hf.generate(tiny_pair.a, suite.texts, settings, layer=1, patches=patches)
     assert vl.generate(tiny_pair.a, suite.texts, settings, layer=1, patches=patches) == patched
     assert patched != hf.generate(tiny_pair.a, suite.texts, settings)
+
+
+def test_harness_steering_equals_the_guard_engine(tiny_pair, dfc, tmp_path):
+    """The harness's precomputed last-token steer gives the same tokens as a steer policy in the guard."""
+    from guardrail.policy import Policy
+    from guardrail.residual.hf_guard import guard
+
+    suite = plain_suite(3, 1, mix={"general": 1.0})
+    ctx = RunContext(tiny_pair, TransformersBackend(), SETTINGS, 1, tmp_path)
+    idx = list(dfc.partition.a_exclusive)
+    patched, norms = steer_patches(dfc, ctx.acts(suite), idx, 16.0)
+    assert float(norms.max()) > 0
+    ours = ctx.generate(0, suite, list(patched))
+    assert ours != ctx.generate(0, suite)  # the steer changes the greedy output: the comparison can fail
+    policy = Policy.from_data({"name": "steer", "layer": 1, "encoding": "joint", "telemetry": {"otel": False},
+                               "rules": [{"id": "s", "action": "steer", "select": {"indices": idx}, "alpha": 16.0, "positions": "last_prompt"}]})
+    enc = tiny_pair.tokenizer
+    with guard(tiny_pair.a, dfc, policy, model_b=tiny_pair.b) as g:
+        theirs = g.generate(suite.texts, max_new_tokens=SETTINGS.max_new_tokens)
+    assert ours == [enc.decode(r.token_ids, skip_special_tokens=False) for r in theirs]
