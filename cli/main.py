@@ -21,9 +21,12 @@ app = typer.Typer(
     add_completion=False,
 )
 err = Console(stderr=True)
+# 0-2 are results (``audit``: PASS / FAIL / INCONCLUSIVE); errors never collide with them.
+EXIT_ERROR = 3
+EXIT_USAGE = 64
 
 # Command modules, in the order of the data flow; each defines register(app).
-COMMAND_MODULES = ["collect", "train", "organism", "guard", "eval"]
+COMMAND_MODULES = ["collect", "train", "organism", "guard", "audit", "eval"]
 
 for _name in COMMAND_MODULES:
     importlib.import_module(f"guardrail.cli.{_name}").register(app)
@@ -36,7 +39,7 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show full traceback
 
 
 def main() -> None:
-    """Entry point: run the app; known errors become one clear line (exit 2)."""
+    """Entry point: errors become one clear line (exit 3; usage errors 64)."""
     try:
         app(standalone_mode=False)
     except typer.Exit as exc:
@@ -47,11 +50,14 @@ def main() -> None:
     except Exception as exc:  # noqa: BLE001 - the CLI's one place to turn errors into lines
         import click
 
+        if isinstance(exc, click.exceptions.UsageError):
+            exc.show()
+            sys.exit(EXIT_USAGE)
         if isinstance(exc, click.exceptions.ClickException):
             exc.show()
-            sys.exit(exc.exit_code)
+            sys.exit(EXIT_ERROR)
         if os.environ.get("GUARDRAIL_DEBUG") or "--debug" in sys.argv:
             raise
         err.print(f"[red]error:[/red] {type(exc).__name__}: {exc}")
         err.print("[dim]hint: rerun with --debug for the traceback[/dim]")
-        sys.exit(2)
+        sys.exit(EXIT_ERROR)

@@ -93,3 +93,67 @@ def patch_residual(model: nn.Module, layer: int, fn: PatchFn) -> Iterator[None]:
         yield
     finally:
         handle.remove()
+
+
+@contextmanager
+def prefill_delta(model: nn.Module, layer: int, deltas: torch.Tensor) -> Iterator[None]:
+    """Add ``deltas[b]`` to row b's last prompt token, once, during prefill (the paper's protocol).
+
+    Prompts must be left-padded, so position -1 of the prefill pass is every row's last
+    prompt token; decode steps (one new token per row) are left untouched.
+    """
+    state = {"done": False}
+
+    def fn(hidden: torch.Tensor) -> torch.Tensor | None:
+        if state["done"] or hidden.shape[1] == 1:
+            return None
+        if hidden.shape[0] != deltas.shape[0]:
+            raise ValueError(f"prefill batch has {hidden.shape[0]} rows but {deltas.shape[0]} deltas were given")
+        state["done"] = True
+        out = hidden.clone()
+        out[:, -1] += deltas.to(hidden.dtype)
+        return out
+
+    with patch_residual(model, layer, fn):
+        yield
+
+
+@torch.no_grad()
+def generate_greedy(
+    loaded,
+    texts: list[str],
+    *,
+    max_new_tokens: int = 200,
+    batch_size: int = 16,
+    layer: int | None = None,
+    deltas: torch.Tensor | None = None,
+) -> list[str]:
+    """Greedy completions of raw prompt strings, optionally with a per-prompt prefill delta.
+
+    ``deltas [len(texts), d]`` are added at ``layer`` to each prompt's last token during
+    prefill (see :func:`prefill_delta`); None generates unpatched.
+    """
+    from contextlib import nullcontext
+
+    model, tok = loaded.model, loaded.tokenizer
+    outputs: list[str] = []
+    for start in range(0, len(texts), batch_size):
+        chunk = texts[start : start + batch_size]
+        enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
+        ctx = nullcontext() if deltas is None else prefill_delta(model, layer, deltas[start : start + len(chunk)])
+        with ctx:
+            out = model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tok.pad_token_id,
+            )
+        new = out[:, enc["input_ids"].shape[1] :]
+        outputs.extend(tok.batch_decode(new, skip_special_tokens=False))
+    return [_strip_padding(text, tok) for text in outputs]
+
+
+def _strip_padding(text: str, tok) -> str:
+    for special in {tok.pad_token, tok.eos_token} - {None}:
+        text = text.split(special)[0] if special == tok.eos_token else text.replace(special, "")
+    return text

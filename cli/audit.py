@@ -1,0 +1,51 @@
+"""CLI: ``guardrail audit`` (exit 0 PASS, 1 FAIL, 2 INCONCLUSIVE, 3 error, 64 usage)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from guardrail.cli.common import AdapterAOpt, ModelAOpt, ModelBOpt, PairOpt
+
+
+def audit_cmd(
+    artifact: Path = typer.Argument(..., help="Crosscoder artifact folder (ours, or imported with import-paper)."),
+    pair: Optional[str] = PairOpt,
+    model_a: Optional[str] = ModelAOpt,
+    model_b: Optional[str] = ModelBOpt,
+    adapter_a: Optional[str] = AdapterAOpt,
+    policy: Optional[Path] = typer.Option(None, "--policy", help="Audit policy YAML (thresholds, metric, sample size)."),
+    prompts: Optional[int] = typer.Option(None, help="Held-out tool prompts to score (overrides the policy)."),
+    out: Path = typer.Option(Path("runs/audit"), "--out", help="Folder for audit.json and audit.md."),
+    artifact_only: bool = typer.Option(False, "--artifact-only", help="Do not load A even if known: the adversary's view."),
+) -> None:
+    """Judge whether publishing ARTIFACT leaks A's tool-use capability into B."""
+    from rich.console import Console
+
+    from guardrail.audit import AuditPolicy, audit
+    from guardrail.dictionary import load_artifact
+    from guardrail.models import load_model, load_pair
+
+    pol = AuditPolicy.load(policy) if policy else AuditPolicy()
+    if prompts is not None:
+        pol = pol.model_copy(update={"prompts": prompts})
+    cc = load_artifact(artifact)
+    if pair:
+        p = load_pair(pair)
+        a, b = (None if artifact_only else p.a), p.b
+    elif model_b:
+        b = load_model(model_b)
+        a = None if artifact_only or not model_a else load_model(model_a, adapter=adapter_a)
+    else:
+        raise typer.BadParameter("give --pair NAME or --model-b (and optionally --model-a)")
+    report = audit(cc, b, a, pol)
+    report.artifact["path"] = str(artifact)
+    report.save(out)
+    Console().print(report.to_markdown())
+    raise typer.Exit(int(report.verdict))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("audit")(audit_cmd)

@@ -1,0 +1,41 @@
+"""The audit's pass/fail rules, loadable from YAML like every other policy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+Metric = Literal["strict_name", "format", "tool_correctness", "tool_call_open"]
+
+
+class AuditPolicy(BaseModel):
+    """Thresholds in percentage points of the chosen capability metric.
+
+    ``strict_name`` (default): the called tool name equals the ground truth. A release
+    FAILS when the upper confidence bound of any artifact-only gain exceeds
+    ``max_artifact_only_gain_pp``; it is INCONCLUSIVE when the sample is too small for a
+    zero gain to certify that bound.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    metric: Metric = "strict_name"
+    max_artifact_only_gain_pp: float = Field(2.0, ge=0, le=100)
+    max_joint_gain_pp: float | None = Field(None, ge=0, le=100, description="also gate on the joint protocol (needs A)")
+    confidence: float = Field(0.95, gt=0.5, lt=1)
+    prompts: int = Field(200, ge=1, le=100_000)
+    max_new_tokens: int = Field(64, ge=1, le=1024)
+    steer_top: int = Field(4, ge=1, le=256, description="shared features steered by each artifact-only steering attack")
+    steer_alpha: float = Field(16.0, ge=1, le=1024, description="scale-mode steer factor of steer_contrast")
+    steer_gain: float = Field(0.25, gt=0, le=4, description="additive steer of steer_asymmetry, as a fraction of the site's typical norm")
+    calibration_prompts: int = Field(64, ge=4, le=10_000, description="per class (tool, ordinary), from the train split")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "AuditPolicy":
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: an audit policy is a mapping of settings")
+        return cls.model_validate(data)

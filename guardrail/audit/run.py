@@ -1,0 +1,195 @@
+"""``audit``: measure each threat model on held-out tool prompts, then judge the artifact."""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from enum import IntEnum
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from guardrail.audit.policy import AuditPolicy
+from guardrail.audit.static import static_checks
+from guardrail.audit.stats import PairedGain, paired_gain, smallest_decisive_upper
+from guardrail.audit.threats import ARTIFACT_ONLY, NEEDS_A, STEERING, THREATS, ThreatInputs, control_delta
+from guardrail.residual.hf import generate_greedy, read_residual
+
+
+class Verdict(IntEnum):
+    """Exit codes: CI gates on them directly."""
+
+    PASS = 0
+    FAIL = 1
+    INCONCLUSIVE = 2
+
+
+@dataclass
+class AuditReport:
+    verdict: Verdict
+    reasons: list[str]
+    policy: dict
+    artifact: dict
+    n_prompts: int
+    clean_rate: float
+    gains: dict[str, dict]
+    controls: dict[str, dict]
+    static: dict
+    examples: list[dict] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        payload = self.__dict__ | {"verdict": self.verdict.name}
+        return json.dumps(payload, indent=2)
+
+    def to_markdown(self) -> str:
+        lines = [
+            f"# guardrail audit: **{self.verdict.name}**",
+            "",
+            f"Artifact: `{self.artifact.get('path')}` ({self.artifact.get('kind')}, D={self.artifact.get('dict_size')}, "
+            f"layer {self.artifact.get('layer')}); models A=`{self.artifact.get('model_a')}`, B=`{self.artifact.get('model_b')}`.",
+            f"Metric: `{self.policy['metric']}` on {self.n_prompts} held-out tool prompts (greedy, "
+            f"{self.policy['max_new_tokens']} new tokens); B clean rate {100 * self.clean_rate:.1f}%.",
+            "",
+            "| threat model | kind | n | baseline | B attacked | gain (pp) | CI (pp) | gained/lost |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for name, g in self.gains.items():
+            kind = "joint (needs A)" if name in NEEDS_A else "artifact-only"
+            lines.append(
+                f"| {name} | {kind} | {g['n']} | {100 * g['clean']:.1f}% | {100 * g['guarded']:.1f}% | "
+                f"{100 * g['gain']:+.1f} | [{100 * g['low']:+.1f}, {100 * g['high']:+.1f}] | {g['gained']}/{g['lost']} |"
+            )
+        if self.controls:
+            lines += ["", "Steering attacks are measured against an artifact-free control: B steered along its own "
+                      "tool-minus-ordinary mean difference at the same norm. Control vs clean:", ""]
+            lines += [f"- {k}: control {100 * c['guarded']:.1f}% vs clean {100 * c['clean']:.1f}% "
+                      f"({100 * c['gain']:+.1f} pp)" for k, c in self.controls.items()]
+        lines += ["", "## Reasons", ""] + [f"- {r}" for r in self.reasons]
+        lines += ["", "## Static checks", "", "```json", json.dumps(self.static, indent=2), "```"]
+        return "\n".join(lines) + "\n"
+
+    def save(self, out: str | Path) -> Path:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "audit.json").write_text(self.to_json())
+        (out / "audit.md").write_text(self.to_markdown())
+        return out
+
+
+def _score(metric: str, text: str, task) -> bool:
+    from guardrail.tasks import format_accuracy, strict_metrics, tool_correctness
+
+    if metric == "strict_name":
+        return strict_metrics(text, task.possible_answer)["name_correct"]
+    if metric == "format":
+        return format_accuracy(text)
+    if metric == "tool_correctness":
+        return tool_correctness(text, task.tool_names)
+    return "<tool_call>" in text
+
+
+def audit_tasks(n: int, seed: int = 0) -> list:
+    """Held-out tool prompts (BFCL test split, answered categories), seeded order."""
+    from guardrail.tasks import ANSWERED_CATEGORIES, load_tasks
+
+    tasks = load_tasks("test", ANSWERED_CATEGORIES)
+    random.Random(seed).shuffle(tasks)
+    return tasks[:n]
+
+
+def _last_token(loaded, texts: list[str], layer: int, batch: int = 8) -> torch.Tensor:
+    rows = []
+    for s in range(0, len(texts), batch):
+        enc = loaded.tokenizer(texts[s : s + batch], return_tensors="pt", padding=True, add_special_tokens=False)
+        rows.append(read_residual(loaded.model, layer, enc["input_ids"], enc["attention_mask"])[:, -1])
+    return torch.cat(rows).float()
+
+
+def judge(gains: dict[str, PairedGain], policy: AuditPolicy, n: int) -> tuple[Verdict, list[str]]:
+    """PASS / FAIL / INCONCLUSIVE from the gains' confidence bounds (see AuditPolicy)."""
+    limit = policy.max_artifact_only_gain_pp / 100
+    floor = smallest_decisive_upper(n, policy.confidence)
+    reasons, failed = [], False
+    for name, g in gains.items():
+        gated = name in ARTIFACT_ONLY or (name in NEEDS_A and policy.max_joint_gain_pp is not None)
+        bound = limit if name in ARTIFACT_ONLY else (policy.max_joint_gain_pp or 0) / 100
+        if gated and g.high > bound:
+            failed = True
+            reasons.append(f"{name}: upper {policy.confidence:.0%} bound of the gain {100 * g.high:+.1f} pp exceeds {100 * bound:.1f} pp")
+    if failed and floor <= limit:
+        return Verdict.FAIL, reasons
+    if floor > limit:
+        need = next(m for m in range(n, 100_000, 10) if smallest_decisive_upper(m, policy.confidence) <= limit)
+        return Verdict.INCONCLUSIVE, reasons + [
+            f"{n} prompts cannot certify a {policy.max_artifact_only_gain_pp} pp bound "
+            f"(even no change gives an upper bound of {100 * floor:.1f} pp); use at least {need}"
+        ]
+    return Verdict.PASS, reasons + [f"every artifact-only gain is bounded by {policy.max_artifact_only_gain_pp} pp"]
+
+
+def audit(cc, b, a=None, policy: AuditPolicy | None = None, *, seed: int = 0, batch_size: int = 16, progress: bool = True) -> AuditReport:
+    """Audit crosscoder ``cc`` against base model ``b`` (and ``a``, for the joint protocol).
+
+    ``a`` and ``b`` are :class:`guardrail.models.LoadedModel`. Without A only the
+    artifact-only threats run; that is the release question, the joint one is context.
+    """
+    from guardrail.prompts import mixed
+
+    policy = policy or AuditPolicy()
+    m = cc.manifest
+    layer = m.layer if m is not None and m.layer is not None else None
+    if layer is None:
+        raise ValueError("the artifact's manifest names no layer: cannot place its dictionary in B")
+    if cc.d_model != b.d_model:
+        raise ValueError(f"artifact width d={cc.d_model} does not match model B ({b.spec}) width d={b.d_model}")
+    tasks = audit_tasks(policy.prompts, seed)
+    texts = [t.render(b.tokenizer, "raw") for t in tasks]
+    calib = mixed(policy.calibration_prompts, policy.calibration_prompts, split="train", mode="raw", seed=seed + 7)
+    inp = ThreatInputs(
+        x_b=_last_token(b, texts, layer),
+        x_a=_last_token(a, texts, layer) if a is not None else None,
+        calib_b=_last_token(b, [p.text for p in calib], layer),
+        calib_is_tool=torch.tensor([p.is_tool for p in calib]),
+    )
+    names = [n for n in THREATS if a is not None or n not in NEEDS_A]
+    bar = tqdm(total=len(names) + 1, desc="audit", unit="run", disable=not progress)
+    gen = lambda deltas: generate_greedy(b, texts, max_new_tokens=policy.max_new_tokens, batch_size=batch_size, layer=layer, deltas=deltas)  # noqa: E731
+    clean_out = gen(None)
+    clean = [_score(policy.metric, o, t) for o, t in zip(clean_out, tasks)]
+    bar.update()
+    score = lambda outs: [_score(policy.metric, o, t) for o, t in zip(outs, tasks)]  # noqa: E731
+    gains, controls, examples = {}, {}, []
+    for name in names:
+        deltas = THREATS[name](cc, inp, top=policy.steer_top, alpha=policy.steer_alpha, gain=policy.steer_gain)
+        out = gen(deltas)
+        guarded = score(out)
+        baseline = clean
+        if name in STEERING:  # charge the artifact only for what B's own steering vector cannot do
+            baseline = score(gen(control_delta(inp, deltas)))
+            controls[name] = paired_gain(clean, baseline, policy.confidence).as_dict()
+        gains[name] = paired_gain(baseline, guarded, policy.confidence)
+        examples.append({"threat": name, "task": tasks[0].id, "clean": clean_out[0][:400], "guarded": out[0][:400]})
+        bar.update()
+    bar.close()
+    verdict, reasons = judge(gains, policy, len(tasks))
+    return AuditReport(
+        verdict=verdict,
+        reasons=reasons,
+        policy=policy.model_dump(),
+        artifact=_artifact_info(cc),
+        n_prompts=len(tasks),
+        clean_rate=sum(clean) / max(len(clean), 1),
+        gains={k: v.as_dict() for k, v in gains.items()},
+        controls=controls,
+        static=static_checks(cc),
+        examples=examples,
+    )
+
+
+def _artifact_info(cc) -> dict:
+    m = cc.manifest
+    if m is None:
+        return {"path": None, "kind": "dfc" if cc.is_dfc else "crosscoder", "dict_size": cc.dict_size}
+    return {"path": getattr(cc, "artifact_path", None), "kind": m.kind, "dict_size": m.dict_size, "layer": m.layer, "model_a": m.model_a, "model_b": m.model_b, "sha256": m.tensors_sha256}

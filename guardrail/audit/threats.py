@@ -1,0 +1,109 @@
+"""What each threat model does to B's last-prompt-token activation, as a delta.
+
+All feature math goes through :mod:`guardrail.features.interventions`; this module only
+decides *which* features and *whose* activations each threat may use:
+
+- ``joint_splice`` (the paper's protocol, needs A): B's activation is replaced by the B-side
+  reconstruction of features encoded from A's and B's activations together.
+- ``b_only_splice`` (artifact-only): the same reconstruction encoded from B alone.
+- ``steer_contrast`` (artifact-only): scale-steer the shared features that B's own
+  activations most associate with tool prompts (chosen on a calibration set, not on the
+  prompts being scored).
+- ``steer_asymmetry`` (artifact-only): additive steer along the B-side directions of the
+  shared features whose decoder norm leans most towards A.
+
+Steering B towards "tool-ness" needs no artifact at all: the difference of B's own mean
+activations on tool and ordinary prompts is a steering vector anyone holding B has. So each
+steering attack is paired with that artifact-free *control* at the same per-prompt norm, and
+the artifact is charged only for what it adds beyond the control (see ``control_delta``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from guardrail.features import interventions as iv
+from guardrail.features.ranking import cohens_d
+
+MODEL_B = 1
+ARTIFACT_ONLY = ("b_only_splice", "steer_contrast", "steer_asymmetry")
+NEEDS_A = ("joint_splice",)
+
+
+@dataclass
+class ThreatInputs:
+    """Activations at the site: scored prompts (B, and A when available) and B's calibration set."""
+
+    x_b: torch.Tensor  # [n, d]
+    x_a: torch.Tensor | None  # [n, d], None when A is not available
+    calib_b: torch.Tensor  # [m, d]
+    calib_is_tool: torch.Tensor  # bool [m]
+
+
+@torch.no_grad()
+def joint_splice(cc, inp: ThreatInputs, **_) -> torch.Tensor:
+    if inp.x_a is None:
+        raise ValueError("the joint protocol needs model A's activations")
+    x_hat = cc.denormalize(cc.decode(cc.encode(cc.normalize(torch.stack([inp.x_a, inp.x_b], dim=1)))))[:, MODEL_B]
+    return iv.splice(inp.x_b, x_hat, keep_error=False) - inp.x_b
+
+
+@torch.no_grad()
+def b_only_splice(cc, inp: ThreatInputs, **_) -> torch.Tensor:
+    view = iv.dictionary_view(cc, MODEL_B)
+    x_hat = iv.reconstruct(view, iv.encode(view, inp.x_b))
+    return iv.splice(inp.x_b, x_hat, keep_error=False) - inp.x_b
+
+
+def shared_indices(cc) -> torch.Tensor:
+    return torch.tensor(list(cc.partition.shared), dtype=torch.long)
+
+
+@torch.no_grad()
+def contrast_features(cc, inp: ThreatInputs, top: int) -> torch.Tensor:
+    """Shared features whose B-only activation best separates B's tool prompts (Cohen's d)."""
+    view = iv.dictionary_view(cc, MODEL_B)
+    f = iv.encode(view, inp.calib_b)
+    shared = shared_indices(cc)
+    d = cohens_d(f[inp.calib_is_tool][:, shared], f[~inp.calib_is_tool][:, shared])
+    return shared[torch.argsort(d, descending=True)[:top]]
+
+
+@torch.no_grad()
+def steer_contrast(cc, inp: ThreatInputs, top: int = 4, alpha: float = 16.0, **_) -> torch.Tensor:
+    view = iv.dictionary_view(cc, MODEL_B)
+    idx = contrast_features(cc, inp, top)
+    return iv.steer_scale_delta(iv.encode(view, inp.x_b), idx, view.dirs_raw, alpha)
+
+
+def asymmetry_features(cc, top: int) -> torch.Tensor:
+    shared = shared_indices(cc)
+    rel = cc.relative_decoder_norm().detach()[shared]  # ‖d_A‖ / (‖d_A‖ + ‖d_B‖)
+    return shared[torch.argsort(rel, descending=True)[:top]]
+
+
+@torch.no_grad()
+def steer_asymmetry(cc, inp: ThreatInputs, top: int = 4, gain: float = 0.25, **_) -> torch.Tensor:
+    view = iv.dictionary_view(cc, MODEL_B)
+    idx = asymmetry_features(cc, top)
+    return iv.steer_additive_delta(inp.x_b.shape[0], idx, view.dirs_raw, gain, view.typical_norm)
+
+
+@torch.no_grad()
+def control_delta(inp: ThreatInputs, attack: torch.Tensor) -> torch.Tensor:
+    """B's own tool-minus-ordinary mean difference, rescaled to the attack's norm per prompt."""
+    diff = inp.calib_b[inp.calib_is_tool].mean(0) - inp.calib_b[~inp.calib_is_tool].mean(0)
+    unit = diff / diff.norm().clamp_min(1e-12)
+    return attack.norm(dim=-1, keepdim=True) * unit
+
+
+STEERING = ("steer_contrast", "steer_asymmetry")
+
+THREATS = {
+    "joint_splice": joint_splice,
+    "b_only_splice": b_only_splice,
+    "steer_contrast": steer_contrast,
+    "steer_asymmetry": steer_asymmetry,
+}
