@@ -32,7 +32,7 @@ def train_cmd(
     l1_coef: float = typer.Option(1e-3, help="sparsity=l1: decoder-norm-weighted L1 coefficient."),
     k_exclusive: Optional[int] = typer.Option(None, help="Top-k slots reserved per exclusive partition."),
     no_aux_k: bool = typer.Option(False, "--no-aux-k", help="Disable AuxK revival of dead features."),
-    steps: int = typer.Option(9000),
+    steps: Optional[int] = typer.Option(None, help="Default: the paper's 9000, capped at 120 passes over the cache (min 500)."),
     batch_size: int = typer.Option(1024),
     lr: float = typer.Option(1e-4),
     warmup_steps: int = typer.Option(0),
@@ -49,6 +49,7 @@ def train_cmd(
     from guardrail.activations import ActivationCache
     from guardrail.dictionary import AuxKConfig, CrosscoderConfig, Partition
     from guardrail.training import TrainingConfig, train
+    from guardrail.training.config import auto_steps
 
     cache_obj = ActivationCache.open(cache)
     d_model = cache_obj.manifest.d_model
@@ -61,6 +62,9 @@ def train_cmd(
     if config is not None:
         fields.update(yaml.safe_load(config.read_text()) or {})
     cfg = CrosscoderConfig(**fields)
+    if steps is None:
+        steps = auto_steps(cache_obj.manifest.n_rows, batch_size)
+        typer.echo(f"training {steps} steps ({cache_obj.manifest.n_rows} rows, batch {batch_size})", err=True)
     tc = TrainingConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, seed=seed,
                         checkpoint_every=checkpoint_every, threads=threads, progress=not quiet)
     cc = train(cache_obj, cfg, out, training=tc, resume=not fresh)
@@ -69,9 +73,11 @@ def train_cmd(
 
 def _summary(m: dict, out: Path) -> str:
     lines = [f"artifact: {out}", f"FVU A {m['fvu_A']:.4f}  B {m['fvu_B']:.4f}   L0 {m['l0']:.1f}   ({m['n_rows']} eval rows, {m['eval_rows']})"]
+    window = m.get("train_dead_fraction", {})
     for name, p in m.get("partitions", {}).items():
-        lines.append(f"  {name:12s} size {p['size']:6d}  L0 {p['l0']:6.2f}  dead {p['dead_fraction']:.3f}  "
-                     f"mean fire rate {p['mean_fire_rate']:.4f}  rows with any {p['rows_with_any']:.3f}")
+        lines.append(f"  {name:12s} size {p['size']:6d}  L0 {p['l0']:6.2f}  dead: eval {p['dead_fraction']:.3f} "
+                     f"train-window {window.get(name, float('nan')):.3f}  mean fire rate {p['mean_fire_rate']:.4f}  "
+                     f"rows with any {p['rows_with_any']:.3f}")
     return "\n".join(lines)
 
 
