@@ -214,24 +214,33 @@ class VLLMBackend:
 
     name = "vllm"
 
-    def __init__(self, gpu_memory_utilization: float = 0.2, dtype: str = "float32") -> None:
+    def __init__(self, dtype: str = "float32", kv_cache_bytes: int = 1 << 30) -> None:
         if not vllm_available():
             raise RuntimeError("vLLM is not installed: `pip install guardrail[vllm]`, or use --backend transformers")
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         self._engines: dict[str, Any] = {}
         self._hooked: set[tuple[str, int]] = set()
-        self.gpu_memory_utilization = gpu_memory_utilization
+        self.kv_cache_bytes = kv_cache_bytes
         self.dtype = dtype
 
     def _engine(self, loaded: Any) -> Any:
+        """One engine per model folder, both alive at once (A and B alternate in every experiment).
+
+        On CPU each engine gets an explicit KV-cache size: vLLM's automatic sizing subtracts
+        the whole process's memory (including the other engine) and refuses a second engine.
+        On GPU the two engines split the memory.
+        """
         path = model_folder(loaded)
         if path not in self._engines:
             from vllm import LLM
 
             from guardrail.residual.vllm_guard import engine_kwargs
 
-            self._engines[path] = LLM(model=path, max_model_len=getattr(loaded.model.config, "max_position_embeddings", 4096),
-                                      **engine_kwargs(dtype=self.dtype, gpu_memory_utilization=self.gpu_memory_utilization))
+            if torch.cuda.is_available():
+                kw: dict[str, Any] = dict(dtype="bfloat16", gpu_memory_utilization=0.4, enforce_eager=False, enable_prefix_caching=False, seed=0)
+            else:
+                kw = engine_kwargs(dtype=self.dtype, kv_cache_memory_bytes=self.kv_cache_bytes)
+            self._engines[path] = LLM(model=path, max_model_len=getattr(loaded.model.config, "max_position_embeddings", 4096), **kw)
         return self._engines[path]
 
     def generate(self, loaded: Any, prompts: Sequence[str], settings: GenerationSettings, *, layer: int | None = None,

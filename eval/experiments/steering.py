@@ -106,9 +106,13 @@ def run_steering(ctx: RunContext, dfc: Any, dfc_ranking: Any, suite: Suite, *, s
         if fam != "standard" and not cc.is_dfc:
             result["families"][fam] = {"skipped": "dictionary has no partition"}
             continue
-        base = "a_exclusive" if fam == "a_exclusive+shared" else fam
-        order, how = family_order(ranking, base)
-        fam_sizes = resolve_sizes(sizes, len(order))
+        if fam == "a_exclusive+shared":  # |S| counts features of each part; "all" = both parts whole
+            order, how = family_order(ranking, fam)
+            n_avail = max(len(family_order(ranking, "a_exclusive")[0]), len(family_order(ranking, "shared")[0]))
+        else:
+            order, how = family_order(ranking, fam)
+            n_avail = len(order)
+        fam_sizes = resolve_sizes(sizes, n_avail)
         cells = []
         for size in fam_sizes:
             idx = subset(ranking, fam, size)
