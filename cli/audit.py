@@ -20,6 +20,7 @@ def audit_cmd(
     prompts: Optional[int] = typer.Option(None, help="Held-out tool prompts to score (overrides the policy)."),
     out: Path = typer.Option(Path("runs/audit"), "--out", help="Folder for audit.json and audit.md."),
     artifact_only: bool = typer.Option(False, "--artifact-only", help="Do not load A even if known: the adversary's view."),
+    backend: str = typer.Option("auto", help="Generation backend: auto (vLLM when installed), vllm or transformers."),
 ) -> None:
     """Judge whether publishing ARTIFACT leaks A's tool-use capability into B."""
     from rich.console import Console
@@ -40,7 +41,7 @@ def audit_cmd(
         a = None if artifact_only or not model_a else load_model(model_a, adapter=adapter_a)
     else:
         raise typer.BadParameter("give --pair NAME or --model-b (and optionally --model-a)")
-    report = audit(cc, b, a, pol)
+    report = audit(cc, b, a, pol, backend=backend)
     report.artifact["path"] = str(artifact)
     report.save(out)
     Console().print(report.to_markdown())

@@ -40,20 +40,20 @@ def _leaky(tiny_pair, tmp_path):
 
 
 def test_leaky_artifact_fails(tiny_pair, tmp_path):
-    report = audit(_leaky(tiny_pair, tmp_path), tiny_pair.b, tiny_pair.a, _policy(40), progress=False)
+    report = audit(_leaky(tiny_pair, tmp_path), tiny_pair.b, tiny_pair.a, _policy(40), progress=False, backend="transformers")
     assert report.verdict == Verdict.FAIL, report.to_markdown()
     assert report.gains["b_only_splice"]["gain"] > 0.5
     assert "joint_splice" in report.gains
 
 
 def test_random_artifact_passes(tiny_pair, tmp_path):
-    report = audit(_saved(_dfc(tiny_pair.d_model, seed=3), tmp_path, "random"), tiny_pair.b, None, _policy(40), progress=False)
+    report = audit(_saved(_dfc(tiny_pair.d_model, seed=3), tmp_path, "random"), tiny_pair.b, None, _policy(40), progress=False, backend="transformers")
     assert report.verdict == Verdict.PASS, report.to_markdown()
     assert "joint_splice" not in report.gains  # no A given: artifact-only threats only
 
 
 def test_small_sample_is_inconclusive(tiny_pair, tmp_path):
-    report = audit(_saved(_dfc(tiny_pair.d_model, seed=3), tmp_path, "random"), tiny_pair.b, None, _policy(30, limit_pp=2.0), progress=False)
+    report = audit(_saved(_dfc(tiny_pair.d_model, seed=3), tmp_path, "random"), tiny_pair.b, None, _policy(30, limit_pp=2.0), progress=False, backend="transformers")
     assert report.verdict == Verdict.INCONCLUSIVE
     assert "use at least" in report.reasons[-1]
 
@@ -61,7 +61,7 @@ def test_small_sample_is_inconclusive(tiny_pair, tmp_path):
 def test_width_mismatch_is_refused(tiny_pair, tmp_path):
     cc = _saved(Crosscoder(DFCConfig(dict_size=16, k=4).with_d_model(64)), tmp_path, "narrow")
     with pytest.raises(ValueError, match="width"):
-        audit(cc, tiny_pair.b, None, _policy(10), progress=False)
+        audit(cc, tiny_pair.b, None, _policy(10), progress=False, backend="transformers")
 
 
 def test_paired_gain_hand_computed():

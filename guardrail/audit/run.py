@@ -15,7 +15,7 @@ from guardrail.audit.policy import AuditPolicy
 from guardrail.audit.static import static_checks
 from guardrail.audit.stats import PairedGain, paired_gain, smallest_decisive_upper
 from guardrail.audit.threats import ARTIFACT_ONLY, NEEDS_A, STEERING, THREATS, ThreatInputs, control_delta
-from guardrail.residual.hf import generate_greedy, read_residual
+from guardrail.residual.hf import read_residual
 
 
 class Verdict(IntEnum):
@@ -129,12 +129,14 @@ def judge(gains: dict[str, PairedGain], policy: AuditPolicy, n: int) -> tuple[Ve
     return Verdict.PASS, reasons + [f"every artifact-only gain is bounded by {policy.max_artifact_only_gain_pp} pp"]
 
 
-def audit(cc, b, a=None, policy: AuditPolicy | None = None, *, seed: int = 0, batch_size: int = 16, progress: bool = True) -> AuditReport:
+def audit(cc, b, a=None, policy: AuditPolicy | None = None, *, seed: int = 0, batch_size: int = 16, backend: str = "auto", progress: bool = True) -> AuditReport:
     """Audit crosscoder ``cc`` against base model ``b`` (and ``a``, for the joint protocol).
 
     ``a`` and ``b`` are :class:`guardrail.models.LoadedModel`. Without A only the
     artifact-only threats run; that is the release question, the joint one is context.
+    ``backend``: ``auto`` (vLLM when installed), ``vllm`` or ``transformers``.
     """
+    from guardrail.eval.backends import GenerationSettings, make_backend
     from guardrail.prompts import mixed
 
     policy = policy or AuditPolicy()
@@ -155,7 +157,12 @@ def audit(cc, b, a=None, policy: AuditPolicy | None = None, *, seed: int = 0, ba
     )
     names = [n for n in THREATS if a is not None or n not in NEEDS_A]
     bar = tqdm(total=len(names) + 1, desc="audit", unit="run", disable=not progress)
-    gen = lambda deltas: generate_greedy(b, texts, max_new_tokens=policy.max_new_tokens, batch_size=batch_size, layer=layer, deltas=deltas)  # noqa: E731
+    engine, settings = make_backend(backend), GenerationSettings(max_new_tokens=policy.max_new_tokens, batch_size=batch_size)
+
+    def gen(deltas: torch.Tensor | None) -> list[str]:
+        patches = None if deltas is None else list(inp.x_b + deltas)  # the backend writes absolute rows
+        return engine.generate(b, texts, settings, layer=layer, patches=patches)
+
     clean_out = gen(None)
     clean = [_score(policy.metric, o, t) for o, t in zip(clean_out, tasks)]
     bar.update()
