@@ -46,21 +46,33 @@ def eval_cmd(
     max_new_tokens: int = typer.Option(128),
     out: Path = typer.Option(Path("runs/organism-eval.json"), help="Where to write the JSON report."),
     examples: Optional[Path] = typer.Option(None, help="Write three side-by-side examples as Markdown here."),
+    models: Optional[str] = typer.Option(None, help="Comma-separated subset of: B, warm start, A (default: all)."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Store/reuse each model's outputs here (resumable evals)."),
+    batch_size: int = typer.Option(16, help="Prompts per generate call."),
+    threads: Optional[int] = typer.Option(None, help="torch intra-op threads."),
 ) -> None:
     """Greedy evaluation of B, the warm start and A on the same held-out BFCL test prompts."""
     from guardrail.organism.assets import MissingAssetError, shipped_adapter, shipped_warmstart
     from guardrail.organism.report import evaluate_organism, summary_table, write_report
 
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     if mode not in ("chat", "raw"):
         raise typer.BadParameter(f"mode must be chat or raw, not {mode!r}")
-    adapter = adapter or shipped_adapter()
-    if warmstart is None:
+    wanted = [m.strip() for m in models.split(",")] if models else ["B", "warm start", "A"]
+    if adapter is None and "A" in wanted:
+        adapter = shipped_adapter()
+    if warmstart is None and "warm start" in wanted:
         try:
             warmstart = shipped_warmstart()
         except MissingAssetError:
             warmstart = None
     report = evaluate_organism(adapter, warmstart, n=n, n_irrelevance=n_irrelevance, mode=mode,  # type: ignore[arg-type]
-                               max_new_tokens=max_new_tokens, examples_out=examples, log=_log)
+                               max_new_tokens=max_new_tokens, examples_out=examples, batch_size=batch_size,
+                               only=wanted if models else None,
+                               cache_dir=cache_dir, log=_log)
     write_report(report, out)
     typer.echo(summary_table(report))
     typer.echo(f"report: {out}")

@@ -59,9 +59,14 @@ def test_grpo_group_moves_lora_only_when_rewards_differ():
     assert all(torch.equal(v, dict(model.named_parameters())[k]) for k, v in lora.items())  # no step taken here
 
 
-def test_smoke_build_writes_both_adapters_and_manifest(tmp_path):
-    result = build(BuildConfig(**TINY), tmp_path / "org", log=lambda m: None)
-    out = tmp_path / "org"
+@pytest.fixture(scope="module")
+def smoke_build(tmp_path_factory):
+    out = tmp_path_factory.mktemp("organism") / "org"
+    return out, build(BuildConfig(**TINY), out, log=lambda m: None)
+
+
+def test_smoke_build_writes_both_adapters_and_manifest(smoke_build):
+    out, result = smoke_build
     for folder in (out, out / "warmstart"):
         assert (folder / "adapter_config.json").exists() and (folder / "adapter_model.safetensors").exists()
     manifest = json.loads((out / "manifest.json").read_text())
@@ -104,3 +109,23 @@ def test_cli_info_prints_manifest_or_clear_error():
         assert result.exit_code == 0 and '"split_hash"' in result.output
     else:
         assert "no build manifest" in str(result.exception)
+
+
+def test_evaluate_organism_on_tiny_pair_and_reuses_cache(smoke_build, tmp_path):
+    from guardrail.organism.report import evaluate_organism, pick_tasks, summary_table
+
+    out, _ = smoke_build
+    logs: list[str] = []
+    kw = dict(base="tiny-b", n=3, n_irrelevance=1, max_new_tokens=4, max_prompt_tokens=64, batch_size=4,
+              cache_dir=tmp_path / "cache", examples_out=tmp_path / "ex.md", log=logs.append)
+    report = evaluate_organism(out, out / "warmstart", **kw)
+    assert list(report["metrics"]) == ["B", "warm start", "A"]
+    assert report["metrics"]["A"]["n"] == 3 and report["metrics"]["A"]["n_irrelevance"] == 1
+    assert "format_gain_A_over_warmstart_pp" in report and "| format_accuracy |" in summary_table(report)
+    assert (tmp_path / "ex.md").read_text().startswith("# Organism examples")
+    again = evaluate_organism(out, out / "warmstart", only=["A"], **kw)
+    assert any("reusing cached" in m for m in logs) and again["metrics"]["A"] == report["metrics"]["A"]
+    tasks = pick_tasks(8, 2)
+    assert len({t.category for t in tasks[:8]}) == 4 and all(t.category == "irrelevance" for t in tasks[8:])
+    with pytest.raises(ValueError, match="unknown models"):
+        evaluate_organism(out, None, only=["C"], **kw)

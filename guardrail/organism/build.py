@@ -60,10 +60,13 @@ class BuildConfig(BaseModel):
     num_generations: int = 6
     max_new_tokens: int = 96
     temperature: float = 1.0
+    guidance: bool = True  # add the reference completion to groups without reward variance
     grad_clip: float = 1.0
     time_budget_s: float = 80 * 60
     # final check on dev prompts (the test split is for `organism eval`)
     final_dev_n: int = 24
+    resume_warmstart: str | None = None  # folder of a saved warm start: skip phase 1, continue from it
+    threads: int | None = None  # torch intra-op threads (1 is faster on an oversubscribed CPU)
     check_base: bool = False  # also measure B's dev format (B is known to be ~0%; costs minutes)
     max_prompt_tokens: int | None = None
     gen_batch: int = 12
@@ -152,6 +155,24 @@ def warm_start(model, tokenizer, train: list[ToolTask], dev_prompts: list[str], 
             "in_target": cfg.warm_lo <= fmt <= cfg.warm_hi}
 
 
+def _resume_warm(model, folder: Path, log: Log) -> dict:
+    """Load a saved warm-start adapter into the LoRA and return its recorded history."""
+    from safetensors.torch import load_file
+
+    record_path = folder / "warmstart.json"
+    if not record_path.exists():
+        raise FileNotFoundError(f"{folder} has no warmstart.json: not a warm start saved by a build")
+    from peft import set_peft_model_state_dict
+
+    res = set_peft_model_state_dict(model, load_file(str(folder / "adapter_model.safetensors")))
+    if getattr(res, "unexpected_keys", None):
+        raise ValueError(f"warm start {folder} does not fit this LoRA: unexpected {res.unexpected_keys[:3]}")
+    record = json.loads(record_path.read_text())
+    record["resumed_from"] = str(folder)
+    log(f"[warm] resumed from {folder} (dev format {record['dev_format']:.1%})")
+    return record
+
+
 def grpo(model, tokenizer, train: list[ToolTask], cfg: BuildConfig, deadline: float, log: Log) -> dict:
     """GRPO steps with the ToolRL reward until ``rl_steps`` or ``deadline`` (time.time())."""
     rng = random.Random(cfg.seed + 1)
@@ -167,7 +188,7 @@ def grpo(model, tokenizer, train: list[ToolTask], cfg: BuildConfig, deadline: fl
             step -= 1
             break
         ts = time.time()
-        rewards, fmts, updated = [], [], 0
+        rewards, fmts, texts, updated, guided = [], [], [], 0, 0
         for _ in range(cfg.rl_prompts_per_step):
             task = pool[cursor % len(pool)]
             cursor += 1
@@ -175,20 +196,27 @@ def grpo(model, tokenizer, train: list[ToolTask], cfg: BuildConfig, deadline: fl
                 model, tokenizer, task.render(tokenizer), lambda text, t=task: toolrl_reward(text, t)["total"],
                 num_generations=cfg.num_generations, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                 loss_scale=1.0 / cfg.rl_prompts_per_step, max_prompt_tokens=cfg.max_prompt_tokens,
+                guide=task.reference_completion() if cfg.guidance else None,
             )
+            guided += res.guided
             rewards += res.rewards
             fmts += [format_accuracy(t) for t in res.completions]
+            texts += res.completions
             updated += not res.skipped
         if updated:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
         opt.zero_grad(set_to_none=True)
         rec = {"step": step, "reward": sum(rewards) / len(rewards), "sample_format": sum(fmts) / len(fmts),
-               "groups_updated": updated, "seconds": time.time() - ts}
+               "groups_updated": updated, "groups_guided": guided, "seconds": time.time() - ts}
         history.append(rec)
+        sample = max(zip(rewards, texts), key=lambda x: x[0])[1] if texts else ""
+        log(f"[grpo] best sample: {sample[:160]!r}")
         log(f"[grpo] step {step}/{cfg.rl_steps} reward {rec['reward']:+.2f} sample format {rec['sample_format']:.0%} "
-            f"groups {updated}/{cfg.rl_prompts_per_step} ({rec['seconds']:.0f}s, total {time.time() - t0:.0f}s)")
-    return {"steps": step, "prompts_seen": cursor, "history": history, "seconds": time.time() - t0}
+            f"groups {updated}/{cfg.rl_prompts_per_step} guided {guided} ({rec['seconds']:.0f}s, total {time.time() - t0:.0f}s)")
+    return {"steps": step, "prompts_seen": cursor, "groups_guided": sum(h["groups_guided"] for h in history),
+            "groups_updated": sum(h["groups_updated"] for h in history), "history": history,
+            "seconds": time.time() - t0}
 
 
 def build(cfg: BuildConfig, out: str | Path, log: Log = print) -> BuildResult:
@@ -202,6 +230,8 @@ def build(cfg: BuildConfig, out: str | Path, log: Log = print) -> BuildResult:
     out = Path(out)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     loaded = load_model(cfg.base)
     tokenizer = loaded.tokenizer
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=cfg.target_modules,
@@ -218,8 +248,12 @@ def build(cfg: BuildConfig, out: str | Path, log: Log = print) -> BuildResult:
     if cfg.check_base and cfg.dev_n:
         b_fmt, _ = _dev_format(model, tokenizer, dev_prompts, cfg)
         log(f"[build] B (no adapter) dev format {b_fmt:.1%}")
-    warm = warm_start(model, tokenizer, train, dev_prompts, cfg, log)
+    if cfg.resume_warmstart:
+        warm = _resume_warm(model, Path(cfg.resume_warmstart), log)
+    else:
+        warm = warm_start(model, tokenizer, train, dev_prompts, cfg, log)
     _save_adapter(model, out / "warmstart")
+    (out / "warmstart" / "warmstart.json").write_text(json.dumps(warm, indent=2))
     log(f"[build] warm start saved: {warm['steps']} steps, dev format {warm['dev_format']:.1%}")
     rl = grpo(model, tokenizer, train, cfg, deadline, log)
     _save_adapter(model, out)
@@ -234,7 +268,9 @@ def build(cfg: BuildConfig, out: str | Path, log: Log = print) -> BuildResult:
         "seed": cfg.seed,
         "split_hash": split_hash(),
         "reward": "ToolRL: format {0,1} + correctness [-3,3] vs BFCL possible answers (guardrail.tasks.reward)",
-        "rl_algorithm": "GRPO (prefix-cached, on-policy, beta=0, group-normalised advantages, token-mean loss)",
+        "rl_algorithm": "GRPO (prefix-cached, one policy iteration per batch, beta=0, group-normalised advantages, "
+                        "token-mean loss); groups without reward variance get the reference completion added "
+                        "(off-policy guidance) when config.guidance is true",
         "config": cfg.model_dump(),
         "warm_start": warm,
         "rl": {k: v for k, v in rl.items()},

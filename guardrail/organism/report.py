@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from guardrail.organism.evaluate import EvalResult, evaluate, examples_markdown
+from guardrail.organism.evaluate import EvalResult, evaluate, examples_markdown, score_outputs
 from guardrail.tasks import ANSWERED_CATEGORIES, load_tasks, split_hash
 from guardrail.tasks.task import RenderMode, ToolTask
 
@@ -37,7 +38,7 @@ def pick_tasks(n: int, n_irrelevance: int, split: str = "test", seed: int = 0) -
 
 
 def evaluate_organism(
-    adapter: str | Path,
+    adapter: str | Path | None,
     warmstart: str | Path | None,
     *,
     base: str = "smollm2",
@@ -48,26 +49,49 @@ def evaluate_organism(
     batch_size: int = 16,
     max_prompt_tokens: int | None = None,
     examples_out: str | Path | None = None,
+    only: list[str] | None = None,
+    cache_dir: str | Path | None = None,
     log: Log = print,
 ) -> dict:
-    """Metrics of B, warm start (if given) and A on the same test prompts, as one dict."""
+    """Metrics of B, warm start (if given) and A on the same test prompts, as one dict.
+
+    ``only`` restricts the models (labels "B", "warm start", "A"). With ``cache_dir``,
+    each model's outputs are stored there and reused when the same prompts, rendering
+    and token budget are asked for again (so B can be evaluated while A is still training).
+    """
     from guardrail.models import load_model
 
     tasks = pick_tasks(n, n_irrelevance)
     variants: list[tuple[str, str | Path | None]] = [("B", None)]
     if warmstart is not None:
         variants.append(("warm start", warmstart))
-    variants.append(("A", adapter))
+    if adapter is not None:
+        variants.append(("A", adapter))
+    if only is not None:
+        unknown = set(only) - {v[0] for v in variants}
+        if unknown:
+            raise ValueError(f"unknown models {sorted(unknown)}; choose from {[v[0] for v in variants]}")
+        variants = [v for v in variants if v[0] in only]
     results: list[EvalResult] = []
     for label, adp in variants:
-        loaded = load_model(base, adapter=adp)
-        t0 = time.time()
-        res = evaluate(
-            loaded.model, loaded.tokenizer, tasks, name=label, mode=mode, max_new_tokens=max_new_tokens,
-            batch_size=batch_size, max_prompt_tokens=max_prompt_tokens,
-            progress=lambda d, tot, s, label=label: log(f"[eval] {label}: {d}/{tot} prompts ({s:.0f}s)"),
-        )
-        res.metrics["seconds"] = time.time() - t0
+        key = {"model": label, "base": base, "adapter": _adapter_digest(adp), "mode": mode,
+               "max_new_tokens": max_new_tokens, "task_ids": [t.id for t in tasks]}
+        cached = _cached(cache_dir, key)
+        if cached is not None:
+            log(f"[eval] {label}: reusing cached outputs")
+            outputs = cached["outputs"]
+            res = EvalResult(label, mode, score_outputs(tasks, [outputs[t.id] for t in tasks]), outputs)
+            res.metrics["seconds"] = cached["seconds"]
+        else:
+            loaded = load_model(base, adapter=adp)
+            t0 = time.time()
+            res = evaluate(
+                loaded.model, loaded.tokenizer, tasks, name=label, mode=mode, max_new_tokens=max_new_tokens,
+                batch_size=batch_size, max_prompt_tokens=max_prompt_tokens,
+                progress=lambda d, tot, s, label=label: log(f"[eval] {label}: {d}/{tot} prompts ({s:.0f}s)"),
+            )
+            res.metrics["seconds"] = time.time() - t0
+            _store(cache_dir, key, res)
         log(f"[eval] {label}: " + ", ".join(f"{k}={v:.3f}" for k, v in res.metrics.items() if isinstance(v, float)))
         results.append(res)
     by = {r.model: r.metrics for r in results}
@@ -81,12 +105,39 @@ def evaluate_organism(
         "metrics": by,
         "outputs": {r.model: r.outputs for r in results},
     }
-    if "warm start" in by and "format_accuracy" in by["warm start"]:
+    if "warm start" in by and "A" in by and "format_accuracy" in by["warm start"]:
         report["format_gain_A_over_warmstart_pp"] = 100 * (by["A"]["format_accuracy"] - by["warm start"]["format_accuracy"])
     if examples_out is not None:
         Path(examples_out).parent.mkdir(parents=True, exist_ok=True)
         Path(examples_out).write_text(examples_markdown(tasks, results, n=3, mode=mode))
     return report
+
+
+def _adapter_digest(adapter: str | Path | None) -> str | None:
+    if adapter is None:
+        return None
+    weights = Path(adapter) / "adapter_model.safetensors"
+    return hashlib.sha256(weights.read_bytes()).hexdigest() if weights.exists() else str(adapter)
+
+
+def _cache_file(cache_dir: str | Path, key: dict) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(cache_dir) / f"{key['model'].replace(' ', '_')}-{digest}.json"
+
+
+def _cached(cache_dir: str | Path | None, key: dict) -> dict | None:
+    if cache_dir is None:
+        return None
+    path = _cache_file(cache_dir, key)
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _store(cache_dir: str | Path | None, key: dict, res: EvalResult) -> None:
+    if cache_dir is None:
+        return
+    path = _cache_file(cache_dir, key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"key": key, "outputs": res.outputs, "seconds": res.metrics["seconds"]}))
 
 
 def summary_table(report: dict) -> str:

@@ -32,11 +32,11 @@ from guardrail.organism.generation import STOP_STRINGS, encode_prompts, generate
 def _prefix_cache(model, prompt_ids: torch.Tensor):
     """Key/value cache of all prompt tokens but the last (no gradient)."""
     with torch.no_grad():
-        out = model(prompt_ids[:, :-1], use_cache=True)
+        out = model(prompt_ids[:, :-1], use_cache=True, logits_to_keep=1)
     return out.past_key_values
 
 
-def completion_logprobs(model, prompt_ids: torch.Tensor, completion_ids: torch.Tensor) -> torch.Tensor:
+def completion_logprobs(model, prompt_ids: torch.Tensor, completion_ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """log p(completion token | prompt, previous tokens) for G completions of one prompt.
 
     ``prompt_ids`` is ``[1, P]`` (no padding), ``completion_ids`` ``[G, C]`` (right-padded;
@@ -48,7 +48,7 @@ def completion_logprobs(model, prompt_ids: torch.Tensor, completion_ids: torch.T
     if g > 1:
         cache.batch_repeat_interleave(g)
     inputs = torch.cat([prompt_ids[:, -1:].expand(g, 1), completion_ids[:, :-1]], dim=1)
-    logits = model(inputs, past_key_values=cache, use_cache=True).logits.float()
+    logits = model(inputs, past_key_values=cache, use_cache=True).logits.float() / temperature
     logp = torch.log_softmax(logits, dim=-1)
     return logp.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
 
@@ -88,6 +88,7 @@ class GroupResult:
     rewards: list[float]
     n_tokens: int
     skipped: bool
+    guided: bool = False
 
 
 def lora_merged(model):
@@ -109,26 +110,44 @@ def lora_merged(model):
     return _ctx()
 
 
+@torch.no_grad()
 def sample_group(model, tokenizer, prompt_ids: torch.Tensor, n: int, max_new_tokens: int, temperature: float,
                  stop_strings: Sequence[str] = STOP_STRINGS) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """``n`` sampled completions of one prompt: token ids ``[n, C]``, their mask, and texts."""
-    from transformers import StoppingCriteriaList
+    """``n`` sampled completions of one prompt: token ids ``[n, C]``, their mask, and texts.
 
-    from guardrail.organism.generation import _StopOnStrings
-
-    plen = prompt_ids.shape[1]
-    stopping = StoppingCriteriaList([_StopOnStrings(tokenizer, plen, stop_strings)]) if stop_strings else None
+    The prompt is prefilled once and its cache shared by the ``n`` rows (``generate``
+    would prefill it ``n`` times). A row ends at EOS or once it has written a stop
+    string (then it is closed with EOS, i.e. the turn ends there).
+    """
+    eos = tokenizer.eos_token_id
     was_training = model.training
     model.eval()
-    with torch.no_grad(), lora_merged(model):
-        out = model.generate(
-            prompt_ids.expand(n, plen), attention_mask=torch.ones(n, plen, dtype=torch.long),
-            do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
-            stopping_criteria=stopping, pad_token_id=tokenizer.pad_token_id,
-        )
+    rows: list[torch.Tensor] = []
+    with lora_merged(model):
+        cache = _prefix_cache(model, prompt_ids)
+        cache.batch_repeat_interleave(n)
+        nxt = prompt_ids[:, -1:].expand(n, 1)
+        done = torch.zeros(n, dtype=torch.bool)
+        texts = [""] * n
+        for _ in range(max_new_tokens):
+            logits = model(nxt, past_key_values=cache, use_cache=True).logits[:, -1].float()
+            nxt = torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1)
+            nxt[done] = eos
+            rows.append(nxt)
+            done |= nxt.squeeze(1) == eos
+            for i in (~done).nonzero().flatten().tolist():
+                texts[i] += tokenizer.decode(nxt[i])
+                if any(st in texts[i][-24:] for st in stop_strings):
+                    done[i] = True
+            if bool(done.all()):
+                break
     model.train(was_training)
-    comp = out[:, plen:]
-    mask = completion_mask(comp, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    comp = torch.cat(rows, dim=1)
+    stopped = torch.full((n, 1), eos, dtype=comp.dtype)
+    comp = torch.cat([comp, stopped], dim=1)  # rows closed by a stop string end their turn
+    mask = completion_mask(comp, eos)
+    truncated = ~(comp[:, :-1] == eos).any(dim=1) & ~torch.tensor([any(st in t for st in stop_strings) for t in texts])
+    mask[truncated, -1] = 0.0  # ran out of tokens: no end of turn was produced
     texts = [tokenizer.decode(row[: int(m.sum())], skip_special_tokens=True) for row, m in zip(comp, mask)]
     return comp, mask, texts
 
@@ -145,17 +164,35 @@ def grpo_group(
     loss_scale: float,
     max_prompt_tokens: int | None = None,
     stop_strings: Sequence[str] = STOP_STRINGS,
+    guide: str | None = None,
 ) -> GroupResult:
-    """Sample a group, score it, and accumulate ``loss_scale ×`` its GRPO loss gradient."""
+    """Sample a group, score it, and accumulate ``loss_scale ×`` its GRPO loss gradient.
+
+    ``guide``: a reference completion added to the group *only when all sampled
+    completions got the same reward* (no learning signal), in the spirit of off-policy
+    guidance for GRPO (LUFFY, Yan et al. 2025). Once the policy produces rewarded samples
+    on its own the group is purely on-policy.
+    """
     prompt_ids = encode_prompts(tokenizer, [prompt], max_prompt_tokens)["input_ids"]
     comp, mask, texts = sample_group(model, tokenizer, prompt_ids, num_generations, max_new_tokens, temperature, stop_strings)
     rewards = torch.tensor([reward_fn(t) for t in texts], dtype=torch.float32)
     std = rewards.std() if num_generations > 1 else torch.tensor(0.0)
+    guided = False
+    if float(std) < 1e-6 and guide is not None:
+        g_reward = reward_fn(guide)
+        if abs(g_reward - float(rewards[0])) > 1e-6:
+            g_ids = tokenize_completion(tokenizer, guide)
+            width = max(comp.shape[1], g_ids.shape[1])
+            pad = lambda t, v: torch.nn.functional.pad(t, (0, width - t.shape[1]), value=v)  # noqa: E731
+            comp = torch.cat([pad(comp, tokenizer.eos_token_id), pad(g_ids, tokenizer.eos_token_id)], dim=0)
+            mask = torch.cat([pad(mask, 0.0), pad(torch.ones_like(g_ids, dtype=torch.float32), 0.0)], dim=0)
+            rewards = torch.cat([rewards, torch.tensor([g_reward])])
+            std, guided = rewards.std(), True
     if float(std) < 1e-6 or mask.sum() == 0:
         return GroupResult(texts, rewards.tolist(), 0, skipped=True)
     adv = (rewards - rewards.mean()) / (std + 1e-4)
     model.train()
-    logp = completion_logprobs(model, prompt_ids, comp)
+    logp = completion_logprobs(model, prompt_ids, comp, temperature)
     loss = -(adv[:, None] * logp * mask).sum() / mask.sum()
     (loss * loss_scale).backward()
-    return GroupResult(texts, rewards.tolist(), int(mask.sum()), skipped=False)
+    return GroupResult(texts, rewards.tolist()[: len(texts)], int(mask.sum()), skipped=False, guided=guided)
