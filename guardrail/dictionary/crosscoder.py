@@ -92,18 +92,33 @@ class Crosscoder(nn.Module):
 
     # ── partition enforcement ───────────────────────────────────────────
 
+    def _forbidden_views(self, tensors: tuple[torch.Tensor, torch.Tensor]) -> list[torch.Tensor]:
+        """Views of the forbidden blocks of (W_enc-shaped, W_dec-shaped) tensors.
+
+        Only exclusive columns have forbidden entries: B's encoder/decoder for A-exclusive
+        features and A's for B-exclusive ones, so zeroing touches n_a + n_b features, not D.
+        """
+        enc, dec = tensors
+        p = self.partition
+        a, b = slice(0, p.n_a), slice(p.n_a, p.n_a + p.n_b)
+        return [enc[1, :, a], enc[0, :, b], dec[a, 1, :], dec[b, 0, :]]
+
     @torch.no_grad()
     def apply_masks(self) -> None:
         """Zero the forbidden weights (B cannot encode/decode A-exclusive features, and vice versa)."""
-        self.W_enc.mul_(self.enc_mask.unsqueeze(1))
-        self.W_dec.mul_(self.dec_mask.unsqueeze(-1))
+        for view in self._forbidden_views((self.W_enc, self.W_dec)):
+            view.zero_()
 
     @torch.no_grad()
     def mask_gradients(self) -> None:
-        if self.W_enc.grad is not None:
-            self.W_enc.grad.mul_(self.enc_mask.unsqueeze(1))
-        if self.W_dec.grad is not None:
-            self.W_dec.grad.mul_(self.dec_mask.unsqueeze(-1))
+        if self.W_enc.grad is None or self.W_dec.grad is None:
+            for name in ("W_enc", "W_dec"):
+                g = getattr(self, name).grad
+                if g is not None:
+                    g.mul_(self.enc_mask.unsqueeze(1) if name == "W_enc" else self.dec_mask.unsqueeze(-1))
+            return
+        for view in self._forbidden_views((self.W_enc.grad, self.W_dec.grad)):
+            view.zero_()
 
     @torch.no_grad()
     def partition_violation(self) -> float:
@@ -160,7 +175,7 @@ class Crosscoder(nn.Module):
         """
         cfg = self.config
         if cfg.sparsity == "topk":
-            return Codes.from_topk(self._topk_indices(pre), self.dict_size)[0]
+            return Codes.from_topk(self._topk_indices(pre), self.dict_size)
         if cfg.sparsity == "batchtopk":
             if batch_rule:
                 n_sel = min(cfg.k * pre.shape[0], pre.numel())
@@ -181,7 +196,7 @@ class Crosscoder(nn.Module):
 
     def _encode_pre(self, pre: torch.Tensor) -> torch.Tensor:
         codes = self.select(pre)
-        return codes.dense(pre[codes.rows, codes.cols].clamp(min=0))
+        return codes.dense(codes.gather(pre).clamp(min=0))
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised [..., 2, d] -> sparse feature activations [..., D] (ReLU + sparsity rule)."""

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from guardrail.dictionary.crosscoder import Crosscoder
 from guardrail.dictionary.partition import PARTITION_MODELS, PARTITION_NAMES
-from guardrail.dictionary.sparse import Codes, select_linear, sparse_decode
+from guardrail.dictionary.sparse import Codes, select_linear, serial, sparse_decode
 
 
 @dataclass
@@ -70,7 +70,7 @@ def auxk_loss(cc: Crosscoder, xf: torch.Tensor, W: torch.Tensor, pre: torch.Tens
         kk = min(k_aux, n_dead)
         cand = pre[:, r.start : r.stop].masked_fill(~dead_r, float("-inf"))
         idx = cand.topk(kk, dim=-1, sorted=False).indices + r.start
-        codes, _ = Codes.from_topk(idx, cc.dict_size)
+        codes = Codes.from_topk(idx, cc.dict_size)
         vals = F.relu(select_linear(xf, W, cc.b_enc, pre, codes))
         e_hat = sparse_decode(vals, Wd, codes)
         cols = _model_cols(name, d) if name != "all" else slice(None)
@@ -110,14 +110,14 @@ def compute_loss(cc: Crosscoder, x: torch.Tensor, dead: torch.Tensor | None = No
         codes = cc.select(pre, batch_rule=True)
         vals = F.relu(select_linear(xf, W, cc.b_enc, pre, codes))
         x_hat = sparse_decode(vals, Wd, codes) + cc.b_dec.reshape(-1)
-        sums = _partition_sums(cc, codes, vals, labels)
-        active = vals.detach() > 0
-        fired = torch.zeros(D, dtype=torch.bool)
-        fired[codes.cols[active]] = True
-        l0_rows = torch.zeros(n).index_add(0, codes.rows, active.float())
-        l0_part = torch.zeros(3).index_add(0, labels[codes.cols], active.float()) / n
-        if active.any():
-            min_active = float(vals.detach()[active].min())
+        with serial():
+            sums = _partition_sums(cc, codes, vals, labels)
+            active = vals.detach() > 0
+            fired = torch.zeros(D, dtype=torch.bool).index_fill_(0, codes.cols[active], True)
+            l0_rows = torch.zeros(n).index_add(0, codes.rows, active.float())
+            l0_part = torch.zeros(3).index_add(0, labels[codes.cols], active.float()) / n
+            if active.any():
+                min_active = float(vals.detach()[active].min())
         extra = x_hat.new_zeros(())
         terms = {}
     mse = F.mse_loss(x_hat, xf)

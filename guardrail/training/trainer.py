@@ -119,9 +119,80 @@ def _update_threshold(cc: Crosscoder, res: StepResult, state: _State) -> None:
 
 
 def _log_row(step: int, lr: float, res: StepResult, cc: Crosscoder, dead: torch.Tensor) -> dict[str, Any]:
-    row = {"step": step, "lr": lr, **{k: round(v, 6) for k, v in res.terms.items()}}
+    row = {"step": step, **{k: round(v, 6) for k, v in res.terms.items()}, "lr": lr}
     row.update({f"dead_{k}": round(v, 4) for k, v in dead_by_partition(cc, dead).items()})
     return row
+
+
+class Trainer:
+    """The optimisation state of one run; ``step(s)`` performs optimiser step ``s`` (0-based)."""
+
+    def __init__(self, cc: Crosscoder, td: TrainingData, tc: TrainingConfig) -> None:
+        self.cc, self.td, self.tc = cc, td, tc
+        self.opt = _make_optimizer(cc, tc)
+        self.train_rows, self.eval_rows = split_rows(td.x.shape[0], tc.eval_fraction, tc.eval_max_rows, tc.seed)
+        self.order = BatchOrder(self.train_rows, tc.batch_size, tc.seed)
+        self.state = _State(cc.dict_size)
+        self.params = list(cc.parameters())
+
+    @property
+    def dead(self) -> torch.Tensor:
+        return self.state.steps_since_fired >= self.cc.config.aux_k.dead_steps
+
+    def step(self, step: int) -> StepResult:
+        cc, tc, opt = self.cc, self.tc, self.opt
+        lr_now = _lr_at(tc, step)
+        for group in opt.param_groups:
+            group["lr"] = lr_now
+        x = self.td.x[self.order.batch(step)]
+        opt.zero_grad(set_to_none=True)
+        res = compute_loss(cc, x, self.dead if cc.config.aux_k.enabled else None)
+        res.loss.backward()
+        cc.mask_gradients()
+        if tc.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.params, tc.grad_clip)
+        opt.step()
+        cc.apply_masks()
+        self.state.steps_since_fired = torch.where(res.fired, 0, self.state.steps_since_fired + 1)
+        _update_threshold(cc, res, self.state)
+        res.terms["lr"] = lr_now
+        return res
+
+    def save(self, folder: Path, step: int) -> None:
+        _save(folder, step, self.cc, self.opt, self.cc.config, self.tc, self.td, self.state)
+
+    def resume(self, folder: Path) -> int:
+        return _resume(folder, self.cc, self.opt, self.cc.config, self.tc, self.td, self.state)
+
+    def run(self, start: int, ck_dir: Path | None, callback: StepCallback | None) -> None:
+        tc = self.tc
+        bar = tqdm(total=tc.steps, initial=start, disable=not tc.progress, unit="step", dynamic_ncols=True, desc="train")
+        try:
+            for step in range(start, tc.steps):
+                res = self.step(step)
+                done = step + 1
+                if done % tc.log_every == 0 or done == tc.steps:
+                    row = _log_row(done, res.terms["lr"], res, self.cc, self.dead)
+                    self.state.history.append(row)
+                    bar.set_postfix(mse=f"{row['mse']:.4f}", l0=f"{row['l0']:.1f}", dead_a=row.get("dead_a_exclusive", 0.0))
+                bar.update(1)
+                if callback is not None:
+                    callback(done, self.cc, res)
+                if ck_dir is not None and tc.checkpoint_every and done % tc.checkpoint_every == 0 and done < tc.steps:
+                    self.save(ck_dir, done)
+        finally:
+            bar.close()
+
+
+def build_trainer(data: Any, config: CrosscoderConfig, training: TrainingConfig, mean=None, std=None) -> Trainer:
+    """A fresh crosscoder (seeded init, data normalisation stats set) and its optimisation state."""
+    if training.threads:
+        torch.set_num_threads(training.threads)
+    td = prepare_data(data, mean, std)
+    cfg = config.with_d_model(td.d_model)
+    cc = Crosscoder(cfg, seed=training.seed)
+    cc.set_normalization(td.mean, td.std)
+    return Trainer(cc, td, training)
 
 
 def train(
@@ -147,66 +218,24 @@ def train(
     its final metrics at ``cc.metrics``.
     """
     tc = _resolve_training(training, steps=steps, batch_size=batch_size, lr=lr, seed=seed)
-    if tc.threads:
-        torch.set_num_threads(tc.threads)
-    td = prepare_data(data, mean, std)
-    cfg = config.with_d_model(td.d_model)
-    cc = Crosscoder(cfg, seed=tc.seed)
-    cc.set_normalization(td.mean, td.std)
-    opt = _make_optimizer(cc, tc)
-    train_rows, eval_rows = split_rows(td.x.shape[0], tc.eval_fraction, tc.eval_max_rows, tc.seed)
-    order = BatchOrder(train_rows, tc.batch_size, tc.seed)
-    state = _State(cfg.dict_size)
+    trainer = build_trainer(data, config, tc, mean, std)
+    cc, td, state = trainer.cc, trainer.td, trainer.state
     out_dir = Path(out) if out is not None else None
     ck_dir = out_dir / CHECKPOINT_DIR if out_dir is not None else None
-    start = _resume(ck_dir, cc, opt, cfg, tc, td, state) if (ck_dir is not None and resume) else 0
+    start = trainer.resume(ck_dir) if (ck_dir is not None and resume) else 0
 
-    _loop(cc, opt, td, order, state, tc, start, ck_dir, callback)
+    trainer.run(start, ck_dir, callback)
 
-    metrics = evaluate(cc, td.x[eval_rows])
-    metrics["train_dead_fraction"] = dead_by_partition(cc, state.steps_since_fired >= cfg.aux_k.dead_steps)
-    metrics["eval_rows"] = "held out" if len(eval_rows) + len(train_rows) == td.x.shape[0] else "sample of training rows"
+    metrics = evaluate(cc, td.x[trainer.eval_rows])
+    metrics["train_dead_fraction"] = dead_by_partition(cc, trainer.dead)
+    held_out = len(trainer.eval_rows) + len(trainer.train_rows) == td.x.shape[0]
+    metrics["eval_rows"] = "held out" if held_out else "sample of training rows"
     if state.history:
         metrics["final_step"] = state.history[-1]
     cc.metrics = metrics
     if out_dir is not None:
         _finish(out_dir, cc, tc, td, state, metrics, manifest_fields or {})
     return cc.eval()
-
-
-def _loop(cc, opt, td: TrainingData, order: BatchOrder, state: _State, tc: TrainingConfig, start: int, ck_dir: Path | None, callback) -> None:
-    cfg = cc.config
-    params = list(cc.parameters())
-    bar = tqdm(total=tc.steps, initial=start, disable=not tc.progress, unit="step", dynamic_ncols=True, desc="train")
-    try:
-        for step in range(start, tc.steps):
-            lr_now = _lr_at(tc, step)
-            for group in opt.param_groups:
-                group["lr"] = lr_now
-            x = td.x[order.batch(step)]
-            dead = state.steps_since_fired >= cfg.aux_k.dead_steps
-            opt.zero_grad(set_to_none=True)
-            res = compute_loss(cc, x, dead if cfg.aux_k.enabled else None)
-            res.loss.backward()
-            cc.mask_gradients()
-            if tc.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
-            opt.step()
-            cc.apply_masks()
-            state.steps_since_fired = torch.where(res.fired, 0, state.steps_since_fired + 1)
-            _update_threshold(cc, res, state)
-            done = step + 1
-            if done % tc.log_every == 0 or done == tc.steps:
-                row = _log_row(done, lr_now, res, cc, state.steps_since_fired >= cfg.aux_k.dead_steps)
-                state.history.append(row)
-                bar.set_postfix(mse=f"{row['mse']:.4f}", l0=f"{row['l0']:.1f}", dead_a=row.get("dead_a_exclusive", 0.0))
-            bar.update(1)
-            if callback is not None:
-                callback(done, cc, res)
-            if ck_dir is not None and tc.checkpoint_every and done % tc.checkpoint_every == 0 and done < tc.steps:
-                _save(ck_dir, done, cc, opt, cfg, tc, td, state)
-    finally:
-        bar.close()
 
 
 def _finish(out_dir: Path, cc: Crosscoder, tc: TrainingConfig, td: TrainingData, state: _State, metrics: dict, extra: dict) -> None:
