@@ -4,13 +4,21 @@ Never pickle: tensors go through safetensors, everything else is JSON validated 
 The manifest records the sha256 of the tensor file and of every tensor, and a digest of
 itself; ``load_artifact`` refuses a folder where any of them disagree, or where a DFC's
 forbidden weights are not exactly zero.
+
+Artifacts are files strangers publish, so everything is checked *before* a tensor is
+allocated or used: a folder holding pickle-format files is refused without opening them;
+the manifest's sizes are bounded and must agree with its architecture, its tensor list
+and the safetensors header; the file size must be exactly what the header declares.
+Only then is the file hashed (streamed) and read.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import struct
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -31,8 +39,29 @@ FORMAT = "guardrail.crosscoder"
 FORMAT_VERSION = 1
 
 
+# Files guardrail refuses to find in an artifact folder: they are (or may be) pickles,
+# and unpickling runs code. Convert a checkpoint you trust with the importers instead.
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy", ".npz")
+MAX_MANIFEST_BYTES = 64 << 20  # normalisation stats of d=65536 take ~3 MB of JSON
+MAX_HEADER_BYTES = 16 << 20
+MAX_D_MODEL = 1 << 16
+MAX_DICT_SIZE = 1 << 24
+DEFAULT_MAX_ARTIFACT_BYTES = 64 << 30
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int64": 8, "int32": 4, "int16": 2, "int8": 1, "uint8": 1, "bool": 1}
+_SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
 class ArtifactError(ValueError):
     """The artifact folder is missing, malformed, or does not match its manifest."""
+
+
+def max_artifact_bytes() -> int:
+    """Largest tensor payload ``load_artifact`` accepts (env ``GUARDRAIL_MAX_ARTIFACT_BYTES``)."""
+    raw = os.environ.get("GUARDRAIL_MAX_ARTIFACT_BYTES")
+    try:
+        return int(raw) if raw else DEFAULT_MAX_ARTIFACT_BYTES
+    except ValueError:
+        raise ArtifactError(f"GUARDRAIL_MAX_ARTIFACT_BYTES={raw!r} is not an integer number of bytes") from None
 
 
 class TensorInfo(BaseModel):
@@ -83,7 +112,7 @@ class ArtifactManifest(BaseModel):
     training: dict[str, Any] | None = None
     metrics: dict[str, Any] = {}
     source: Source = Field(default_factory=Source)
-    tensors_file: str = TENSORS_FILE
+    tensors_file: str = Field(default=TENSORS_FILE, pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*\.safetensors$")  # a file in the folder, never a path
     tensors_sha256: str
     tensors: dict[str, TensorInfo]
     manifest_sha256: str = ""
@@ -167,8 +196,12 @@ def read_manifest(path: str | Path) -> ArtifactManifest:
     mpath = root / MANIFEST_FILE
     if not root.is_dir():
         raise ArtifactError(f"{root} is not an artifact folder")
+    _refuse_pickles(root)
     if not mpath.exists():
         raise ArtifactError(f"{root} has no {MANIFEST_FILE}; not a guardrail crosscoder artifact")
+    size = mpath.stat().st_size
+    if size > MAX_MANIFEST_BYTES:
+        raise ArtifactError(f"{mpath} is {size} bytes, above the {MAX_MANIFEST_BYTES}-byte limit for a manifest")
     try:
         manifest = ArtifactManifest.model_validate_json(mpath.read_bytes())
     except ValidationError as exc:
@@ -183,19 +216,20 @@ def load_artifact(path: str | Path, *, device: str | torch.device = "cpu") -> Cr
     root = Path(path)
     manifest = read_manifest(root)
     tpath = root / manifest.tensors_file
-    if not tpath.exists():
+    if not tpath.is_file():
         raise ArtifactError(f"{root} lacks its tensor file {manifest.tensors_file}")
-    data = tpath.read_bytes()
-    if _sha256_bytes(data) != manifest.tensors_sha256:
+    cls = ARCHITECTURES.get(manifest.architecture)
+    if cls is None:
+        raise ArtifactError(f"unknown architecture {manifest.architecture!r}; known: {sorted(ARCHITECTURES)}")
+    _check_declared_sizes(manifest, cls, root)
+    _check_safetensors_header(tpath, manifest)
+    if _sha256_file(tpath) != manifest.tensors_sha256:
         raise ArtifactError(f"{tpath} does not match the sha256 in its manifest: the file was modified or damaged")
     try:
         tensors = load_file(str(tpath))
     except (SafetensorError, OSError) as exc:
         raise ArtifactError(f"{tpath} is not a readable safetensors file: {exc}") from exc
     _verify_tensors(tensors, manifest, tpath)
-    cls = ARCHITECTURES.get(manifest.architecture)
-    if cls is None:
-        raise ArtifactError(f"unknown architecture {manifest.architecture!r}; known: {sorted(ARCHITECTURES)}")
     cc = cls(manifest.config, seed=None)
     try:
         cc.load_state_dict(tensors, strict=True)
@@ -219,3 +253,92 @@ def _verify_tensors(tensors: dict[str, torch.Tensor], manifest: ArtifactManifest
         t = tensors[name]
         if list(t.shape) != info.shape or tensor_sha256(t) != info.sha256:
             raise ArtifactError(f"tensor {name!r} in {tpath} does not match its manifest entry (shape or sha256)")
+
+
+# --------------------------------------------------------------------------- hostile-file checks
+def _refuse_pickles(root: Path) -> None:
+    """Refuse a folder holding pickle-format files, without opening them."""
+    found = sorted(p.name for p in root.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+    if found:
+        raise ArtifactError(
+            f"{root} contains pickle-format file(s) {found}; guardrail never unpickles artifact files. "
+            f"An artifact is {TENSORS_FILE} + {MANIFEST_FILE} only: remove them, or convert a checkpoint you trust "
+            "with `guardrail import-paper` / `guardrail import-dictionary-learning` (tensors-only loading)."
+        )
+
+
+def _check_declared_sizes(manifest: ArtifactManifest, cls: type, root: Path) -> None:
+    """Bound the manifest's sizes and check they agree with each other, before any allocation."""
+    d, D = manifest.d_model, manifest.dict_size
+    if not 0 < d <= MAX_D_MODEL:
+        raise ArtifactError(f"{root}: manifest d_model={d} is outside 1..{MAX_D_MODEL}")
+    if not 0 < D <= MAX_DICT_SIZE:
+        raise ArtifactError(f"{root}: manifest dict_size={D} is outside 1..{MAX_DICT_SIZE}")
+    checks = (("config.d_model", manifest.config.d_model, "d_model", d), ("config.dict_size", manifest.config.dict_size, "dict_size", D),
+              ("partition.dict_size", manifest.partition.dict_size, "dict_size", D))
+    for field, value, ref, expected in checks:
+        if value != expected:
+            raise ArtifactError(f"{root}: manifest {field}={value} disagrees with {ref}={expected}")
+    for name in ("mean", "std"):
+        rows = getattr(manifest.normalization, name)
+        if len(rows) != 2 or any(len(r) != d for r in rows):
+            raise ArtifactError(f"{root}: manifest normalization.{name} is not [2, {d}]")
+    total = 0
+    for name, info in manifest.tensors.items():
+        if info.dtype not in _DTYPE_BYTES or any(n < 0 for n in info.shape):
+            raise ArtifactError(f"{root}: manifest tensor {name!r} has dtype {info.dtype!r} / shape {info.shape}, which guardrail does not load")
+        total += math.prod(info.shape) * _DTYPE_BYTES[info.dtype]
+    limit = max_artifact_bytes()
+    if total > limit:
+        raise ArtifactError(f"{root}: manifest declares {total} bytes of tensors, above the {limit}-byte limit (GUARDRAIL_MAX_ARTIFACT_BYTES)")
+    try:
+        with torch.device("meta"):  # shapes only: nothing is allocated
+            expected_shapes = {k: list(v.shape) for k, v in cls(manifest.config, seed=None).state_dict().items()}
+    except (ValueError, RuntimeError, TypeError) as exc:
+        raise ArtifactError(f"{root}: manifest config does not describe a buildable {manifest.architecture}: {exc}") from exc
+    declared = {k: v.shape for k, v in manifest.tensors.items()}
+    if declared != expected_shapes:
+        diff = {k: (declared.get(k), expected_shapes.get(k)) for k in sorted(set(declared) | set(expected_shapes)) if declared.get(k) != expected_shapes.get(k)}
+        raise ArtifactError(
+            f"{root}: manifest tensor shapes do not fit a {manifest.architecture} with d_model={d}, dict_size={D} "
+            f"(name: (declared, expected)) {diff}"
+        )
+
+
+def _check_safetensors_header(tpath: Path, manifest: ArtifactManifest) -> None:
+    """Read only the safetensors header; it must list the manifest's tensors and cover the file exactly."""
+    size = tpath.stat().st_size
+    with open(tpath, "rb") as fh:
+        head = fh.read(8)
+        if head[:1] == b"\x80" or head[:4] == b"PK\x03\x04":
+            raise ArtifactError(f"{tpath} is a pickle/zip checkpoint, not safetensors; refused without loading it")
+        if len(head) < 8:
+            raise ArtifactError(f"{tpath} is {size} bytes: too short for a safetensors file")
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER_BYTES or 8 + n > size:
+            raise ArtifactError(f"{tpath} declares a {n}-byte safetensors header in a {size}-byte file; refused")
+        try:
+            header = json.loads(fh.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ArtifactError(f"{tpath} has no valid safetensors header: {exc}") from None
+    if not isinstance(header, dict):
+        raise ArtifactError(f"{tpath} has no valid safetensors header")
+    entries = {k: v for k, v in header.items() if k != "__metadata__"}
+    if set(entries) != set(manifest.tensors):
+        raise ArtifactError(f"{tpath} holds tensors {sorted(entries)} but the manifest lists {sorted(manifest.tensors)}")
+    data_bytes = 0
+    for name, entry in entries.items():
+        info = manifest.tensors[name]
+        if not isinstance(entry, dict) or _SAFETENSORS_DTYPES.get(str(entry.get("dtype"))) != info.dtype or entry.get("shape") != info.shape:
+            raise ArtifactError(f"tensor {name!r} in {tpath} is declared {entry!r} in the file but {info.dtype} {info.shape} in the manifest")
+        data_bytes += math.prod(info.shape) * _DTYPE_BYTES[info.dtype]
+    if 8 + n + data_bytes != size:
+        raise ArtifactError(f"{tpath} is {size} bytes but its header declares {8 + n + data_bytes}; refused")
+
+
+def _sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()

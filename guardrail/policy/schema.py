@@ -251,7 +251,9 @@ def parse_yaml_with_lines(text: str, source: str) -> tuple[Any, dict[tuple, int]
         path, line = exc.args
         raise PolicyError(source, [(_fmt(path), line, "duplicate key")]) from None
     except (yaml.YAMLError, ValueError, TypeError, RecursionError) as exc:
-        raise PolicyError(source, [("<yaml>", None, str(exc))]) from None
+        mark = getattr(exc, "problem_mark", None)  # e.g. a !!python/... tag the safe loader refuses
+        line = mark.line + 1 if mark is not None else None
+        raise PolicyError(source, [("<yaml>", line, str(getattr(exc, "problem", None) or exc))]) from None
     return data, lines
 
 
