@@ -236,10 +236,14 @@ class VLLMBackend:
 
             from guardrail.residual.vllm_guard import engine_kwargs
 
+            # Prefix caching is exact here: the patch touches only the last prompt token, and vLLM
+            # never serves the block holding a prompt's last token from the cache (it recomputes
+            # it for the logits), so every condition re-runs that token with its own patch while
+            # the shared prompt prefix is computed once per model.
             if torch.cuda.is_available():
-                kw: dict[str, Any] = dict(dtype="bfloat16", gpu_memory_utilization=0.4, enforce_eager=False, enable_prefix_caching=False, seed=0)
+                kw: dict[str, Any] = dict(dtype="bfloat16", gpu_memory_utilization=0.4, enforce_eager=False, enable_prefix_caching=True, seed=0)
             else:
-                kw = engine_kwargs(dtype=self.dtype, kv_cache_memory_bytes=self.kv_cache_bytes)
+                kw = engine_kwargs(dtype=self.dtype, kv_cache_memory_bytes=self.kv_cache_bytes, enable_prefix_caching=True)
             self._engines[path] = LLM(model=path, max_model_len=getattr(loaded.model.config, "max_position_embeddings", 4096), **kw)
         return self._engines[path]
 

@@ -209,7 +209,10 @@ def test_vllm_and_transformers_agree_clean_and_patched(tiny_pair):
     patches = [acts[i, 0] + 30 * torch.randn(D_MODEL, generator=g) for i in range(4)]
     patched = hf.generate(tiny_pair.a, suite.texts, settings, layer=1, patches=patches)
     assert vl.generate(tiny_pair.a, suite.texts, settings, layer=1, patches=patches) == patched
-    assert patched != hf.generate(tiny_pair.a, suite.texts, settings)
+    clean = hf.generate(tiny_pair.a, suite.texts, settings)
+    assert patched != clean
+    # prefix caching never carries a patched last token into the next request on the same prompt
+    assert vl.generate(tiny_pair.a, suite.texts, settings) == clean
 
 
 def test_harness_steering_equals_the_guard_engine(tiny_pair, dfc, tmp_path):
