@@ -56,6 +56,8 @@ def reproduce_cmd(
     cache: Optional[Path] = typer.Option(None, "--cache", help="Reuse an activation cache instead of collecting."),
     n_tool: Optional[int] = typer.Option(None, "--n-tool", help="Override the profile's tool prompt count."),
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Override the profile's decoding length."),
+    train_prompts: Optional[int] = typer.Option(None, "--train-prompts", help="Override the tool (and as many ordinary) prompts collected for training."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Override the training steps of every dictionary."),
     experiments: Optional[str] = typer.Option(None, "--experiments", help="Comma-separated subset: splice,steering,ablation,sweep,geometry,explain."),
 ) -> None:
     """Collect, train, rank and run every experiment; write results.json, report.md, report.html."""
@@ -65,7 +67,7 @@ def reproduce_cmd(
     if pair is None and not (model_a and model_b):
         pair = "organism"
     p = load_pair_from(pair, model_a, model_b, adapter_a)
-    prof = get_profile(profile, pair, n_tool=n_tool, max_new_tokens=max_new_tokens,
+    prof = get_profile(profile, pair, n_tool=n_tool, max_new_tokens=max_new_tokens, train_tool=train_prompts, train_plain=train_prompts, steps=steps,
                        experiments=[e.strip() for e in experiments.split(",")] if experiments else None)
     reproduce(prof, p, _out(out, f"reproduce-{profile}"), backend=backend, seed=seed, layer=layer, cache_dir=cache, pair_name=pair)
 

@@ -58,18 +58,31 @@ def _rank(cc_dir: Path, cache: Any) -> dict[str, Any]:
     return {"ranking": r, "summary": {"n_tool": r.n_tool, "n_plain": r.n_plain, "tool_signed": signed, "sidecar": str(cc_dir / "ranking.json")}}
 
 
-def _stage(res: dict[str, Any], key: str, fn: Callable[[], Any], progress: bool) -> Any:
+def _checkpoint(res: dict[str, Any], out: Path | None) -> None:
+    """Write what is measured so far (results.partial.json): a long run shows progress and loses nothing."""
+    if out is None:
+        return
+    import json
+
+    from guardrail.eval.report import _slim
+
+    (out / "results.partial.json").write_text(json.dumps(_slim(res), indent=1, default=str))
+
+
+def _stage(res: dict[str, Any], key: str, fn: Callable[[], Any], progress: bool, out: Path | None = None) -> Any:
     t = time.time()
     _log(f"{key} ...", progress)
     try:
-        out = fn()
-        res[key] = out
+        out_val = fn()
+        res[key] = out_val
         _log(f"{key} done in {time.time() - t:.0f} s", progress)
-        return out
+        _checkpoint(res, out)
+        return out_val
     except Exception as exc:  # noqa: BLE001 - keep the other stages' numbers
         res[key] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(limit=8)}
         res.setdefault("meta", {}).setdefault("notes", []).append(f"{key} failed: {type(exc).__name__}: {exc}")
         _log(f"{key} FAILED: {type(exc).__name__}: {exc}", progress)
+        _checkpoint(res, out)
         if os.environ.get("GUARDRAIL_DEBUG"):
             raise
         return None
@@ -121,28 +134,29 @@ def reproduce(profile: Profile, pair: Any, out: str | Path, *, backend: str = "a
     res["dictionaries"] = {k: dictionary_health(cc, eval_acts, is_tool) for k, cc in (("dfc", dfc), ("dfc_penalised", pen), ("standard", std))}
     res["suites"] = {"tool": tools.recipe, "mixed": mixed.recipe}
     if profile.n_plain:
-        _stage(res, "plain_false_calls", lambda: _plain_false_calls(ctx, plain_suite(profile.n_plain, seed)), progress)
+        _stage(res, "plain_false_calls", lambda: _plain_false_calls(ctx, plain_suite(profile.n_plain, seed)), progress, out)
 
     exps = profile.experiments
     if "splice" in exps:
-        _stage(res, "splice", lambda: run_splice(ctx, dfc, tools), progress)
+        _stage(res, "splice", lambda: run_splice(ctx, dfc, tools), progress, out)
     if "steering" in exps:
         _stage(res, "steering", lambda: run_steering(ctx, dfc, ranks["dfc"]["ranking"], tools, standard=std, standard_ranking=ranks["standard"]["ranking"],
-                                                     sizes=profile.sizes, alphas=profile.alphas), progress)
+                                                     sizes=profile.sizes, alphas=profile.alphas), progress, out)
     if "ablation" in exps:
-        _stage(res, "ablation", lambda: run_ablation(ctx, dfc, pen, tools), progress)
+        _stage(res, "ablation", lambda: run_ablation(ctx, dfc, pen, tools), progress, out)
     if "sweep" in exps and sweep_vs:
         sweep_suite = tool_suite(profile.sweep_prompts or profile.n_tool, seed)
-        _stage(res, "sweep", lambda: run_sweep(ctx, [(v, trained[v.name]) for v in sweep_vs], sweep_suite), progress)
+        _stage(res, "sweep", lambda: run_sweep(ctx, [(v, trained[v.name]) for v in sweep_vs], sweep_suite), progress, out)
     if "geometry" in exps:
-        _stage(res, "geometry", lambda: run_geometry(dfc, std, seed=seed), progress)
+        _stage(res, "geometry", lambda: run_geometry(dfc, std, seed=seed), progress, out)
     if "explain" in exps:
         ex_suite = mixed_suite(max(1, profile.explain_prompts // 2), profile.explain_prompts // 2, seed)
         _stage(res, "explain", lambda: run_explain(pair, dfc, ranks["dfc"]["ranking"], ex_suite, layer, per_partition=profile.explain_per_partition,
-                                                   max_prompt_tokens=profile.max_prompt_tokens), progress)
+                                                   max_prompt_tokens=profile.max_prompt_tokens), progress, out)
     res["meta"]["duration_s"] = time.time() - t0
     res["meta"]["n_generated"] = ctx.n_generated
     paths = write_report(res, out)
+    (out / "results.partial.json").unlink(missing_ok=True)
     _log(f"report: {paths['markdown']} ({res['meta']['duration_s']:.0f} s, {ctx.n_generated} generations)", progress)
     return res
 

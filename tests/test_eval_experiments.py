@@ -233,3 +233,20 @@ def test_harness_steering_equals_the_guard_engine(tiny_pair, dfc, tmp_path):
     with guard(tiny_pair.a, dfc, policy, model_b=tiny_pair.b) as g:
         theirs = g.generate(suite.texts, max_new_tokens=SETTINGS.max_new_tokens)
     assert ours == [enc.decode(r.token_ids, skip_special_tokens=False) for r in theirs]
+
+
+def test_reproduce_end_to_end_on_the_tiny_pair(tiny_pair, tmp_path):
+    """Collect → train (grid runner) → rank (sidecar) → splice → report, at smoke size."""
+    from guardrail.eval.profiles import get_profile
+    from guardrail.eval.reproduce import reproduce
+
+    prof = get_profile("quick", "tiny", n_tool=3, n_plain=3, train_tool=4, train_plain=4, steps=5, max_new_tokens=3, experiments=["splice"])
+    res = reproduce(prof, tiny_pair, tmp_path, backend="transformers", progress=False, pair_name="tiny")
+    assert "error" not in res["splice"] and res["splice"]["n_prompts"] == 3
+    assert (tmp_path / "report.md").exists() and (tmp_path / "report.html").exists() and not (tmp_path / "results.partial.json").exists()
+    md = (tmp_path / "report.md").read_text()
+    assert "## Paper vs this run" in md and "(n=3)" in md
+    for name in res["dictionaries_trained"].values():
+        assert (tmp_path / "dictionaries" / name / "ranking.json").exists() or name == res["dictionaries_trained"]["dfc_penalised"]
+    rows = [json.loads(line) for line in (tmp_path / "outputs" / "splice_dfc.jsonl").read_text().splitlines()]
+    assert {r["condition"] for r in rows} == {"clean", "recon_joint", "recon_single"} and all("output" in r for r in rows)
