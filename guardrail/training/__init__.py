@@ -1,8 +1,22 @@
 """Training crosscoders and DFCs: trainer, metrics, checkpoints, sweeps."""
 
 from guardrail.training.checkpoint import CheckpointError
-from guardrail.training.config import TrainingConfig
+from guardrail.training.config import TrainingConfig, auto_steps
 from guardrail.training.metrics import evaluate
-from guardrail.training.trainer import train
+from guardrail.training.sweep import Grid, SweepError, expand_grid, load_grid, run_sweep
+from guardrail.training.trainer import Trainer, build_trainer, train
 
-__all__ = ["CheckpointError", "TrainingConfig", "evaluate", "train"]
+__all__ = [
+    "CheckpointError",
+    "Grid",
+    "SweepError",
+    "Trainer",
+    "TrainingConfig",
+    "auto_steps",
+    "build_trainer",
+    "evaluate",
+    "expand_grid",
+    "load_grid",
+    "run_sweep",
+    "train",
+]
