@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from guardrail.dictionary.artifact import ArtifactError
-from guardrail.dictionary.config import CrosscoderConfig
+from guardrail.dictionary.config import AuxKConfig, CrosscoderConfig
 from guardrail.dictionary.crosscoder import Crosscoder
 from guardrail.dictionary.partition import Partition
 
@@ -102,6 +102,7 @@ def import_paper_checkpoint(
         lambda_excl=float(hp.get("exclusive_sparsity_coef", 0.0)),
         penalty_form="paper",
         exclusive_init_scale=1.0,
+        aux_k=AuxKConfig(enabled=False),  # the paper trained without revival
     )
     cc = Crosscoder(config, seed=None)
     notes: list[str] = []
@@ -180,7 +181,8 @@ def import_dictionary_learning(
         W_enc, W_dec = W_enc.flip(0), W_dec.flip(0)
         state = dict(state, **{"decoder.bias": state["decoder.bias"].flip(0)})
         notes.append("model order swapped: checkpoint index 0 is model B (mean/std are taken in guardrail's order, 0 = A)")
-    config = CrosscoderConfig(d_model=d, dict_size=D, k=int(k_val) if k_val else None, sparsity=sparsity, exclusive_init_scale=1.0)
+    config = CrosscoderConfig(d_model=d, dict_size=D, k=int(k_val) if k_val else None, sparsity=sparsity, exclusive_init_scale=1.0,
+                              aux_k=AuxKConfig(enabled=False))
     cc = Crosscoder(config, seed=None)
     with torch.no_grad():
         cc.W_enc.copy_(W_enc.float())
