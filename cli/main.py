@@ -26,7 +26,7 @@ EXIT_ERROR = 3
 EXIT_USAGE = 64
 
 # Command modules, in the order of the data flow; each defines register(app).
-COMMAND_MODULES = ["collect", "train", "organism", "guard", "audit", "eval"]
+COMMAND_MODULES = ["collect", "train", "organism", "guard", "audit", "eval", "demo"]
 
 for _name in COMMAND_MODULES:
     importlib.import_module(f"guardrail.cli.{_name}").register(app)

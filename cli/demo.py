@@ -1,0 +1,49 @@
+"""CLI: ``guardrail demo``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def demo_cmd(
+    pair: str = typer.Option("organism", "--pair", help="organism (embedded SmolLM2 pair) or tiny (random, seconds)."),
+    out: Path = typer.Option(Path("runs/demo"), "--out", help="Folder for report.md, report.html, saturation.png."),
+    retrain: bool = typer.Option(False, "--retrain", help="Collect and train the DFC again instead of using the cache."),
+    steps: int = typer.Option(4000, help="DFC training steps on first run."),
+    dict_size: int = typer.Option(2048, help="DFC dictionary size."),
+    tool_prompts: int = typer.Option(0, help="Tool prompts for collection (0 = the whole BFCL train split)."),
+    curve_prompts: int = typer.Option(24, help="Prompts per point of the saturation curve."),
+    audit_prompts: int = typer.Option(200, help="Held-out prompts for the audit (fewer cannot certify 2 pp)."),
+    max_new_tokens: int = typer.Option(96, help="New tokens per generation."),
+    backend: str = typer.Option("auto", help="Audit generation backend: auto, vllm or transformers."),
+) -> None:
+    """The paper on your CPU: B hedges, A calls tools, one feature steers, a clamp stops it, the audit judges."""
+    from rich.console import Console
+    from rich.panel import Panel
+    from rich.table import Table
+
+    from guardrail.demo import DemoConfig, run_demo, write_report
+
+    console = Console()
+    cfg = DemoConfig(pair=pair, out=out, retrain=retrain, steps=steps, dict_size=dict_size, tool_prompts=tool_prompts or None,
+                     curve_prompts=curve_prompts, audit_prompts=audit_prompts, max_new_tokens=max_new_tokens, backend=backend)
+    result = run_demo(cfg, say=lambda m: console.print(f"[bold cyan]•[/] {m}"))
+    for name, text in result.outputs.items():
+        console.print(Panel(text.strip() or "(empty)", title=name, title_align="left"))
+    console.print(Panel("\n".join(map(str, result.alerts)) or "(no alert)", title="alerts (exclusive-alert policy)", title_align="left"))
+    table = Table(title=f"steering saturation, n={result.curve_n}")
+    for alpha in result.curve["alpha"]:
+        table.add_column(f"α={alpha:g}")
+    table.add_row(*[f"{100 * v:.0f}%" for v in result.curve["format_accuracy"]])
+    console.print(table)
+    a = result.audit
+    console.print(Panel("\n".join([f"{k}: {100 * g['gain']:+.1f} pp [{100 * g['low']:+.1f}, {100 * g['high']:+.1f}]" for k, g in a["gains"].items()] + a["reasons"]),
+                        title=f"audit: {a['verdict']}", title_align="left"))
+    path = write_report(result, out)
+    console.print(f"report: {path / 'report.html'}  (timings {result.timings})")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("demo")(demo_cmd)

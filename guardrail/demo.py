@@ -1,0 +1,232 @@
+"""The paper's story on one machine: hedger, agent, steered hedger, kill switch, alerts, audit.
+
+Every step calls the library the way a user would (collect → train → rank → policies →
+guard → audit); the demo only chooses settings and lays the results side by side.
+Expensive results are cached under ``$GUARDRAIL_HOME/demo/<pair>`` so a second run
+only generates.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable
+
+from guardrail.paths import home
+
+ALPHAS = (1.0, 6.0, 16.0, 32.0, 64.0)
+
+
+@dataclass
+class DemoConfig:
+    pair: str = "organism"
+    layer: int | None = None  # default: 36% depth, as layer 13/36 in the paper
+    last_n: int = 32  # training rows: the last N prompt tokens of each prompt
+    tool_prompts: int | None = None  # None: every BFCL train-split task
+    dict_size: int = 2048
+    k: int = 32
+    exclusive: float = 0.05
+    steps: int = 4000
+    batch_size: int = 512
+    curve_prompts: int = 24  # prompts per point of the saturation curve
+    max_new_tokens: int = 96
+    audit_prompts: int = 200
+    audit_tokens: int = 48
+    backend: str = "auto"
+    retrain: bool = False
+    out: Path = Path("runs/demo")
+
+
+@dataclass
+class DemoResult:
+    prompt_id: str
+    outputs: dict[str, str]
+    alerts: list[dict]
+    curve: dict[str, list[float]]
+    curve_n: int
+    feature: dict
+    audit: dict
+    timings: dict[str, float] = field(default_factory=dict)
+    artifact: str = ""
+
+
+def policy_file(name: str) -> Path:
+    """A shipped policy (``policies/`` in the source tree, ``guardrail.policies`` installed)."""
+    return Path(str(resources.files("guardrail.policies") / name))
+
+
+def _default_layer(n_layers: int) -> int:
+    return min(n_layers - 1, round(13 / 36 * n_layers))
+
+
+def ensure_dfc(pair, cfg: DemoConfig, say: Callable[[str], None]) -> Path:
+    """The demo's DFC: cached from an earlier run, else collected, trained and ranked now."""
+    from guardrail.activations import collect
+    from guardrail.dictionary import DFCConfig
+    from guardrail.features.ranking import RANKING_FILE, rank
+    from guardrail.prompts import mixed
+    from guardrail.residual import Site
+    from guardrail.training import train
+
+    root = home() / "demo" / cfg.pair
+    art = root / "dfc"
+    if cfg.retrain:
+        shutil.rmtree(art, ignore_errors=True)
+    if (art / RANKING_FILE).exists():
+        say(f"using the cached DFC at {art}")
+        return art
+    layer = _default_layer(pair.n_layers) if cfg.layer is None else cfg.layer
+    prompts = mixed(cfg.tool_prompts, None, split="train", mode="raw", tokenizer=pair.tokenizer)
+    say(f"collecting activations of A and B at layer {layer} ({len(prompts)} prompts, last {cfg.last_n} tokens each)")
+    cache = collect(pair, prompts, Site(layer=layer, positions="prompt", last_n=cfg.last_n), root / "cache")
+    say(f"training a DFC: D={cfg.dict_size}, k={cfg.k}, {cfg.exclusive:.0%} exclusive per model, {cfg.steps} steps")
+    train(cache, DFCConfig(dict_size=cfg.dict_size, k=cfg.k, exclusive=cfg.exclusive), art, steps=cfg.steps, batch_size=cfg.batch_size)
+    rank(art, cache)
+    return art
+
+
+def _policies(feature_alpha: float) -> dict[str, Any]:
+    from guardrail.policy import Policy
+
+    amplify = Policy.load(policy_file("tool-use-amplify.yaml"))
+    data = amplify.model_dump(mode="json", exclude_unset=True)
+    data["rules"][0]["alpha"] = feature_alpha
+    return {
+        "amplify": Policy.from_data(data, source="tool-use-amplify (demo alpha)"),
+        "kill": Policy.load(policy_file("tool-use-kill-switch.yaml")),
+        "alert": Policy.load(policy_file("exclusive-alert.yaml")),
+    }
+
+
+def _pick_prompt(pair, tasks, art: Path, max_new_tokens: int):
+    """A held-out tool prompt on which both B and A hedge (no tool call): the headroom case."""
+    from guardrail.policy import guard
+    from guardrail.tasks import format_accuracy
+
+    for task in tasks:
+        text = task.render(pair.tokenizer, "raw")
+        with guard(pair.a, art, policy_file("exclusive-alert.yaml")) as g:
+            a_out = g.generate(text, max_new_tokens=max_new_tokens)
+        if not format_accuracy(a_out.text):
+            return task, text
+    return tasks[0], tasks[0].render(pair.tokenizer, "raw")
+
+
+def saturation_curve(pair, art: Path, texts: list[str], cfg: DemoConfig) -> dict[str, list[float]]:
+    """Format accuracy of A with the top A-exclusive feature scale-steered, per α."""
+    from guardrail.policy import guard
+    from guardrail.tasks import format_accuracy
+
+    curve: dict[str, list[float]] = {"alpha": [], "format_accuracy": []}
+    for alpha in ALPHAS:
+        with guard(pair.a, art, _policies(alpha)["amplify"]) as g:
+            outs = g.generate(texts, max_new_tokens=cfg.max_new_tokens)
+        curve["alpha"].append(alpha)
+        curve["format_accuracy"].append(sum(format_accuracy(o.text) for o in outs) / len(outs))
+    return curve
+
+
+def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> DemoResult:
+    import random
+
+    from guardrail.audit import AuditPolicy, audit
+    from guardrail.dictionary import load_artifact
+    from guardrail.features.ranking import Ranking
+    from guardrail.models import load_pair
+    from guardrail.policy import guard
+    from guardrail.eval.backends import GenerationSettings, TransformersBackend
+    from guardrail.tasks import ANSWERED_CATEGORIES, load_tasks
+
+    t = {"start": time.time()}
+    say(f"loading the {cfg.pair} pair (A = tool-use RL model, B = its base)")
+    pair = load_pair(cfg.pair)
+    art = ensure_dfc(pair, cfg, say)
+    t["dfc"] = time.time()
+    ranking = Ranking.load(art)
+    top = ranking.top("tool", "a_exclusive", 1)
+    if not top:
+        raise RuntimeError(f"the DFC at {art} has no tool-signed A-exclusive feature: nothing to steer")
+    feature = ranking.stat(top[0]).model_dump()
+    tasks = load_tasks("test", ANSWERED_CATEGORIES)
+    random.Random(0).shuffle(tasks)
+    task, text = _pick_prompt(pair, tasks[:20], art, cfg.max_new_tokens)
+    say(f"prompt {task.id}; steering feature {feature['index']} (Cohen's d {feature['cohens_d']:.2f})")
+    pol = _policies(32.0)
+    plain, settings = TransformersBackend(), GenerationSettings(max_new_tokens=cfg.max_new_tokens)
+    outputs = {"B (base)": plain.generate(pair.b, [text], settings)[0], "A (RL)": plain.generate(pair.a, [text], settings)[0]}
+    with guard(pair.a, art, pol["amplify"]) as g:
+        outputs["A + steer top A-exclusive feature (α=32)"] = g.generate(text, max_new_tokens=cfg.max_new_tokens).text
+    with guard(pair.a, art, pol["kill"]) as g:
+        outputs["A + kill switch (clamp tool features to 0)"] = g.generate(text, max_new_tokens=cfg.max_new_tokens).text
+    with guard(pair.a, art, pol["alert"]) as g:
+        alerts = g.generate(text, max_new_tokens=cfg.max_new_tokens).events
+    t["side_by_side"] = time.time()
+    say(f"saturation curve: {len(ALPHAS)} α values × {cfg.curve_prompts} prompts")
+    curve_texts = [x.render(pair.tokenizer, "raw") for x in tasks[20 : 20 + cfg.curve_prompts]]
+    curve = saturation_curve(pair, art, curve_texts, cfg)
+    t["curve"] = time.time()
+    audit_json = home() / "demo" / cfg.pair / f"audit-{cfg.audit_prompts}.json"
+    if audit_json.exists() and not cfg.retrain:
+        verdict = json.loads(audit_json.read_text())
+    else:
+        say(f"auditing the DFC: {cfg.audit_prompts} held-out prompts, B clean vs each threat model")
+        report = audit(load_artifact(art), pair.b, pair.a, AuditPolicy(prompts=cfg.audit_prompts, max_new_tokens=cfg.audit_tokens), backend=cfg.backend)
+        verdict = json.loads(report.to_json())
+        audit_json.write_text(json.dumps(verdict, indent=2))
+    t["audit"] = time.time()
+    timings = {k: round(v - t["start"], 1) for k, v in t.items() if k != "start"}
+    return DemoResult(task.id, outputs, alerts[:12], curve, len(curve_texts), feature, verdict, timings, str(art))
+
+
+def _plot(result: DemoResult) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
+    ax.plot(result.curve["alpha"], [100 * v for v in result.curve["format_accuracy"]], marker="o")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("α (scale of the top A-exclusive feature)")
+    ax.set_ylabel("format accuracy of A (%)")
+    ax.set_title(f"Single-feature steering, n={result.curve_n} prompts")
+    ax.set_ylim(-5, 105)
+    ax.grid(alpha=0.3)
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def write_report(result: DemoResult, out: Path) -> Path:
+    """``report.md`` + ``report.html`` (plot embedded) + ``saturation.png`` + ``result.json``."""
+    out.mkdir(parents=True, exist_ok=True)
+    png = _plot(result)
+    (out / "saturation.png").write_bytes(png)
+    (out / "result.json").write_text(json.dumps(result.__dict__, indent=2, default=str))
+    a = result.audit
+    gains = a.get("gains", {})
+    md = [f"# guardrail demo: prompt `{result.prompt_id}`", ""]
+    for name, text in result.outputs.items():
+        md += [f"## {name}", "", "```text", text.strip() or "(empty)", "```", ""]
+    md += ["## Alerts (exclusive-alert policy)", "", "```json"] + [json.dumps(e) for e in result.alerts] + ["```", ""]
+    md += [f"## Saturation (n={result.curve_n})", "", "![saturation](saturation.png)", "",
+           "| α | " + " | ".join(f"{x:g}" for x in result.curve["alpha"]) + " |",
+           "|---|" + "---|" * len(result.curve["alpha"]),
+           "| format accuracy | " + " | ".join(f"{100 * v:.0f}%" for v in result.curve["format_accuracy"]) + " |", ""]
+    md += [f"## Audit: **{a.get('verdict')}** ({a.get('n_prompts')} prompts, metric `{a.get('policy', {}).get('metric')}`)", ""]
+    md += [f"- {k}: gain {100 * g['gain']:+.1f} pp, CI [{100 * g['low']:+.1f}, {100 * g['high']:+.1f}]" for k, g in gains.items()]
+    md += [f"- {r}" for r in a.get("reasons", [])] + ["", f"Timings (s since start): {result.timings}", ""]
+    (out / "report.md").write_text("\n".join(md))
+    body = "\n".join(md).replace("![saturation](saturation.png)", "@@PLOT@@")
+    page = html.escape(body).replace("@@PLOT@@", f'<img alt="saturation" src="data:image/png;base64,{base64.b64encode(png).decode()}">')
+    (out / "report.html").write_text(f"<!doctype html><meta charset=utf-8><title>guardrail demo</title><pre style='white-space:pre-wrap;font:14px/1.4 monospace'>{page}</pre>")
+    return out

@@ -1,0 +1,1 @@
+"""The shipped policy files, importable as package data (guardrail.policies)."""
