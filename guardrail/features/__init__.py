@@ -1,1 +1,1 @@
-"""guardrail."""
+"""Feature ranking and the intervention math on feature space."""
