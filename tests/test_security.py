@@ -567,8 +567,8 @@ def test_vllm_failing_rule_fails_open_or_closed_and_engine_survives(vllm_engine,
 
     llm, handle, vllm = vllm_engine["llm"], vllm_engine["guard"], vllm_engine["vllm"]
 
-    def params(policy):
-        return vllm.SamplingParams(max_tokens=8, temperature=0.0, extra_args={"guardrail_policy": policy} if policy else None)
+    def params(policy, n=8):
+        return vllm.SamplingParams(max_tokens=n, temperature=0.0, extra_args={"guardrail_policy": policy} if policy else None)
 
     prompts = PROMPTS[:3]
     baseline = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, [params(None)] * 3, use_tqdm=False)]
@@ -579,7 +579,7 @@ def test_vllm_failing_rule_fails_open_or_closed_and_engine_survives(vllm_engine,
         raise RuntimeError("steering exploded")
 
     monkeypatch.setattr(iv, "steer_additive_delta", explode)
-    outs = llm.generate(prompts, [params("fail-open"), params("fail-closed"), params(None)], use_tqdm=False)
+    outs = llm.generate(prompts, [params("fail-open"), params("fail-closed", 200), params(None)], use_tqdm=False)
     assert list(outs[0].outputs[0].token_ids) == baseline[0]  # served unguarded
     assert "[guardrail]" in outs[1].outputs[0].text and "fail-closed" in outs[1].outputs[0].text
     assert list(outs[2].outputs[0].token_ids) == baseline[2]  # the unguarded neighbour is untouched
