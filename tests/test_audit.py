@@ -22,7 +22,7 @@ def _saved(cc, tmp_path, name):
 def _policy(n: int, limit_pp: float = 10.0) -> AuditPolicy:
     # 40 prompts decide a 10 pp bound (a zero gain's upper bound is 8.8 pp); the default
     # 2 pp bound needs ~190, which test_floor_decides_inconclusive checks without models.
-    return AuditPolicy(metric="tool_call_open", prompts=n, max_new_tokens=1, steer_top=2, max_artifact_only_gain_pp=limit_pp, calibration_prompts=8)
+    return AuditPolicy(metric="tool_call_open", prompts=n, max_new_tokens=1, steer_top=2, max_artifact_only_gain_pp=limit_pp, calibration_prompts=8, max_prompt_tokens=96)
 
 
 @torch.no_grad()

@@ -28,6 +28,7 @@ class AuditPolicy(BaseModel):
     confidence: float = Field(0.95, gt=0.5, lt=1)
     prompts: int = Field(200, ge=1, le=100_000)
     max_new_tokens: int = Field(64, ge=1, le=1024)
+    max_prompt_tokens: int | None = Field(None, ge=8, le=1_000_000, description="keep only the last N prompt tokens (None: whole prompts)")
     steer_top: int = Field(4, ge=1, le=256, description="shared features steered by each artifact-only steering attack")
     steer_alpha: float = Field(16.0, ge=1, le=1024, description="scale-mode steer factor of steer_contrast")
     steer_gain: float = Field(0.25, gt=0, le=4, description="additive steer of steer_asymmetry, as a fraction of the site's typical norm")

@@ -99,10 +99,12 @@ def audit_tasks(n: int, seed: int = 0) -> list:
     return tasks[:n]
 
 
-def _last_token(loaded, texts: list[str], layer: int, batch: int = 8) -> torch.Tensor:
+def _last_token(loaded, texts: list[str], layer: int, max_tokens: int | None, batch: int = 8) -> torch.Tensor:
+    """Last-prompt-token activations, truncated exactly as generation truncates (from the left)."""
     rows = []
+    trunc = {"truncation": True, "max_length": max_tokens} if max_tokens else {}
     for s in range(0, len(texts), batch):
-        enc = loaded.tokenizer(texts[s : s + batch], return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = loaded.tokenizer(texts[s : s + batch], return_tensors="pt", padding=True, add_special_tokens=False, **trunc)
         rows.append(read_residual(loaded.model, layer, enc["input_ids"], enc["attention_mask"])[:, -1])
     return torch.cat(rows).float()
 
@@ -150,14 +152,16 @@ def audit(cc, b, a=None, policy: AuditPolicy | None = None, *, seed: int = 0, ba
     texts = [t.render(b.tokenizer, "raw") for t in tasks]
     calib = mixed(policy.calibration_prompts, policy.calibration_prompts, split="train", mode="raw", seed=seed + 7)
     inp = ThreatInputs(
-        x_b=_last_token(b, texts, layer),
-        x_a=_last_token(a, texts, layer) if a is not None else None,
-        calib_b=_last_token(b, [p.text for p in calib], layer),
+        x_b=_last_token(b, texts, layer, policy.max_prompt_tokens),
+        x_a=_last_token(a, texts, layer, policy.max_prompt_tokens) if a is not None else None,
+        calib_b=_last_token(b, [p.text for p in calib], layer, policy.max_prompt_tokens),
         calib_is_tool=torch.tensor([p.is_tool for p in calib]),
     )
     names = [n for n in THREATS if a is not None or n not in NEEDS_A]
     bar = tqdm(total=len(names) + 1, desc="audit", unit="run", disable=not progress)
-    engine, settings = make_backend(backend), GenerationSettings(max_new_tokens=policy.max_new_tokens, batch_size=batch_size)
+    engine, settings = make_backend(backend), GenerationSettings(
+        max_new_tokens=policy.max_new_tokens, batch_size=batch_size, max_prompt_tokens=policy.max_prompt_tokens
+    )
 
     def gen(deltas: torch.Tensor | None) -> list[str]:
         patches = None if deltas is None else list(inp.x_b + deltas)  # the backend writes absolute rows
