@@ -13,16 +13,14 @@ Normalisation statistics are sums over shards, so they never disagree with the d
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from pydantic import BaseModel, ConfigDict
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from guardrail.fileio import sha256_file, write_atomic
 from guardrail.residual.site import Site
 
 MANIFEST = "manifest.json"
@@ -93,23 +91,6 @@ class PairedActivations:
         return self.select(self.is_last)
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def write_json_atomic(path: Path, payload: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as fh:
-        fh.write(payload)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 class ActivationCache:
     """Read access to a cache folder (and the bookkeeping ``collect`` writes through)."""
 
@@ -130,7 +111,7 @@ class ActivationCache:
         return cls(root, manifest)
 
     def save_manifest(self) -> None:
-        write_json_atomic(self.root / MANIFEST, self.manifest.model_dump_json(indent=2))
+        write_atomic(self.root / MANIFEST, self.manifest.model_dump_json(indent=2))
 
     def _shard(self, info: ShardInfo, verify: bool) -> dict[str, torch.Tensor]:
         path = self.root / info.name

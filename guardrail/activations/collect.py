@@ -13,8 +13,8 @@ from guardrail.activations.cache import (
     CacheError,
     CacheManifest,
     ShardInfo,
-    sha256_file,
 )
+from guardrail.fileio import sha256_file
 from guardrail.models.pair import ModelPair
 from guardrail.prompts import PromptItem, prompts_hash
 from guardrail.residual.hf import read_residual

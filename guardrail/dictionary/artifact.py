@@ -32,6 +32,7 @@ import guardrail
 from guardrail.dictionary.config import CrosscoderConfig
 from guardrail.dictionary.crosscoder import ARCHITECTURES, Crosscoder
 from guardrail.dictionary.partition import Partition
+from guardrail.fileio import fsync_replace, sha256_file, write_atomic
 
 TENSORS_FILE = "crosscoder.safetensors"
 MANIFEST_FILE = "manifest.json"
@@ -136,15 +137,6 @@ def _state_tensors(cc: Crosscoder) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in cc.state_dict().items()}
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def save_artifact(cc: Crosscoder, out_dir: str | Path, **manifest_fields: Any) -> Path:
     """Write ``cc`` to ``out_dir`` (created); returns the folder.
 
@@ -159,9 +151,8 @@ def save_artifact(cc: Crosscoder, out_dir: str | Path, **manifest_fields: Any) -
     tensors = _state_tensors(cc)
     tmp = out / f".{TENSORS_FILE}.{os.getpid()}.tmp"
     save_file(tensors, str(tmp), metadata={"format": FORMAT})
-    with open(tmp, "rb") as fh:
-        file_sha = _sha256_bytes(fh.read())
-    os.replace(tmp, out / TENSORS_FILE)
+    file_sha = sha256_file(tmp)
+    fsync_replace(tmp, out / TENSORS_FILE)
 
     norm_source = manifest_fields.pop("normalization_source", "training data")
     src = manifest_fields.get("source")
@@ -185,7 +176,7 @@ def save_artifact(cc: Crosscoder, out_dir: str | Path, **manifest_fields: Any) -
         **manifest_fields,
     )
     manifest.manifest_sha256 = manifest.digest()
-    _write_atomic(out / MANIFEST_FILE, manifest.model_dump_json(indent=2).encode())
+    write_atomic(out / MANIFEST_FILE, manifest.model_dump_json(indent=2).encode())
     cc.manifest = manifest
     return out
 
@@ -223,7 +214,7 @@ def load_artifact(path: str | Path, *, device: str | torch.device = "cpu") -> Cr
         raise ArtifactError(f"unknown architecture {manifest.architecture!r}; known: {sorted(ARCHITECTURES)}")
     _check_declared_sizes(manifest, cls, root)
     _check_safetensors_header(tpath, manifest)
-    if _sha256_file(tpath) != manifest.tensors_sha256:
+    if sha256_file(tpath) != manifest.tensors_sha256:
         raise ArtifactError(f"{tpath} does not match the sha256 in its manifest: the file was modified or damaged")
     try:
         tensors = load_file(str(tpath))
@@ -336,9 +327,3 @@ def _check_safetensors_header(tpath: Path, manifest: ArtifactManifest) -> None:
         raise ArtifactError(f"{tpath} is {size} bytes but its header declares {8 + n + data_bytes}; refused")
 
 
-def _sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()

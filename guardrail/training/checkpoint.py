@@ -9,14 +9,14 @@ intact and referenced. No pickle anywhere.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from guardrail.fileio import fsync_replace, sha256_file, write_atomic
 
 LATEST = "latest.json"
 
@@ -25,24 +25,8 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, damaged, or belongs to a different run."""
 
 
-def _fsync_replace(tmp: Path, dst: Path) -> None:
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, dst)
-
-
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=1, sort_keys=True))
-    _fsync_replace(tmp, path)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
+    write_atomic(path, json.dumps(payload, indent=1, sort_keys=True))
 
 
 def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
@@ -80,8 +64,8 @@ def save_checkpoint(folder: Path, step: int, tensors: dict[str, torch.Tensor], m
     tpath = folder / f"{stem}.safetensors"
     tmp = folder / f".{stem}.safetensors.tmp"
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    _fsync_replace(tmp, tpath)
-    meta = dict(meta, step=step, tensors_sha256=_sha256(tpath), tensors_file=tpath.name)
+    fsync_replace(tmp, tpath)
+    meta = dict(meta, step=step, tensors_sha256=sha256_file(tpath), tensors_file=tpath.name)
     _write_json(folder / f"{stem}.json", meta)
     _write_json(folder / LATEST, {"step": step, "meta": f"{stem}.json"})
     _prune(folder, keep)
@@ -108,6 +92,6 @@ def load_latest(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]] 
     except (OSError, ValueError, KeyError) as exc:
         raise CheckpointError(f"checkpoint pointer {pointer} is unreadable: {exc}") from exc
     tpath = folder / meta["tensors_file"]
-    if not tpath.exists() or _sha256(tpath) != meta["tensors_sha256"]:
+    if not tpath.exists() or sha256_file(tpath) != meta["tensors_sha256"]:
         raise CheckpointError(f"checkpoint {tpath} is missing or does not match its recorded sha256")
     return load_file(str(tpath)), meta
