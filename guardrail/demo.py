@@ -105,18 +105,18 @@ def _policies(feature_alpha: float) -> dict[str, Any]:
     }
 
 
-def _pick_prompt(pair, tasks, art: Path, max_new_tokens: int):
-    """A held-out tool prompt on which both B and A hedge (no tool call): the headroom case."""
-    from guardrail.policy import guard
+def _pick_prompts(pair, tasks, max_new_tokens: int) -> tuple[Any, Any]:
+    """Two held-out tool prompts: one where A hedges (room to steer) and one where A calls a
+    tool (something for the kill switch to stop); None where no such prompt was found."""
+    from guardrail.eval.backends import GenerationSettings, TransformersBackend
     from guardrail.tasks import format_accuracy
 
-    for task in tasks:
-        text = task.render(pair.tokenizer, "raw")
-        with guard(pair.a, art, policy_file("exclusive-alert.yaml")) as g:
-            a_out = g.generate(text, max_new_tokens=max_new_tokens)
-        if not format_accuracy(a_out.text):
-            return task, text
-    return tasks[0], tasks[0].render(pair.tokenizer, "raw")
+    texts = [t.render(pair.tokenizer, "raw") for t in tasks]
+    outs = TransformersBackend().generate(pair.a, texts, GenerationSettings(max_new_tokens=max_new_tokens))
+    calls = [format_accuracy(o) for o in outs]
+    hedge = next((t for t, c in zip(tasks, calls) if not c), None)
+    call = next((t for t, c in zip(tasks, calls) if c), None)
+    return hedge, call
 
 
 def saturation_curve(pair, art: Path, texts: list[str], cfg: DemoConfig) -> dict[str, list[float]]:
@@ -156,20 +156,27 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> DemoResult:
     feature = ranking.stat(top[0]).model_dump()
     tasks = load_tasks("test", ANSWERED_CATEGORIES)
     random.Random(0).shuffle(tasks)
-    task, text = _pick_prompt(pair, tasks[:20], art, cfg.max_new_tokens)
-    say(f"prompt {task.id}; steering feature {feature['index']} (Cohen's d {feature['cohens_d']:.2f})")
+    hedge, call = _pick_prompts(pair, tasks[:16], cfg.max_new_tokens)
+    say(f"A hedges on {hedge.id if hedge else 'none of 16 prompts'}; A calls a tool on {call.id if call else 'none of 16 prompts'}")
+    hedge, call = hedge or tasks[0], call or tasks[0]
+    say(f"steering feature {feature['index']} (A-exclusive, Cohen's d {feature['cohens_d']:.2f})")
     pol = _policies(32.0)
     plain, settings = TransformersBackend(), GenerationSettings(max_new_tokens=cfg.max_new_tokens)
-    outputs = {"B (base)": plain.generate(pair.b, [text], settings)[0], "A (RL)": plain.generate(pair.a, [text], settings)[0]}
+    h_text, c_text = hedge.render(pair.tokenizer, "raw"), call.render(pair.tokenizer, "raw")
+    outputs = {
+        f"{hedge.id}: B (base)": plain.generate(pair.b, [h_text], settings)[0],
+        f"{hedge.id}: A (RL)": plain.generate(pair.a, [h_text], settings)[0],
+    }
     with guard(pair.a, art, pol["amplify"]) as g:
-        outputs["A + steer top A-exclusive feature (α=32)"] = g.generate(text, max_new_tokens=cfg.max_new_tokens).text
+        outputs[f"{hedge.id}: A + steer top A-exclusive feature (α=32)"] = g.generate(h_text, max_new_tokens=cfg.max_new_tokens).text
+    outputs[f"{call.id}: A (RL)"] = plain.generate(pair.a, [c_text], settings)[0]
     with guard(pair.a, art, pol["kill"]) as g:
-        outputs["A + kill switch (clamp tool features to 0)"] = g.generate(text, max_new_tokens=cfg.max_new_tokens).text
+        outputs[f"{call.id}: A + kill switch (tool features clamped to 0)"] = g.generate(c_text, max_new_tokens=cfg.max_new_tokens).text
     with guard(pair.a, art, pol["alert"]) as g:
-        alerts = g.generate(text, max_new_tokens=cfg.max_new_tokens).events
+        alerts = g.generate(c_text, max_new_tokens=cfg.max_new_tokens).events
     t["side_by_side"] = time.time()
     say(f"saturation curve: {len(ALPHAS)} α values × {cfg.curve_prompts} prompts")
-    curve_texts = [x.render(pair.tokenizer, "raw") for x in tasks[20 : 20 + cfg.curve_prompts]]
+    curve_texts = [x.render(pair.tokenizer, "raw") for x in tasks[16 : 16 + cfg.curve_prompts]]
     curve = saturation_curve(pair, art, curve_texts, cfg)
     t["curve"] = time.time()
     audit_json = home() / "demo" / cfg.pair / f"audit-{cfg.audit_prompts}.json"
@@ -182,7 +189,7 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> DemoResult:
         audit_json.write_text(json.dumps(verdict, indent=2))
     t["audit"] = time.time()
     timings = {k: round(v - t["start"], 1) for k, v in t.items() if k != "start"}
-    return DemoResult(task.id, outputs, alerts[:12], curve, len(curve_texts), feature, verdict, timings, str(art))
+    return DemoResult(f"{hedge.id}, {call.id}", outputs, alerts[:12], curve, len(curve_texts), feature, verdict, timings, str(art))
 
 
 def _plot(result: DemoResult) -> bytes:
@@ -214,7 +221,8 @@ def write_report(result: DemoResult, out: Path) -> Path:
     (out / "result.json").write_text(json.dumps(result.__dict__, indent=2, default=str))
     a = result.audit
     gains = a.get("gains", {})
-    md = [f"# guardrail demo: prompt `{result.prompt_id}`", ""]
+    md = [f"# guardrail demo: prompts `{result.prompt_id}`", "",
+          "Prompts are rendered the paper's way (system + user text, no chat template); greedy decoding.", ""]
     for name, text in result.outputs.items():
         md += [f"## {name}", "", "```text", text.strip() or "(empty)", "```", ""]
     md += ["## Alerts (exclusive-alert policy)", "", "```json"] + [json.dumps(e) for e in result.alerts] + ["```", ""]
