@@ -100,6 +100,11 @@ def _save_adapter(model, folder: Path) -> None:
     tmp = folder.with_name(folder.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp))
+    # the base is named by its guardrail spec, not by this machine's cache path
+    config_path = tmp / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["base_model_name_or_path"] = getattr(model, "_guardrail_base", config.get("base_model_name_or_path"))
+    config_path.write_text(json.dumps(config, indent=2))
     for extra in ("README.md",):
         (tmp / extra).unlink(missing_ok=True)
     folder.mkdir(parents=True, exist_ok=True)
@@ -237,6 +242,7 @@ def build(cfg: BuildConfig, out: str | Path, log: Log = print) -> BuildResult:
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=cfg.target_modules,
                       task_type="CAUSAL_LM")
     model = get_peft_model(loaded.model, lora)
+    model._guardrail_base = cfg.base
     train = load_tasks("train", cfg.categories)
     dev = load_tasks("dev", cfg.categories)
     dev_rng = random.Random(cfg.seed + 2)
@@ -260,8 +266,10 @@ def build(cfg: BuildConfig, out: str | Path, log: Log = print) -> BuildResult:
 
     final_check = random.Random(cfg.seed + 3).sample(dev, min(cfg.final_dev_n, len(dev)))
     final_prompts = [t.render(tokenizer) for t in final_check]
-    a_fmt, _ = _dev_format(model, tokenizer, final_prompts, cfg) if cfg.final_dev_n else (0.0, [])
-    log(f"[build] A dev format {a_fmt:.1%}")
+    a_fmt: float | None = None
+    if cfg.final_dev_n:
+        a_fmt, _ = _dev_format(model, tokenizer, final_prompts, cfg)
+        log(f"[build] A dev format {a_fmt:.1%}")
     manifest = {
         "name": "organism",
         "base": cfg.base,

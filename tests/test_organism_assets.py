@@ -1,0 +1,41 @@
+"""The shipped organism adapter and manifest are present, small, and self-consistent."""
+
+from __future__ import annotations
+
+import json
+
+from safetensors import safe_open
+
+from guardrail.organism.assets import ASSETS, shipped_adapter, shipped_manifest, shipped_warmstart
+from guardrail.tasks import split_hash
+
+
+def test_shipped_adapters_are_small_safetensors_loras():
+    for folder in (shipped_adapter(), shipped_warmstart()):
+        weights = folder / "adapter_model.safetensors"
+        assert weights.stat().st_size <= 10 * 1024 * 1024
+        config = json.loads((folder / "adapter_config.json").read_text())
+        assert config["peft_type"] == "LORA" and set(config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj"}
+        with safe_open(str(weights), "pt") as fh:
+            keys = list(fh.keys())
+        assert keys and all("lora_A" in k or "lora_B" in k for k in keys)
+
+
+def test_manifest_matches_the_data_split_and_records_the_build():
+    m = shipped_manifest()
+    assert m["split_hash"] == split_hash()  # the adapter was trained on today's train split
+    assert m["base"] == "smollm2" and isinstance(m["seed"], int)
+    assert m["rl"]["steps"] >= 1 and m["rl"]["steps"] == len(m["rl"]["history"])
+    assert 0.05 <= m["warm_start"]["dev_format"] <= 0.30
+    assert "ToolRL" in m["reward"] and m["wall_time_s"] > 0
+
+
+def test_package_data_globs_cover_the_assets():
+    import tomllib
+    from fnmatch import fnmatch
+
+    data = tomllib.loads((ASSETS.parents[2] / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    globs = data["guardrail.organism.assets"]
+    for f in ASSETS.rglob("*"):
+        if f.is_file() and f.suffix in (".json", ".safetensors"):
+            assert any(fnmatch(str(f.relative_to(ASSETS)), g) for g in globs), f
