@@ -66,6 +66,14 @@ def _default_layer(n_layers: int) -> int:
     return min(n_layers - 1, round(13 / 36 * n_layers))
 
 
+def demo_root(pair, cfg: DemoConfig) -> Path:
+    """Cache folder of one pair: named by both models' specs, so a rebuilt A never reuses it."""
+    import hashlib
+
+    key = hashlib.sha256(f"{pair.a.spec}|{pair.b.spec}".encode()).hexdigest()[:10]
+    return home() / "demo" / f"{cfg.pair}-{key}"
+
+
 def ensure_dfc(pair, cfg: DemoConfig, say: Callable[[str], None]) -> Path:
     """The demo's DFC: cached from an earlier run, else collected, trained and ranked now."""
     from guardrail.activations import collect
@@ -75,7 +83,7 @@ def ensure_dfc(pair, cfg: DemoConfig, say: Callable[[str], None]) -> Path:
     from guardrail.residual import Site
     from guardrail.training import train
 
-    root = home() / "demo" / cfg.pair
+    root = demo_root(pair, cfg)
     art = root / "dfc"
     if cfg.retrain:
         shutil.rmtree(art, ignore_errors=True)
@@ -179,7 +187,7 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> DemoResult:
     curve_texts = [x.render(pair.tokenizer, "raw") for x in tasks[16 : 16 + cfg.curve_prompts]]
     curve = saturation_curve(pair, art, curve_texts, cfg)
     t["curve"] = time.time()
-    audit_json = home() / "demo" / cfg.pair / f"audit-{cfg.audit_prompts}.json"
+    audit_json = demo_root(pair, cfg) / f"audit-{cfg.audit_prompts}.json"
     if audit_json.exists() and not cfg.retrain:
         verdict = json.loads(audit_json.read_text())
     else:

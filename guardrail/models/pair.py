@@ -64,11 +64,14 @@ def load_pair(name: str | None = None, *, a: str | None = None, b: str | None = 
     if name == "tiny":
         return ModelPair(load_model("tiny-a"), load_model("tiny-b"), name="tiny")
     if name == "organism":
+        from guardrail.fileio import sha256_file
         from guardrail.organism.assets import shipped_adapter
 
+        adapter = shipped_adapter()
         b_model = load_model("smollm2")
-        a_model = load_model("smollm2", adapter=shipped_adapter())
-        a_model.spec = "smollm2+organism-rl"
+        a_model = load_model("smollm2", adapter=adapter)
+        # The adapter's hash in the spec: caches and artifacts built from another A never mix.
+        a_model.spec = f"smollm2+organism-rl@{sha256_file(adapter / 'adapter_model.safetensors')[:12]}"
         return ModelPair(a_model, b_model, name="organism")
     if name is not None:
         raise ModelLoadError(f"unknown pair {name!r}; choose one of {PAIRS} or pass a= and b=")
