@@ -29,11 +29,11 @@ class DemoConfig:
     pair: str = "organism"
     layer: int | None = None  # default: 36% depth, as layer 13/36 in the paper
     last_n: int = 32  # training rows: the last N prompt tokens of each prompt
-    tool_prompts: int | None = None  # None: every BFCL train-split task
+    tool_prompts: int | None = 300  # and as many ordinary prompts; None: every BFCL train-split task
     dict_size: int = 2048
     k: int = 32
     exclusive: float = 0.05
-    steps: int = 4000
+    steps: int = 1500
     batch_size: int = 512
     curve_prompts: int = 24  # prompts per point of the saturation curve
     max_new_tokens: int = 96

@@ -60,7 +60,7 @@ def _rows(pair: ModelPair, site: Site, texts: list[str], max_length: int) -> tup
     return paired, batch_idx, tok_idx - pad[batch_idx]
 
 
-def _shard_tensors(pair, site, prompts, first, batch_size, max_length, dtype) -> dict[str, torch.Tensor]:
+def _shard_tensors(pair, site, prompts, first, batch_size, max_length, dtype, bar) -> dict[str, torch.Tensor]:
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i].text))  # less padding per batch
     chunks = {k: [] for k in ("acts", "prompt_idx", "position")}
     for start in range(0, len(order), batch_size):
@@ -69,6 +69,7 @@ def _shard_tensors(pair, site, prompts, first, batch_size, max_length, dtype) ->
         chunks["acts"].append(acts)
         chunks["prompt_idx"].append(torch.tensor(idx, dtype=torch.long)[bi] + first)
         chunks["position"].append(pos)
+        bar.update(len(idx))
     acts = torch.cat(chunks["acts"]).float()
     prompt_idx = torch.cat(chunks["prompt_idx"])
     position = torch.cat(chunks["position"])
@@ -127,7 +128,7 @@ def collect(
     bar = tqdm(total=len(prompts), initial=done, desc="collect", unit="prompt", disable=not progress)
     for first in range(done, len(prompts), shard_prompts):
         block = prompts[first : first + shard_prompts]
-        tensors = _shard_tensors(pair, site, block, first, batch_size, max_length, dtype)
+        tensors = _shard_tensors(pair, site, block, first, batch_size, max_length, dtype, bar)
         name = f"shard_{len(cache.manifest.shards):05d}.safetensors"
         tmp = cache.root / (name + ".partial")
         save_file(tensors, str(tmp))
@@ -135,7 +136,6 @@ def collect(
         info = ShardInfo(name=name, first_prompt=first, n_prompts=len(block), n_rows=len(tensors["acts"]), sha256=sha256_file(cache.root / name))
         cache.manifest.shards.append(info)
         cache.save_manifest()
-        bar.update(len(block))
     bar.close()
     cache.manifest.complete = True
     cache.save_manifest()
