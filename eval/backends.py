@@ -160,33 +160,17 @@ def _install_patch_hook(worker: Any, layer: int) -> bool:
     request's token whose position is ``len(prompt) − 1``: it is present only in the step
     that prefills it, so the write happens once, during prefill, as in the paper.
     """
-    from vllm.forward_context import get_forward_context
+    from guardrail.residual.vllm_guard import batch_layout
 
     runner = worker.model_runner
     model = runner.get_model() if hasattr(runner, "get_model") else runner.model
     if getattr(model, "_guardrail_eval_hook", None) is not None:
         return True
 
-    def layout() -> tuple[list[str], list[int]]:
-        n = runner.input_batch.num_reqs
-        ids = list(runner.input_batch.req_ids[:n])
-        qsl = None
-        meta = get_forward_context().attn_metadata
-        if isinstance(meta, list):
-            meta = meta[0] if meta else None
-        if isinstance(meta, dict) and meta:
-            m = next(iter(meta.values()))
-            q = getattr(m, "query_start_loc_cpu", None)
-            q = getattr(m, "query_start_loc", None) if q is None else q
-            qsl = q.tolist()[: n + 1] if q is not None else None
-        if qsl is None or len(qsl) != n + 1:
-            qsl = runner.query_start_loc.cpu[: n + 1].tolist()
-        return ids, [int(v) for v in qsl]
-
     def hook(_module, inputs, output):
         mlp_out, residual = output
         positions = inputs[0]
-        ids, qsl = layout()
+        ids, qsl = batch_layout(runner)
         new = None
         for r, rid in enumerate(ids):
             state = runner.requests.get(rid)

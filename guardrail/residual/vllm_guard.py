@@ -55,6 +55,36 @@ def engine_kwargs(**overrides: Any) -> dict[str, Any]:
     return kw
 
 
+def batch_layout(runner: Any) -> tuple[list[str], list[int]]:
+    """Request ids of the running batch and their token boundaries in the flattened batch.
+
+    vLLM flattens every scheduled request's tokens into one ``[num_tokens, d]`` tensor;
+    ``query_start_loc`` (from the attention metadata of this forward pass, else the runner's
+    buffer) says where each request's tokens start.
+    """
+    num_reqs = runner.input_batch.num_reqs
+    req_ids = list(runner.input_batch.req_ids[:num_reqs])
+    qsl = None
+    try:
+        from vllm.forward_context import get_forward_context
+
+        meta = get_forward_context().attn_metadata
+        if isinstance(meta, list):
+            meta = meta[0] if meta else None
+        if isinstance(meta, dict) and meta:
+            m = next(iter(meta.values()))
+            q = getattr(m, "query_start_loc_cpu", None)
+            if q is None:
+                q = getattr(m, "query_start_loc", None)
+            if q is not None:
+                qsl = q.tolist()[: num_reqs + 1]
+    except Exception:  # noqa: BLE001 - fall back to the runner's buffer
+        qsl = None
+    if qsl is None or len(qsl) != num_reqs + 1:
+        qsl = runner.query_start_loc.cpu[: num_reqs + 1].tolist()
+    return req_ids, [int(v) for v in qsl]
+
+
 class WorkerGuard:
     """Lives in the vLLM worker; owns the hooks, the policy store, events and captures."""
 
@@ -158,28 +188,7 @@ class WorkerGuard:
         return hook
 
     def _batch_layout(self, n_tokens: int) -> tuple[list[str], list[int]]:
-        runner = self.runner
-        num_reqs = runner.input_batch.num_reqs
-        req_ids = list(runner.input_batch.req_ids[:num_reqs])
-        qsl = None
-        try:
-            from vllm.forward_context import get_forward_context
-
-            meta = get_forward_context().attn_metadata
-            if isinstance(meta, list):
-                meta = meta[0] if meta else None
-            if isinstance(meta, dict) and meta:
-                m = next(iter(meta.values()))
-                q = getattr(m, "query_start_loc_cpu", None)
-                if q is None:
-                    q = getattr(m, "query_start_loc", None)
-                if q is not None:
-                    qsl = q.tolist()[: num_reqs + 1]
-        except Exception:  # noqa: BLE001 - fall back to the runner's buffer
-            qsl = None
-        if qsl is None or len(qsl) != num_reqs + 1:
-            qsl = runner.query_start_loc.cpu[: num_reqs + 1].tolist()
-        return req_ids, [int(v) for v in qsl]
+        return batch_layout(self.runner)
 
     def _policy_name(self, req_id: str) -> str | None:
         state = self.runner.requests.get(req_id)
