@@ -183,9 +183,14 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> DemoResult:
     with guard(pair.a, art, pol["alert"]) as g:
         alerts = g.generate(c_text, max_new_tokens=cfg.max_new_tokens).events
     t["side_by_side"] = time.time()
-    say(f"saturation curve: {len(ALPHAS)} α values × {cfg.curve_prompts} prompts")
+    say(f"saturation curve: {len(ALPHAS)} α values × {cfg.curve_prompts} prompts (cached after the first run)")
     curve_texts = [x.render(pair.tokenizer, "raw") for x in tasks[16 : 16 + cfg.curve_prompts]]
-    curve = saturation_curve(pair, art, curve_texts, cfg)
+    curve_json = demo_root(pair, cfg) / f"curve-{cfg.curve_prompts}-{cfg.max_new_tokens}.json"
+    if curve_json.exists() and not cfg.retrain:
+        curve = json.loads(curve_json.read_text())
+    else:
+        curve = saturation_curve(pair, art, curve_texts, cfg)
+        curve_json.write_text(json.dumps(curve))
     t["curve"] = time.time()
     audit_json = demo_root(pair, cfg) / f"audit-{cfg.audit_prompts}.json"
     if audit_json.exists() and not cfg.retrain:
