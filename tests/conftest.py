@@ -18,3 +18,12 @@ def tiny_pair():
 def _isolated_home(tmp_path_factory, monkeypatch):
     """Never touch the user's cache from tests."""
     monkeypatch.setenv("GUARDRAIL_HOME", str(tmp_path_factory.getbasetemp() / "guardrail-home"))
+
+
+@pytest.fixture
+def one_thread():
+    """Pin torch to one thread: exact-equality tests must not depend on reduction order."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

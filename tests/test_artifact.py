@@ -21,12 +21,7 @@ from guardrail.dictionary.artifact import MANIFEST_FILE, TENSORS_FILE
 from guardrail.dictionary.reference import PaperDFC
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _dfc(seed: int = 0) -> Crosscoder:

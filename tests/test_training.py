@@ -9,12 +9,7 @@ from guardrail.dictionary import CrosscoderConfig, DFCConfig, load_artifact
 from guardrail.training import CheckpointError, TrainingConfig, train
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _data(n=700, d=12, seed=0):

@@ -416,25 +416,23 @@ class VllmGuard:
     def _rpc(self, fn):
         return self.llm.collective_rpc(fn)[0]
 
-    def events(self, clear: bool = False) -> list[dict[str, Any]]:
+    def _drain(self, attr: str, clear: bool) -> list[dict[str, Any]]:
+        """Copy a worker-side list (events / captured rows), optionally emptying it."""
+
         def get(worker):
-            g = getattr(_runner(worker), WORKER_ATTR)
-            out = list(g.events)
+            items = getattr(getattr(_runner(worker), WORKER_ATTR), attr)
+            out = list(items)
             if clear:
-                g.events.clear()
+                items.clear()
             return out
 
         return self._rpc(get)
+
+    def events(self, clear: bool = False) -> list[dict[str, Any]]:
+        return self._drain("events", clear)
 
     def captured(self, clear: bool = True) -> list[dict[str, Any]]:
-        def get(worker):
-            g = getattr(_runner(worker), WORKER_ATTR)
-            out = list(g.captured)
-            if clear:
-                g.captured.clear()
-            return out
-
-        return self._rpc(get)
+        return self._drain("captured", clear)
 
     def set_capture(self, on: bool) -> None:
         def put(worker):
