@@ -113,9 +113,10 @@ def _policies(feature_alpha: float) -> dict[str, Any]:
     }
 
 
-def _pick_prompts(pair, tasks, max_new_tokens: int) -> tuple[Any, Any]:
+def _pick_prompts(pair, tasks, max_new_tokens: int) -> tuple[Any, Any, dict[str, str]]:
     """Two held-out tool prompts: one where A hedges (room to steer) and one where A calls a
-    tool (something for the kill switch to stop); None where no such prompt was found."""
+    tool (something for the kill switch to stop); None where no such prompt was found.
+    A's outputs are returned too, so the page shows the very answers the choice was made on."""
     from guardrail.eval.backends import GenerationSettings, TransformersBackend
     from guardrail.tasks import format_accuracy
 
@@ -124,7 +125,7 @@ def _pick_prompts(pair, tasks, max_new_tokens: int) -> tuple[Any, Any]:
     calls = [format_accuracy(o) for o in outs]
     hedge = next((t for t, c in zip(tasks, calls) if not c), None)
     call = next((t for t, c in zip(tasks, calls) if c), None)
-    return hedge, call
+    return hedge, call, {t.id: o for t, o in zip(tasks, outs)}
 
 
 def saturation_curve(pair, art: Path, texts: list[str], cfg: DemoConfig) -> dict[str, list[float]]:
@@ -164,7 +165,7 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> DemoResult:
     feature = ranking.stat(top[0]).model_dump()
     tasks = load_tasks("test", ANSWERED_CATEGORIES)
     random.Random(0).shuffle(tasks)
-    hedge, call = _pick_prompts(pair, tasks[:16], cfg.max_new_tokens)
+    hedge, call, a_outs = _pick_prompts(pair, tasks[:16], cfg.max_new_tokens)
     say(f"A hedges on {hedge.id if hedge else 'none of 16 prompts'}; A calls a tool on {call.id if call else 'none of 16 prompts'}")
     hedge, call = hedge or tasks[0], call or tasks[0]
     say(f"steering feature {feature['index']} (A-exclusive, Cohen's d {feature['cohens_d']:.2f})")
@@ -173,11 +174,11 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> DemoResult:
     h_text, c_text = hedge.render(pair.tokenizer, "raw"), call.render(pair.tokenizer, "raw")
     outputs = {
         f"{hedge.id}: B (base)": plain.generate(pair.b, [h_text], settings)[0],
-        f"{hedge.id}: A (RL)": plain.generate(pair.a, [h_text], settings)[0],
+        f"{hedge.id}: A (RL)": a_outs[hedge.id],
     }
     with guard(pair.a, art, pol["amplify"]) as g:
         outputs[f"{hedge.id}: A + steer top A-exclusive feature (α=32)"] = g.generate(h_text, max_new_tokens=cfg.max_new_tokens).text
-    outputs[f"{call.id}: A (RL)"] = plain.generate(pair.a, [c_text], settings)[0]
+    outputs[f"{call.id}: A (RL)"] = a_outs[call.id]
     with guard(pair.a, art, pol["kill"]) as g:
         outputs[f"{call.id}: A + kill switch (tool features clamped to 0)"] = g.generate(c_text, max_new_tokens=cfg.max_new_tokens).text
     with guard(pair.a, art, pol["alert"]) as g:
