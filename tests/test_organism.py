@@ -80,6 +80,21 @@ def test_smoke_build_writes_both_adapters_and_manifest(smoke_build):
     assert any(not torch.equal(pa, pb) for pa, pb in zip(a.model.parameters(), b.model.parameters()))
 
 
+def test_resume_rl_continues_history_and_keeps_the_warm_start(smoke_build, tmp_path):
+    out, result = smoke_build
+    cont = tmp_path / "cont"
+    manifest = build(BuildConfig(**(TINY | {"rl_steps": 1, "resume_rl": str(out)})), cont, log=lambda m: None).manifest
+    rl = manifest["rl"]
+    assert rl["steps"] == 3 and [h["step"] for h in rl["history"]] == [1, 2, 3]
+    assert rl["prompts_seen"] == result.manifest["rl"]["prompts_seen"] + TINY.get("rl_prompts_per_step", 2)
+    assert [s["steps"] for s in rl["segments"]] == [2, 1] and rl["segments"][1]["adam_restarted"]
+    assert manifest["warm_start"] == result.manifest["warm_start"]
+    assert (cont / "warmstart" / "adapter_model.safetensors").read_bytes() == (out / "warmstart" / "adapter_model.safetensors").read_bytes()
+    assert manifest["wall_time_total_s"] > manifest["wall_time_s"]
+    with pytest.raises(ValueError, match="exclude each other"):
+        build(BuildConfig(**(TINY | {"resume_rl": str(out), "resume_warmstart": str(out / "warmstart")})), tmp_path / "x", log=lambda m: None)
+
+
 def test_build_config_rejects_typos():
     with pytest.raises(ValueError, match="rl_step"):
         BuildConfig(rl_step=3)

@@ -66,6 +66,7 @@ class BuildConfig(BaseModel):
     # final check on dev prompts (the test split is for `organism eval`)
     final_dev_n: int = 24
     resume_warmstart: str | None = None  # folder of a saved warm start: skip phase 1, continue from it
+    resume_rl: str | None = None  # folder of a built A (adapter + manifest): continue its GRPO, history kept
     threads: int | None = None  # torch intra-op threads (1 is faster on an oversubscribed CPU)
     check_base: bool = False  # also measure B's dev format (B is known to be ~0%; costs minutes)
     max_prompt_tokens: int | None = None
@@ -160,34 +161,79 @@ def warm_start(model, tokenizer, train: list[ToolTask], dev_prompts: list[str], 
             "in_target": cfg.warm_lo <= fmt <= cfg.warm_hi}
 
 
-def _resume_warm(model, folder: Path, log: Log) -> dict:
-    """Load a saved warm-start adapter into the LoRA and return its recorded history."""
-    from safetensors.torch import load_file
-
-    record_path = folder / "warmstart.json"
-    if not record_path.exists():
-        raise FileNotFoundError(f"{folder} has no warmstart.json: not a warm start saved by a build")
+def _load_adapter_weights(model, folder: Path) -> None:
     from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
 
     res = set_peft_model_state_dict(model, load_file(str(folder / "adapter_model.safetensors")))
     if getattr(res, "unexpected_keys", None):
-        raise ValueError(f"warm start {folder} does not fit this LoRA: unexpected {res.unexpected_keys[:3]}")
+        raise ValueError(f"adapter {folder} does not fit this LoRA: unexpected {res.unexpected_keys[:3]}")
+
+
+def _resume_warm(model, folder: Path, log: Log) -> dict:
+    """Load a saved warm-start adapter into the LoRA and return its recorded history."""
+    record_path = folder / "warmstart.json"
+    if not record_path.exists():
+        raise FileNotFoundError(f"{folder} has no warmstart.json: not a warm start saved by a build")
+    _load_adapter_weights(model, folder)
     record = json.loads(record_path.read_text())
     record["resumed_from"] = str(folder)
     log(f"[warm] resumed from {folder} (dev format {record['dev_format']:.1%})")
     return record
 
 
-def grpo(model, tokenizer, train: list[ToolTask], cfg: BuildConfig, deadline: float, log: Log) -> dict:
-    """GRPO steps with the ToolRL reward until ``rl_steps`` or ``deadline`` (time.time())."""
+def _resume_rl(model, folder: Path, log: Log) -> dict:
+    """Load a built A (adapter + manifest.json + warmstart/) to continue its GRPO; returns its manifest.
+
+    The optimiser's moments are not saved with an adapter, so Adam restarts from zero
+    (recorded in the manifest's RL segments).
+    """
+    manifest_path = folder / "manifest.json"
+    if not manifest_path.exists() or not (folder / "warmstart" / "warmstart.json").exists():
+        raise FileNotFoundError(f"{folder} is not a built organism: it needs manifest.json and warmstart/warmstart.json")
+    _load_adapter_weights(model, folder)
+    previous = json.loads(manifest_path.read_text())
+    log(f"[grpo] resumed from {folder} after {previous['rl']['steps']} GRPO steps")
+    return previous
+
+
+def _rl_segment(cfg: BuildConfig, rl: dict) -> dict:
+    keys = ("rl_lr", "rl_prompts_per_step", "num_generations", "max_new_tokens", "temperature", "guidance", "threads")
+    return {"steps": rl["steps"], "seconds": rl["seconds"], **{k: getattr(cfg, k) for k in keys}}
+
+
+def _merge_rl(previous: dict, cfg: BuildConfig, rl: dict) -> dict:
+    """One RL record for a GRPO run continued from ``previous`` (a build manifest)."""
+    old = previous["rl"]
+    prev_cfg = BuildConfig.model_validate({k: v for k, v in previous["config"].items() if k in BuildConfig.model_fields})
+    segments = old.get("segments") or [_rl_segment(prev_cfg, old)]
+    return {
+        "steps": old["steps"] + rl["steps"],
+        "prompts_seen": old["prompts_seen"] + rl["prompts_seen"],
+        "groups_guided": old["groups_guided"] + rl["groups_guided"],
+        "groups_updated": old["groups_updated"] + rl["groups_updated"],
+        "history": old["history"] + rl["history"],
+        "seconds": old["seconds"] + rl["seconds"],
+        "segments": segments + [_rl_segment(cfg, rl) | {"resumed_from": cfg.resume_rl, "adam_restarted": True}],
+    }
+
+
+def grpo(model, tokenizer, train: list[ToolTask], cfg: BuildConfig, deadline: float, log: Log, *,
+         first_step: int = 1, first_prompt: int = 0) -> dict:
+    """GRPO steps with the ToolRL reward until ``rl_steps`` or ``deadline`` (time.time()).
+
+    ``first_step`` / ``first_prompt`` continue a resumed run: the prompt order is the same
+    seeded shuffle, so a continuation sees the prompts the first run had not reached yet.
+    """
     rng = random.Random(cfg.seed + 1)
     pool = list(train)
     rng.shuffle(pool)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.rl_lr, weight_decay=0.0)
-    history, cursor, t0 = [], 0, time.time()
-    step = 0
-    for step in range(1, cfg.rl_steps + 1):
+    history, cursor, t0 = [], first_prompt, time.time()
+    step = first_step - 1
+    last = first_step + cfg.rl_steps - 1
+    for step in range(first_step, last + 1):
         if time.time() > deadline:
             log(f"[grpo] time budget reached before step {step}")
             step -= 1
@@ -217,9 +263,9 @@ def grpo(model, tokenizer, train: list[ToolTask], cfg: BuildConfig, deadline: fl
         history.append(rec)
         sample = max(zip(rewards, texts), key=lambda x: x[0])[1] if texts else ""
         log(f"[grpo] best sample: {sample[:160]!r}")
-        log(f"[grpo] step {step}/{cfg.rl_steps} reward {rec['reward']:+.2f} sample format {rec['sample_format']:.0%} "
+        log(f"[grpo] step {step}/{last} reward {rec['reward']:+.2f} sample format {rec['sample_format']:.0%} "
             f"groups {updated}/{cfg.rl_prompts_per_step} guided {guided} ({rec['seconds']:.0f}s, total {time.time() - t0:.0f}s)")
-    return {"steps": step, "prompts_seen": cursor, "groups_guided": sum(h["groups_guided"] for h in history),
+    return {"steps": step - first_step + 1, "prompts_seen": cursor - first_prompt, "groups_guided": sum(h["groups_guided"] for h in history),
             "groups_updated": sum(h["groups_updated"] for h in history), "history": history,
             "seconds": time.time() - t0}
 
@@ -254,14 +300,27 @@ def build(cfg: BuildConfig, out: str | Path, log: Log = print) -> BuildResult:
     if cfg.check_base and cfg.dev_n:
         b_fmt, _ = _dev_format(model, tokenizer, dev_prompts, cfg)
         log(f"[build] B (no adapter) dev format {b_fmt:.1%}")
-    if cfg.resume_warmstart:
+    previous: dict | None = None
+    if cfg.resume_rl:
+        if cfg.resume_warmstart:
+            raise ValueError("resume_rl and resume_warmstart exclude each other: a built A already holds its warm start")
+        previous = _resume_rl(model, Path(cfg.resume_rl), log)
+        warm = previous["warm_start"]
+        if Path(cfg.resume_rl).resolve() != out.resolve():
+            shutil.copytree(Path(cfg.resume_rl) / "warmstart", out / "warmstart", dirs_exist_ok=True)
+    elif cfg.resume_warmstart:
         warm = _resume_warm(model, Path(cfg.resume_warmstart), log)
     else:
         warm = warm_start(model, tokenizer, train, dev_prompts, cfg, log)
-    _save_adapter(model, out / "warmstart")
-    (out / "warmstart" / "warmstart.json").write_text(json.dumps(warm, indent=2))
-    log(f"[build] warm start saved: {warm['steps']} steps, dev format {warm['dev_format']:.1%}")
-    rl = grpo(model, tokenizer, train, cfg, deadline, log)
+    if previous is None:
+        _save_adapter(model, out / "warmstart")
+        (out / "warmstart" / "warmstart.json").write_text(json.dumps(warm, indent=2))
+        log(f"[build] warm start saved: {warm['steps']} steps, dev format {warm['dev_format']:.1%}")
+        rl = grpo(model, tokenizer, train, cfg, deadline, log)
+    else:
+        done = previous["rl"]
+        rl = _merge_rl(previous, cfg, grpo(model, tokenizer, train, cfg, deadline, log,
+                                           first_step=done["steps"] + 1, first_prompt=done["prompts_seen"]))
     _save_adapter(model, out)
 
     final_check = random.Random(cfg.seed + 3).sample(dev, min(cfg.final_dev_n, len(dev)))
@@ -287,6 +346,9 @@ def build(cfg: BuildConfig, out: str | Path, log: Log = print) -> BuildResult:
         "wall_time_s": time.time() - t_start,
         "torch": torch.__version__,
     }
+    if previous is not None:  # the build's total cost includes the run it continued
+        manifest["wall_time_total_s"] = previous.get("wall_time_total_s", previous["wall_time_s"]) + manifest["wall_time_s"]
+        manifest["notes"] = previous.get("notes", []) + [f"GRPO continued from {cfg.resume_rl} (config.resume_rl)."]
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     log(f"[build] done in {manifest['wall_time_s'] / 60:.1f} min -> {out}")
     return BuildResult(out=str(out), manifest=manifest)
