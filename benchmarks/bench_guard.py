@@ -2,7 +2,10 @@
 
 One engine, one run: 32 concurrent prompts × 128 new tokens (ignore_eos, greedy) for
 - unguarded,
-- alert on 64 features at every token (targets ratio ≥ 0.97),
+- alert on 64 features at every token (targets ratio ≥ 0.97) — a monitor, its threshold set
+  so it fires on about 1% of tokens (measured on the benchmark's own prompts and printed);
+- the same alert at threshold 0, firing whenever any of the 64 features is active (the
+  event-firehose worst case, printed for reference, no target),
 - splice at every token (≥ 0.90),
 - steer at the last prompt token only (≥ 0.99),
 each measured ``--repeats`` times, alternating, best time kept. The crosscoder is random
@@ -28,6 +31,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 TARGETS = {"alert64": 0.97, "splice": 0.90, "steer_last": 0.99}
+ALERT_FIRE_RATE = 0.01
 
 
 def make_artifact(folder: Path, layer: int, dict_size: int, k: int, out: Path) -> Path:
@@ -45,13 +49,28 @@ def make_artifact(folder: Path, layer: int, dict_size: int, k: int, out: Path) -
     return save_artifact(cc, out, model_a="smollm2", model_b="smollm2", layer=layer, positions="all")
 
 
-def policies(n_alert: int) -> dict:
+def alert_threshold(folder: Path, art: Path, layer: int, prompts: list[str], n_alert: int) -> float:
+    """Threshold at which the alert fires on ``ALERT_FIRE_RATE`` of the prompts' tokens."""
+    from guardrail.dictionary import load_artifact
+    from guardrail.features import interventions as iv
+    from guardrail.models import load_model
+    from guardrail.residual.hf import read_residual
+
+    loaded = load_model(str(folder))
+    enc = loaded.tokenizer(prompts, return_tensors="pt", padding=True)
+    x = read_residual(loaded.model, layer, enc.input_ids, enc.attention_mask)[enc.attention_mask.bool()].float()
+    peak = iv.encode(iv.dictionary_view(load_artifact(art)), x)[:, :n_alert].max(dim=-1).values
+    return float(torch.quantile(peak, 1 - ALERT_FIRE_RATE))
+
+
+def policies(n_alert: int, threshold: float) -> dict:
     from guardrail.policy import Policy
 
     quiet = {"otel": False}
+    watch = lambda thr: {"id": "watch", "action": "alert", "select": {"indices": list(range(n_alert))}, "threshold": thr, "positions": "all"}  # noqa: E731
     return {
-        "alert64": Policy.from_data({"name": "alert64", "telemetry": quiet, "rules": [
-            {"id": "watch", "action": "alert", "select": {"indices": list(range(n_alert))}, "threshold": 1.0, "positions": "all"}]}),
+        "alert64": Policy.from_data({"name": "alert64", "telemetry": quiet, "rules": [watch(threshold)]}),
+        "alert64_every": Policy.from_data({"name": "alert64_every", "telemetry": quiet, "rules": [watch(0.0)]}),
         "splice": Policy.from_data({"name": "splice", "telemetry": quiet, "rules": [
             {"id": "splice", "action": "splice", "positions": "all"}]}),
         "steer_last": Policy.from_data({"name": "steer_last", "telemetry": quiet, "rules": [
@@ -78,10 +97,11 @@ def main() -> None:
     folder = smollm2_folder()
     tmp = Path(tempfile.mkdtemp(prefix="bench-guard-"))
     art = make_artifact(folder, args.layer, args.dict_size, args.k, tmp / "dfc")
-    llm = LLM(model=str(folder), max_model_len=1024, max_num_seqs=args.prompts, **engine_kwargs())
-    guard = install_guard(llm, art, policies(64))
     prompts = [f"Question {i}: explain in detail how a {w} works, step by step." for i, w in enumerate(
         ["bicycle", "compiler", "refrigerator", "telescope", "vaccine", "bridge", "battery", "router"] * (args.prompts // 8 + 1))][: args.prompts]
+    threshold = alert_threshold(folder, art, args.layer, prompts, 64)
+    llm = LLM(model=str(folder), max_model_len=1024, max_num_seqs=args.prompts, **engine_kwargs())
+    guard = install_guard(llm, art, policies(64, threshold))
 
     def params(policy: str | None):
         extra = {"guardrail_policy": policy} if policy else None
@@ -95,21 +115,27 @@ def main() -> None:
         return dt
 
     run(None)  # warm-up
-    modes = [None, "alert64", "splice", "steer_last"]
+    modes = [None, "alert64", "alert64_every", "splice", "steer_last"]
     best = {m: float("inf") for m in modes}
+    events: dict = {}
     for _ in range(args.repeats):
         for m in modes:
             best[m] = min(best[m], run(m))
-            guard.events(clear=True)
+            events[m] = len(guard.events(clear=True))
     n_tok = args.prompts * args.tokens
     base = best[None]
     report = {"config": vars(args) | {"json": None}, "unguarded_tok_s": n_tok / base, "modes": {}}
     print(f"unguarded: {n_tok / base:.1f} tok/s ({base:.2f} s for {args.prompts}×{args.tokens})")
     for m in modes[1:]:
         ratio = base / best[m]
-        ok = ratio >= TARGETS[m]
-        report["modes"][m] = {"tok_s": n_tok / best[m], "ratio": ratio, "target": TARGETS[m], "meets_target": ok}
-        print(f"{m:>11}: {n_tok / best[m]:.1f} tok/s  guarded/unguarded = {ratio:.3f}  (target ≥ {TARGETS[m]}, {'ok' if ok else 'MISSED'})")
+        target = TARGETS.get(m)
+        ok = target is None or ratio >= target
+        report["modes"][m] = {"tok_s": n_tok / best[m], "ratio": ratio, "target": target, "meets_target": ok, "events_per_run": events[m]}
+        verdict = "no target" if target is None else f"target ≥ {target}, {'ok' if ok else 'MISSED'}"
+        print(f"{m:>13}: {n_tok / best[m]:.1f} tok/s  guarded/unguarded = {ratio:.3f}  ({verdict}; {events[m]} events per run)")
+    print(f"alert64 threshold {threshold:.3f} (fires on {ALERT_FIRE_RATE:.0%} of the prompts' tokens); "
+          f"{n_tok} generated tokens per run")
+    report["alert64_threshold"] = threshold
     report["guard"] = {k: v for k, v in guard.summary().items() if k != "aborted"}
     if args.json:
         args.json.write_text(json.dumps(report, indent=2, default=str))

@@ -119,6 +119,32 @@ def test_alert_fires_exactly_when_threshold_crossed(art):
     assert sorted(e["position"] for e in res.events) == (vals > 0).nonzero().squeeze(-1).tolist()
 
 
+def test_gated_alert_matches_full_encoding_with_top_k_losers(art):
+    """The monitor skips tokens whose selected pre-activations stay under the threshold;
+    its events must equal the brute-force answer, including tokens where a feature's
+    pre-activation is over the threshold but the feature lost the top-k."""
+    cc = art["cc"]
+    view = iv.dictionary_view(cc)
+    x = art["acts"][:, 0]
+    idx = torch.arange(view.dict_size)
+    f, pre = iv.encode(view, x), iv.pre_activations(view, x, idx)
+    losers = ((pre > 0.1) & (f == 0)).any(dim=0).nonzero().squeeze(-1)
+    assert losers.numel() > 0, "the test needs features that are over the threshold but not selected"
+    feats = torch.cat([losers[:24], torch.tensor(art["a_excl"][:8])]).unique()
+    positive = f[:, feats][f[:, feats] > 0]
+    for thr in [0.1] + torch.quantile(positive, torch.tensor([0.1, 0.5, 0.9])).tolist():
+        pol = _policy([{"id": "w", "action": "alert", "select": {"indices": feats.tolist()}, "threshold": thr}])
+        res = compile_policy(pol, cc).apply(x, _positions(x.shape[0]))
+        expect = (f[:, feats] > thr).any(dim=-1).nonzero().squeeze(-1).tolist()
+        assert sorted(e["position"] for e in res.events) == expect, thr
+        cand = iv.alert_candidates(view, x, feats, thr)
+        assert bool(cand[expect].all()) and int(cand.sum()) >= len(expect)
+        for e in res.events:  # reported features are the fired ones, largest first, with their values
+            row = e["position"]
+            fired = [[int(i), round(float(f[row, i]), 6)] for i in feats if f[row, i] > thr]
+            assert e["features"] == sorted(fired, key=lambda p: -p[1])[: len(e["features"])]
+
+
 # --------------------------------------------------------------------------- schema
 def test_invalid_policy_is_refused_with_field_and_line(tmp_path):
     bad = tmp_path / "bad.yaml"

@@ -207,6 +207,33 @@ def alert_mask(f: torch.Tensor, idx: torch.Tensor, threshold: float) -> torch.Te
     return f[:, idx] > threshold
 
 
+@torch.no_grad()
+def alert_candidates(view: DictionaryView, x_a_raw: torch.Tensor, idx: torch.Tensor, threshold: float,
+                     x_b_raw: torch.Tensor | None = None) -> torch.Tensor:
+    """Bool ``[N]``: some feature of ``idx`` *could* be above ``threshold`` (≥ 0) at token n.
+
+    Every sparsity rule keeps a feature at its ReLU'd pre-activation or zeroes it, so
+    ``f_i ≤ max(pre_i, 0)``: tokens where no selected pre-activation exceeds the threshold
+    cannot alert, and a monitor skips the full ``[N, D]`` encoding for them. Exact, and
+    cheap: ``k`` encoder columns instead of ``D``.
+    """
+    return (pre_activations(view, x_a_raw, idx, x_b_raw) > threshold).any(dim=-1)
+
+
+def top_features(values: torch.Tensor, idx: torch.Tensor, keep: torch.Tensor, limit: int) -> list[list[list]]:
+    """Per row, up to ``limit`` ``[feature id, value]`` pairs of ``idx`` where ``keep``, largest first.
+
+    ``values``/``keep`` are ``[N, k]`` (the activations of features ``idx``); one sort and
+    one ``tolist`` for the whole batch, because events are built on the request path.
+    """
+    if values.numel() == 0:
+        return [[] for _ in range(values.shape[0])]
+    masked = torch.where(keep, values, torch.full_like(values, float("-inf")))
+    top = masked.topk(min(limit, values.shape[1]), dim=-1)
+    ids, vals, ok = idx[top.indices].tolist(), top.values.tolist(), (top.values > float("-inf")).tolist()
+    return [[[i, round(v, 6)] for i, v, o in zip(ri, rv, ro) if o] for ri, rv, ro in zip(ids, vals, ok)]
+
+
 def finite_rows(x: torch.Tensor) -> torch.Tensor:
     """Bool ``[N]``: the row has no NaN/Inf."""
     return torch.isfinite(x).all(dim=-1)

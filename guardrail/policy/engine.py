@@ -166,8 +166,9 @@ class CompiledPolicy:
     def apply(self, x: torch.Tensor, pos: TokenPositions, x_b: torch.Tensor | None = None) -> ApplyResult:
         """Apply every rule to the tokens it covers. ``x`` is A's raw activation ``[N, d]``."""
         result = ApplyResult()
-        masks = [r.rule.positions for r in self.rules]
-        rule_masks = [pos.mask(m) for m in masks]
+        if self.joint and x_b is None:
+            raise GuardError(f"policy {self.name} uses joint encoding but the engine gave no B activation")
+        rule_masks = self._gate_alerts([pos.mask(r.rule.positions) for r in self.rules], x, x_b)
         touched = torch.zeros_like(pos.prompt)
         for m in rule_masks:
             touched |= m
@@ -175,9 +176,7 @@ class CompiledPolicy:
             return result
         rows = touched.nonzero().squeeze(-1)
         xs = x[rows].float()
-        xb = x_b[rows].float() if (self.joint and x_b is not None) else None
-        if self.joint and x_b is None:
-            raise GuardError(f"policy {self.name} uses joint encoding but the engine gave no B activation")
+        xb = x_b[rows].float() if self.joint else None
         sub = pos.subset(rows)
         masks_sub = [m[rows] for m in rule_masks]
         f = iv.encode(self.view, xs, xb)
@@ -207,6 +206,27 @@ class CompiledPolicy:
             result.values = safe[keep].to(x.dtype)
         return result
 
+    def _gate_alerts(self, masks: list[torch.Tensor], x: torch.Tensor, x_b: torch.Tensor | None) -> list[torch.Tensor]:
+        """Drop from each alert rule the tokens where it cannot fire (see ``iv.alert_candidates``).
+
+        A monitoring policy then encodes only the few tokens near its threshold; a token
+        still covered by another rule is encoded anyway, and alerts stay exact.
+        """
+        out = []
+        for cr, m in zip(self.rules, masks):
+            if isinstance(cr.rule, AlertRule) and bool(m.any()):
+                rows = m.nonzero().squeeze(-1)
+                xb = x_b[rows].float() if self.joint else None
+                m = m.clone()
+                m[rows] = iv.alert_candidates(self.view, x[rows].float(), cr.idx, cr.rule.threshold, xb)
+            out.append(m)
+        return out
+
+    def _emit(self, result, sub, rm, hit, rule_id, action, features, **extra) -> None:
+        """One event per hit row of ``rm``, with its top features (already computed for all rows)."""
+        for j in hit.nonzero().squeeze(-1).tolist():
+            result.events.append(self._event(sub, int(rm[j]), rule_id, action, features=features[j], **extra))
+
     def _apply_rule(self, cr, m, xs, xb, f, base, delta, sub, result):
         rule, idx = cr.rule, cr.idx
         rm = m.nonzero().squeeze(-1)
@@ -220,11 +240,11 @@ class CompiledPolicy:
         if isinstance(rule, AlertRule):  # alert and abort
             fired = iv.alert_mask(f[rm], idx, rule.threshold)
             hit = fired.any(dim=-1)
-            for j in hit.nonzero().squeeze(-1).tolist():
-                r = int(rm[j])
-                feats = self._top_features(f[r], idx, fired[j])
-                result.events.append(self._event(sub, r, rule.id, rule.action, features=feats, threshold=rule.threshold))
-                if isinstance(rule, AbortRule):
+            if bool(hit.any()):
+                feats = iv.top_features(f[rm][:, idx], idx, fired, MAX_EVENT_FEATURES)
+                self._emit(result, sub, rm, hit, rule.id, rule.action, feats, threshold=rule.threshold)
+            if isinstance(rule, AbortRule):
+                for r in rm[hit].tolist():
                     req = sub.request_ids[int(sub.request[r])] if sub.request_ids else str(int(sub.request[r]))
                     result.aborted.setdefault(req, f"{rule.message} (policy {self.name}, rule {rule.id})")
             return base, delta
@@ -237,9 +257,8 @@ class CompiledPolicy:
                 fired = torch.ones(rm.numel(), dtype=torch.bool)
             delta = delta.clone()
             delta[rm] += d
-            for j in fired.nonzero().squeeze(-1).tolist():
-                r = int(rm[j])
-                result.events.append(self._event(sub, r, rule.id, rule.action, features=self._top_features(f[r], idx, None)))
+            vals = f[rm][:, idx]
+            self._emit(result, sub, rm, fired, rule.id, rule.action, iv.top_features(vals, idx, vals > 0, MAX_EVENT_FEATURES))
             return base, delta
         if isinstance(rule, ClampRule):
             if rule.method == "decoder":
@@ -250,9 +269,8 @@ class CompiledPolicy:
             fired = (d != 0).any(dim=-1)
             delta = delta.clone()
             delta[rm] += d
-            for j in fired.nonzero().squeeze(-1).tolist():
-                r = int(rm[j])
-                result.events.append(self._event(sub, r, rule.id, "clamp", features=self._top_features(f[r], idx, None), value=rule.value))
+            vals = f[rm][:, idx]
+            self._emit(result, sub, rm, fired, rule.id, "clamp", iv.top_features(vals, idx, vals > 0, MAX_EVENT_FEATURES), value=rule.value)
             return base, delta
         raise GuardError(f"unsupported rule type {type(rule).__name__}")
 
@@ -267,13 +285,6 @@ class CompiledPolicy:
             for r in rows:
                 req = sub.request_ids[int(sub.request[r])] if sub.request_ids else str(int(sub.request[r]))
                 result.aborted.setdefault(req, f"guardrail rule {cr.rule.id} of policy {self.name} failed ({reason}); request stopped (fail-closed)")
-
-    def _top_features(self, f_row: torch.Tensor, idx: torch.Tensor, fired: torch.Tensor | None) -> list[list]:
-        vals = f_row[idx]
-        keep = fired if fired is not None else vals > 0
-        ids, vs = idx[keep], vals[keep]
-        order = vs.argsort(descending=True)[:MAX_EVENT_FEATURES]
-        return [[int(ids[o]), round(float(vs[o]), 6)] for o in order]
 
     def _event(self, sub: TokenPositions, r: int, rule: str, action: str, **extra: Any) -> dict[str, Any]:
         req_i = int(sub.request[r])

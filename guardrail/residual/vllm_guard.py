@@ -249,27 +249,26 @@ class WorkerGuard:
         return None if new_first is None else (new_first, residual)
 
     def _token_positions(self, req_idx: list[int], req_ids: list[str], qsl: list[int], positions: torch.Tensor, skip: dict | None = None):
-        rows, prompt, last, req, pos = [], [], [], [], []
+        """Rows of the flat batch that belong to ``req_idx`` and their position facts.
+
+        Built with a handful of tensor ops whatever the batch size: at decode this runs
+        once per step for every request in the batch.
+        """
         ids = [req_ids[i] for i in req_idx]
-        pos_all = positions.reshape(-1) if positions.dim() == 1 else positions[0]
-        for j, i in enumerate(req_idx):
-            rid = req_ids[i]
-            if skip and rid in skip:
-                continue
-            start, end = qsl[i], qsl[i + 1]
-            if end <= start:
-                continue
-            n_prompt = int(self.runner.requests[rid].num_prompt_tokens)
-            p = pos_all[start:end].long().cpu()
-            rows.append(torch.arange(start, end))
-            prompt.append(p < n_prompt)
-            last.append(p == n_prompt - 1)
-            req.append(torch.full((end - start,), j, dtype=torch.long))
-            pos.append(p)
-        if not rows:
+        keep = [(j, i) for j, i in enumerate(req_idx) if not (skip and req_ids[i] in skip) and qsl[i + 1] > qsl[i]]
+        if not keep:
             empty = torch.zeros(0, dtype=torch.long)
             return empty, TokenPositions(empty.bool(), empty.bool(), empty, empty, ids)
-        return torch.cat(rows), TokenPositions(torch.cat(prompt), torch.cat(last), torch.cat(req), torch.cat(pos), ids)
+        starts = torch.tensor([qsl[i] for _, i in keep])
+        lens = torch.tensor([qsl[i + 1] - qsl[i] for _, i in keep])
+        n_prompt = torch.tensor([int(self.runner.requests[req_ids[i]].num_prompt_tokens) for _, i in keep])
+        offsets = torch.arange(int(lens.sum())) - torch.repeat_interleave(lens.cumsum(0) - lens, lens)
+        rows = torch.repeat_interleave(starts, lens) + offsets
+        pos_all = positions.reshape(-1) if positions.dim() == 1 else positions[0]
+        pos = pos_all[rows.to(pos_all.device)].long().cpu()
+        n_prompt = torch.repeat_interleave(n_prompt, lens)
+        req = torch.repeat_interleave(torch.tensor([j for j, _ in keep]), lens)
+        return rows, TokenPositions(pos < n_prompt, pos == n_prompt - 1, req, pos, ids)
 
     def _capture(self, req_ids, qsl, positions, first, residual) -> None:
         pos_all = positions.reshape(-1) if positions.dim() == 1 else positions[0]
