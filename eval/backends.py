@@ -22,7 +22,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from dataclasses import dataclass
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
@@ -198,7 +198,7 @@ class VLLMBackend:
 
     name = "vllm"
 
-    def __init__(self, dtype: str = "float32", kv_cache_bytes: int = 1 << 30) -> None:
+    def __init__(self, dtype: str = "float32", kv_cache_bytes: int | None = None) -> None:
         if not vllm_available():
             raise RuntimeError("vLLM is not installed: `pip install guardrail[vllm]`, or use --backend transformers")
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -227,9 +227,26 @@ class VLLMBackend:
             if torch.cuda.is_available():
                 kw: dict[str, Any] = dict(dtype="bfloat16", gpu_memory_utilization=0.4, enforce_eager=False, enable_prefix_caching=True, seed=0)
             else:
-                kw = engine_kwargs(dtype=self.dtype, kv_cache_memory_bytes=self.kv_cache_bytes, enable_prefix_caching=True)
+                kw = engine_kwargs(dtype=self.dtype, kv_cache_memory_bytes=self.kv_bytes(loaded), enable_prefix_caching=True)
             self._engines[path] = LLM(model=path, max_model_len=getattr(loaded.model.config, "max_position_embeddings", 4096), **kw)
         return self._engines[path]
+
+    def kv_bytes(self, loaded: Any) -> int:
+        """KV-cache size on CPU: ``PREFIX_TOKENS`` tokens of this model (64 MiB–2 GiB) unless set."""
+        if self.kv_cache_bytes is not None:
+            return self.kv_cache_bytes
+        return int(min(max(kv_bytes_per_token(loaded, self.dtype) * PREFIX_TOKENS, 64 << 20), 2 << 30))
+
+    def prompts_per_chunk(self, loaded: Any, prompts: Sequence[str], settings: GenerationSettings, n_conditions: int) -> int:
+        """How many prompts fit in the prefix cache together with the decode blocks of
+        ``n_conditions`` patched copies of each (with a 20% margin against eviction)."""
+        if torch.cuda.is_available():
+            return max(len(prompts), 1)
+        lens = _tokenize(loaded.tokenizer, prompts, settings.max_prompt_tokens)["attention_mask"].sum(1).tolist()
+        mean_len = sum(lens) / max(len(lens), 1)
+        capacity = 0.8 * self.kv_bytes(loaded) / kv_bytes_per_token(loaded, self.dtype)
+        need = mean_len + n_conditions * (2 * BLOCK_TOKENS + settings.max_new_tokens)
+        return max(1, int(capacity // need))
 
     def generate(self, loaded: Any, prompts: Sequence[str], settings: GenerationSettings, *, layer: int | None = None,
                  patches: Sequence[Patch] | None = None) -> list[str]:
@@ -252,6 +269,53 @@ class VLLMBackend:
         outs = llm.generate([{"prompt_token_ids": ids} for ids in enc], params, use_tqdm=False)
         eos = _eos_ids(loaded)
         return [_decode(tok, list(o.outputs[0].token_ids), eos) for o in outs]
+
+
+PREFIX_TOKENS = 48_000  # default CPU KV cache: ~65 tool prompts of ~700 tokens held for reuse
+BLOCK_TOKENS = 16
+
+
+def kv_bytes_per_token(loaded: Any, dtype: str = "float32") -> int:
+    """Bytes of keys and values one token occupies across all layers."""
+    cfg = loaded.model.config
+    heads = getattr(cfg, "num_attention_heads")
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    width = 2 if dtype in ("bfloat16", "float16") else 4
+    return 2 * cfg.num_hidden_layers * kv_heads * head_dim * width
+
+
+def generate_conditions(backend: Backend, loaded: Any, prompts: Sequence[str], settings: GenerationSettings,
+                        conditions: dict[str, Sequence[Patch] | None], *, layer: int | None = None,
+                        progress: Callable[[int], None] | None = None) -> dict[str, list[str]]:
+    """Greedy outputs of every condition (its per-prompt patches, or None) on every prompt.
+
+    Prompts go in chunks that vLLM's prefix cache can hold while all conditions decode
+    them: the first condition prefills and caches each prompt, the others (one batched
+    call) recompute only the patched last token. Run condition by condition, each would
+    prefill every ~700-token tool prompt again — most of an audit's time on a CPU.
+    ``progress(n)`` is called with the number of prompts finished after each chunk.
+    """
+    names = list(conditions)
+    per_chunk = getattr(backend, "prompts_per_chunk", None)
+    chunk = per_chunk(loaded, prompts, settings, len(names)) if per_chunk else max(len(prompts), 1)
+    out: dict[str, list[str]] = {n: [] for n in names}
+    for s in range(0, len(prompts), chunk):
+        sub = list(prompts[s : s + chunk])
+
+        def part(name: str) -> list[Patch]:
+            p = conditions[name]
+            return [None] * len(sub) if p is None else list(p[s : s + chunk])
+
+        out[names[0]] += backend.generate(loaded, sub, settings, layer=layer, patches=part(names[0]))
+        if len(names) > 1:
+            texts = backend.generate(loaded, sub * (len(names) - 1), settings, layer=layer,
+                                     patches=[p for n in names[1:] for p in part(n)])
+            for i, n in enumerate(names[1:]):
+                out[n] += texts[i * len(sub) : (i + 1) * len(sub)]
+        if progress is not None:
+            progress(len(sub))
+    return out
 
 
 def model_folder(loaded: Any) -> str:

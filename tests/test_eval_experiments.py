@@ -213,6 +213,22 @@ def test_vllm_and_transformers_agree_clean_and_patched(tiny_pair):
     assert patched != clean
     # prefix caching never carries a patched last token into the next request on the same prompt
     assert vl.generate(tiny_pair.a, suite.texts, settings) == clean
+    # all conditions at once, in prefix-cache-sized prompt chunks, give the same tokens
+    from guardrail.eval.backends import generate_conditions, kv_bytes_per_token
+
+    small = VLLMBackend()
+    small._engines = vl._engines  # same engine; only the chunk planning sees a small cache
+    per_tok = kv_bytes_per_token(tiny_pair.a)
+    small.kv_bytes = lambda loaded: 150 * per_tok  # room for about one prompt and its copies
+    assert small.prompts_per_chunk(tiny_pair.a, suite.texts, settings, 3) < len(suite.texts)
+    shifted = [p + 5 * torch.randn(D_MODEL, generator=g) for p in patches]
+    done = []
+    outs = generate_conditions(vl, tiny_pair.a, suite.texts, settings, {"clean": None, "p": patches, "q": shifted}, layer=1,
+                               progress=done.append)
+    assert outs["clean"] == clean and outs["p"] == patched and sum(done) == len(suite.texts)
+    assert outs["q"] == hf.generate(tiny_pair.a, suite.texts, settings, layer=1, patches=shifted)
+    chunked = generate_conditions(small, tiny_pair.a, suite.texts, settings, {"p": patches, "clean": None}, layer=1, progress=done.append)
+    assert chunked == {"p": patched, "clean": clean} and len(done) > 2
 
 
 def test_harness_steering_equals_the_guard_engine(tiny_pair, dfc, tmp_path):

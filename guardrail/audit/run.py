@@ -138,7 +138,7 @@ def audit(cc, b, a=None, policy: AuditPolicy | None = None, *, seed: int = 0, ba
     artifact-only threats run; that is the release question, the joint one is context.
     ``backend``: ``auto`` (vLLM when installed), ``vllm`` or ``transformers``.
     """
-    from guardrail.eval.backends import GenerationSettings, make_backend
+    from guardrail.eval.backends import GenerationSettings, generate_conditions, make_backend
     from guardrail.prompts import mixed
 
     policy = policy or AuditPolicy()
@@ -158,32 +158,27 @@ def audit(cc, b, a=None, policy: AuditPolicy | None = None, *, seed: int = 0, ba
         calib_is_tool=torch.tensor([p.is_tool for p in calib]),
     )
     names = [n for n in THREATS if a is not None or n not in NEEDS_A]
-    bar = tqdm(total=len(names) + 1, desc="audit", unit="run", disable=not progress)
+    deltas: dict[str, torch.Tensor | None] = {"clean": None}
+    for name in names:
+        deltas[name] = THREATS[name](cc, inp, top=policy.steer_top, alpha=policy.steer_alpha, gain=policy.steer_gain)
+        if name in STEERING:  # charge the artifact only for what B's own steering vector cannot do
+            deltas[f"{name}/control"] = control_delta(inp, deltas[name])
     engine, settings = make_backend(backend), GenerationSettings(
         max_new_tokens=policy.max_new_tokens, batch_size=batch_size, max_prompt_tokens=policy.max_prompt_tokens
     )
-
-    def gen(deltas: torch.Tensor | None) -> list[str]:
-        patches = None if deltas is None else list(inp.x_b + deltas)  # the backend writes absolute rows
-        return engine.generate(b, texts, settings, layer=layer, patches=patches)
-
-    clean_out = gen(None)
-    clean = [_score(policy.metric, o, t) for o, t in zip(clean_out, tasks)]
-    bar.update()
-    score = lambda outs: [_score(policy.metric, o, t) for o, t in zip(outs, tasks)]  # noqa: E731
+    conditions = {k: None if d is None else list(inp.x_b + d) for k, d in deltas.items()}  # backends write absolute rows
+    with tqdm(total=len(texts), desc=f"audit ({len(conditions)} conditions)", unit="prompt", disable=not progress) as bar:
+        outs = generate_conditions(engine, b, texts, settings, conditions, layer=layer, progress=bar.update)
+    score = lambda name: [_score(policy.metric, o, t) for o, t in zip(outs[name], tasks)]  # noqa: E731
+    clean = score("clean")
     gains, controls, examples = {}, {}, []
     for name in names:
-        deltas = THREATS[name](cc, inp, top=policy.steer_top, alpha=policy.steer_alpha, gain=policy.steer_gain)
-        out = gen(deltas)
-        guarded = score(out)
         baseline = clean
-        if name in STEERING:  # charge the artifact only for what B's own steering vector cannot do
-            baseline = score(gen(control_delta(inp, deltas)))
+        if name in STEERING:
+            baseline = score(f"{name}/control")
             controls[name] = paired_gain(clean, baseline, policy.confidence).as_dict()
-        gains[name] = paired_gain(baseline, guarded, policy.confidence)
-        examples.append({"threat": name, "task": tasks[0].id, "clean": clean_out[0][:400], "guarded": out[0][:400]})
-        bar.update()
-    bar.close()
+        gains[name] = paired_gain(baseline, score(name), policy.confidence)
+        examples.append({"threat": name, "task": tasks[0].id, "clean": outs["clean"][0][:400], "guarded": outs[name][0][:400]})
     verdict, reasons = judge(gains, policy, len(tasks))
     return AuditReport(
         verdict=verdict,
