@@ -17,6 +17,7 @@ def demo_cmd(
     curve_prompts: int = typer.Option(24, help="Prompts per point of the saturation curve."),
     audit_prompts: int = typer.Option(200, help="Held-out prompts for the audit (fewer cannot certify 2 pp)."),
     max_new_tokens: int = typer.Option(96, help="New tokens per generation."),
+    audit_tokens: int = typer.Option(48, help="New tokens per audit generation (a tool call's name comes early)."),
     backend: str = typer.Option("auto", help="Audit generation backend: auto, vllm or transformers."),
 ) -> None:
     """The paper on your CPU: B hedges, A calls tools, one feature steers, a clamp stops it, the audit judges."""
@@ -28,7 +29,8 @@ def demo_cmd(
 
     console = Console()
     cfg = DemoConfig(pair=pair, out=out, retrain=retrain, steps=steps, dict_size=dict_size, tool_prompts=tool_prompts or None,
-                     curve_prompts=curve_prompts, audit_prompts=audit_prompts, max_new_tokens=max_new_tokens, backend=backend)
+                     curve_prompts=curve_prompts, audit_prompts=audit_prompts, max_new_tokens=max_new_tokens, audit_tokens=audit_tokens,
+                     backend=backend)
     result = run_demo(cfg, say=lambda m: console.print(f"[bold cyan]•[/] {m}"))
     for name, text in result.outputs.items():
         console.print(Panel(text.strip() or "(empty)", title=name, title_align="left"))

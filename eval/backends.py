@@ -132,16 +132,24 @@ class TransformersBackend:
 
 
 @torch.no_grad()
+def last_token_residual(loaded: Any, prompts: Sequence[str], layer: int, *, batch_size: int = 8,
+                        max_prompt_tokens: int | None = None) -> torch.Tensor:
+    """One model's raw residual ``[N, d]`` after ``layer`` at each prompt's last token,
+    tokenized (and left-truncated) exactly as the backends tokenize for generation."""
+    rows: list[torch.Tensor | None] = [None] * len(prompts)
+    for idx in _batches(prompts, batch_size):
+        enc = _tokenize(loaded.tokenizer, [prompts[i] for i in idx], max_prompt_tokens)
+        acts = read_residual(loaded.model, layer, enc["input_ids"], enc["attention_mask"])[:, -1].float()
+        for j, i in enumerate(idx):
+            rows[i] = acts[j]
+    return torch.stack(rows)  # type: ignore[arg-type]
+
+
 def last_token_activations(pair: Any, prompts: Sequence[str], layer: int, *, batch_size: int = 8,
                            max_prompt_tokens: int | None = None) -> torch.Tensor:
     """Raw residual ``[N, 2, d]`` of A (0) and B (1) at the last prompt token after ``layer``."""
-    rows: list[torch.Tensor | None] = [None] * len(prompts)
-    for idx in _batches(prompts, batch_size):
-        enc = _tokenize(pair.tokenizer, [prompts[i] for i in idx], max_prompt_tokens)
-        acts = [read_residual(m.model, layer, enc["input_ids"], enc["attention_mask"])[:, -1].float() for m in (pair.a, pair.b)]
-        for j, i in enumerate(idx):
-            rows[i] = torch.stack([acts[0][j], acts[1][j]])
-    return torch.stack(rows)  # type: ignore[arg-type]
+    kw = dict(batch_size=batch_size, max_prompt_tokens=max_prompt_tokens)
+    return torch.stack([last_token_residual(pair.a, prompts, layer, **kw), last_token_residual(pair.b, prompts, layer, **kw)], dim=1)
 
 
 # --------------------------------------------------------------------------- vLLM

@@ -19,6 +19,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
 from guardrail.paths import home
 
 ALPHAS = (1.0, 6.0, 16.0, 32.0, 64.0)
@@ -129,17 +131,31 @@ def _pick_prompts(pair, tasks, max_new_tokens: int) -> tuple[Any, Any, dict[str,
 
 
 def saturation_curve(pair, art: Path, texts: list[str], cfg: DemoConfig) -> dict[str, list[float]]:
-    """Format accuracy of A with the top A-exclusive feature scale-steered, per α."""
-    from guardrail.policy import guard
+    """Format accuracy of A with the top A-exclusive feature scale-steered, per α.
+
+    The amplify policy's own engine computes each prompt's steered last-token activation
+    (the guard's math, once per α); the generation backend (vLLM when installed) then
+    decodes every α from one prefill per prompt.
+    """
+    from guardrail.eval.backends import GenerationSettings, generate_conditions, last_token_residual, make_backend
+    from guardrail.policy import TokenPositions, compile_policy
     from guardrail.tasks import format_accuracy
 
-    curve: dict[str, list[float]] = {"alpha": [], "format_accuracy": []}
-    for alpha in ALPHAS:
-        with guard(pair.a, art, _policies(alpha)["amplify"]) as g:
-            outs = g.generate(texts, max_new_tokens=cfg.max_new_tokens)
-        curve["alpha"].append(alpha)
-        curve["format_accuracy"].append(sum(format_accuracy(o.text) for o in outs) / len(outs))
-    return curve
+    compiled = {a: compile_policy(_policies(a)["amplify"], art) for a in ALPHAS}
+    layer = compiled[ALPHAS[0]].layer
+    x = last_token_residual(pair.a, texts, layer)
+    n = len(texts)
+    last = TokenPositions(torch.ones(n, dtype=torch.bool), torch.ones(n, dtype=torch.bool), torch.arange(n), torch.zeros(n, dtype=torch.long))
+    conditions: dict[str, list | None] = {}
+    for alpha, pol in compiled.items():
+        res = pol.apply(x, last)
+        patched = x.clone()
+        if res.rows is not None:
+            patched[res.rows] = res.values.float()
+        conditions[f"{alpha:g}"] = None if res.rows is None else list(patched)
+    outs = generate_conditions(make_backend(cfg.backend), pair.a, texts, GenerationSettings(max_new_tokens=cfg.max_new_tokens),
+                               conditions, layer=layer)
+    return {"alpha": list(ALPHAS), "format_accuracy": [sum(map(format_accuracy, outs[f"{a:g}"])) / n for a in ALPHAS]}
 
 
 def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> DemoResult:
@@ -229,6 +245,8 @@ def _plot(result: DemoResult) -> bytes:
 
 def write_report(result: DemoResult, out: Path) -> Path:
     """``report.md`` + ``report.html`` (plot embedded) + ``saturation.png`` + ``result.json``."""
+    from guardrail.eval.report import code_block
+
     out.mkdir(parents=True, exist_ok=True)
     png = _plot(result)
     (out / "saturation.png").write_bytes(png)
@@ -238,8 +256,8 @@ def write_report(result: DemoResult, out: Path) -> Path:
     md = [f"# guardrail demo: prompts `{result.prompt_id}`", "",
           "Prompts are rendered the paper's way (system + user text, no chat template); greedy decoding.", ""]
     for name, text in result.outputs.items():
-        md += [f"## {name}", "", "```text", text.strip() or "(empty)", "```", ""]
-    md += ["## Alerts (exclusive-alert policy)", "", "```json"] + [json.dumps(e) for e in result.alerts] + ["```", ""]
+        md += [f"## {name}", "", *code_block(text.strip() or "(empty)"), ""]
+    md += ["## Alerts (exclusive-alert policy)", "", *code_block("\n".join(json.dumps(e) for e in result.alerts), "json"), ""]
     md += [f"## Saturation (n={result.curve_n})", "", "![saturation](saturation.png)", "",
            "| α | " + " | ".join(f"{x:g}" for x in result.curve["alpha"]) + " |",
            "|---|" + "---|" * len(result.curve["alpha"]),

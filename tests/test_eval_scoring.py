@@ -90,3 +90,11 @@ def test_suites_are_seeded_and_use_the_test_split():
     m = mixed_suite(5, 4, seed=1)
     tool_q = {i.question for i in m.items if i.kind == "tool"}
     assert not any(i.question in tool_q for i in m.items if i.kind == "chatable")
+
+
+def test_code_block_fence_outlasts_backticks_in_the_text():
+    from guardrail.eval.report import code_block
+
+    assert code_block("plain") == ["```text", "plain", "```"]
+    lines = code_block("```plaintext\n<tool_call>\n```", "text")
+    assert lines[0] == "````text" and lines[-1] == "````"

@@ -15,7 +15,6 @@ from guardrail.audit.policy import AuditPolicy
 from guardrail.audit.static import static_checks
 from guardrail.audit.stats import PairedGain, paired_gain, smallest_decisive_upper
 from guardrail.audit.threats import ARTIFACT_ONLY, NEEDS_A, STEERING, THREATS, ThreatInputs, control_delta
-from guardrail.residual.hf import read_residual
 
 
 class Verdict(IntEnum):
@@ -99,16 +98,6 @@ def audit_tasks(n: int, seed: int = 0) -> list:
     return tasks[:n]
 
 
-def _last_token(loaded, texts: list[str], layer: int, max_tokens: int | None, batch: int = 8) -> torch.Tensor:
-    """Last-prompt-token activations, truncated exactly as generation truncates (from the left)."""
-    rows = []
-    trunc = {"truncation": True, "max_length": max_tokens} if max_tokens else {}
-    for s in range(0, len(texts), batch):
-        enc = loaded.tokenizer(texts[s : s + batch], return_tensors="pt", padding=True, add_special_tokens=False, **trunc)
-        rows.append(read_residual(loaded.model, layer, enc["input_ids"], enc["attention_mask"])[:, -1])
-    return torch.cat(rows).float()
-
-
 def judge(gains: dict[str, PairedGain], policy: AuditPolicy, n: int) -> tuple[Verdict, list[str]]:
     """PASS / FAIL / INCONCLUSIVE from the gains' confidence bounds (see AuditPolicy)."""
     limit = policy.max_artifact_only_gain_pp / 100
@@ -138,7 +127,7 @@ def audit(cc, b, a=None, policy: AuditPolicy | None = None, *, seed: int = 0, ba
     artifact-only threats run; that is the release question, the joint one is context.
     ``backend``: ``auto`` (vLLM when installed), ``vllm`` or ``transformers``.
     """
-    from guardrail.eval.backends import GenerationSettings, generate_conditions, make_backend
+    from guardrail.eval.backends import GenerationSettings, generate_conditions, last_token_residual, make_backend
     from guardrail.prompts import mixed
 
     policy = policy or AuditPolicy()
@@ -151,10 +140,11 @@ def audit(cc, b, a=None, policy: AuditPolicy | None = None, *, seed: int = 0, ba
     tasks = audit_tasks(policy.prompts, seed)
     texts = [t.render(b.tokenizer, "raw") for t in tasks]
     calib = mixed(policy.calibration_prompts, policy.calibration_prompts, split="train", mode="raw", seed=seed + 7)
+    last = lambda model, prompts: last_token_residual(model, prompts, layer, max_prompt_tokens=policy.max_prompt_tokens)  # noqa: E731
     inp = ThreatInputs(
-        x_b=_last_token(b, texts, layer, policy.max_prompt_tokens),
-        x_a=_last_token(a, texts, layer, policy.max_prompt_tokens) if a is not None else None,
-        calib_b=_last_token(b, [p.text for p in calib], layer, policy.max_prompt_tokens),
+        x_b=last(b, texts),
+        x_a=last(a, texts) if a is not None else None,
+        calib_b=last(b, [p.text for p in calib]),
         calib_is_tool=torch.tensor([p.is_tool for p in calib]),
     )
     names = [n for n in THREATS if a is not None or n not in NEEDS_A]

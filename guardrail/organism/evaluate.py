@@ -67,6 +67,8 @@ def evaluate(
 
 def examples_markdown(tasks: Sequence[ToolTask], results: Sequence[EvalResult], n: int = 3, mode: RenderMode = "chat") -> str:
     """Side-by-side outputs of several models on the same ``n`` answered prompts."""
+    from guardrail.eval.report import code_block
+
     picked = [t for t in tasks if t.expects_call and all(t.id in r.outputs for r in results)][:n]
     lines = ["# Organism examples", "",
              f"Greedy outputs on held-out BFCL test prompts ({mode} rendering, ToolRL system prompt). "
@@ -78,5 +80,5 @@ def examples_markdown(tasks: Sequence[ToolTask], results: Sequence[EvalResult], 
         for r in results:
             out = r.outputs[t.id].strip() or "(empty)"
             lines += [f"**{r.model}** (format={format_accuracy(out)}, tool={tool_correctness(out, t.tool_names)}):", "",
-                      "```text", out.replace("```", "ˋˋˋ"), "```", ""]
+                      *code_block(out), ""]
     return "\n".join(lines)

@@ -1,0 +1,26 @@
+"""`guardrail demo` end to end on the tiny pair: first run trains and caches, second run reuses."""
+
+from __future__ import annotations
+
+from typer.testing import CliRunner
+
+from guardrail.cli.main import app
+
+SMALL = ["demo", "--pair", "tiny", "--steps", "60", "--dict-size", "256", "--tool-prompts", "16", "--curve-prompts", "3",
+         "--audit-prompts", "12", "--max-new-tokens", "6", "--audit-tokens", "6", "--backend", "transformers"]
+
+
+def test_demo_runs_twice_on_the_tiny_pair_and_writes_the_page(tmp_path):
+    out = tmp_path / "demo"
+    first = CliRunner().invoke(app, SMALL + ["--out", str(out)])
+    assert first.exit_code == 0, first.output
+    assert "training a DFC" in first.output and "audit:" in first.output
+    md = (out / "report.md").read_text()
+    for part in ("B (base)", "A (RL)", "kill switch", "Saturation (n=3)", "α"):
+        assert part in md, part
+    assert (out / "report.html").read_text().count("<img") >= 1 and (out / "saturation.png").stat().st_size > 1000
+    second = CliRunner().invoke(app, SMALL + ["--out", str(out)])
+    assert second.exit_code == 0, second.output
+    assert "using the cached DFC" in second.output and "training a DFC" not in second.output
+    table = lambda text: text.split("## Saturation")[1].split("\n## ")[0]  # noqa: E731
+    assert table((out / "report.md").read_text()) == table(md)
