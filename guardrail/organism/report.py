@@ -51,6 +51,7 @@ def evaluate_organism(
     examples_out: str | Path | None = None,
     only: list[str] | None = None,
     cache_dir: str | Path | None = None,
+    backend: str = "auto",
     log: Log = print,
 ) -> dict:
     """Metrics of B, warm start (if given) and A on the same test prompts, as one dict.
@@ -75,7 +76,7 @@ def evaluate_organism(
     results: list[EvalResult] = []
     for label, adp in variants:
         key = {"model": label, "base": base, "adapter": _adapter_digest(adp), "mode": mode,
-               "max_new_tokens": max_new_tokens, "task_ids": [t.id for t in tasks]}
+               "max_new_tokens": max_new_tokens, "task_ids": [t.id for t in tasks], "backend": backend}
         cached = _cached(cache_dir, key)
         if cached is not None:
             log(f"[eval] {label}: reusing cached outputs")
@@ -84,10 +85,12 @@ def evaluate_organism(
             res.metrics["seconds"] = cached["seconds"]
         else:
             loaded = load_model(base, adapter=adp)
+            if adp is not None:  # a merged model gets its own name (vLLM loads it from its own folder)
+                loaded.spec = f"{base}+{label.replace(' ', '-')}@{key['adapter'][:12]}"
             t0 = time.time()
             res = evaluate(
-                loaded.model, loaded.tokenizer, tasks, name=label, mode=mode, max_new_tokens=max_new_tokens,
-                batch_size=batch_size, max_prompt_tokens=max_prompt_tokens,
+                loaded, tasks, name=label, mode=mode, max_new_tokens=max_new_tokens,
+                batch_size=batch_size, max_prompt_tokens=max_prompt_tokens, backend=backend,
                 progress=lambda d, tot, s, label=label: log(f"[eval] {label}: {d}/{tot} prompts ({s:.0f}s)"),
             )
             res.metrics["seconds"] = time.time() - t0
