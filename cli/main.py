@@ -41,7 +41,9 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show full traceback
 def main() -> None:
     """Entry point: errors become one clear line (exit 3; usage errors 64)."""
     try:
-        app(standalone_mode=False)
+        # Without standalone mode click *returns* a typer.Exit's code instead of raising it.
+        code = app(standalone_mode=False)
+        sys.exit(code if isinstance(code, int) else 0)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except (KeyboardInterrupt, EOFError):
@@ -58,6 +60,6 @@ def main() -> None:
             sys.exit(EXIT_ERROR)
         if os.environ.get("GUARDRAIL_DEBUG") or "--debug" in sys.argv:
             raise
-        err.print(f"[red]error:[/red] {type(exc).__name__}: {exc}")
+        err.print(f"[red]error:[/red] {type(exc).__name__}: {exc}", soft_wrap=True)
         err.print("[dim]hint: rerun with --debug for the traceback[/dim]")
         sys.exit(EXIT_ERROR)
