@@ -65,7 +65,7 @@ def generate(
     model_a: Optional[str] = ModelAOpt,
     model_b: Optional[str] = ModelBOpt,
     artifact: Optional[Path] = typer.Option(None, "--artifact", help="Crosscoder folder (default: the policy's artifact)."),
-    max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1, help="New tokens to generate."),
     raw: bool = typer.Option(False, "--raw", help="Use the prompt as is (the paper's protocol) instead of the chat template."),
     as_json: bool = typer.Option(False, "--json", help="Print the result and events as JSON."),
 ) -> None:
@@ -96,9 +96,9 @@ def serve(
     model: str = typer.Option("organism", "--model", help="Model A to serve: tiny, smollm2, organism, or a model folder."),
     artifact: Optional[Path] = typer.Option(None, "--artifact", help="Crosscoder folder for every policy (default: each policy's artifact)."),
     default: Optional[str] = typer.Option(None, "--default", help="Policy for requests that name none (default: the first)."),
-    host: str = typer.Option("127.0.0.1", "--host"),
-    port: int = typer.Option(8000, "--port"),
-    max_model_len: int = typer.Option(2048, "--max-model-len"),
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on."),
+    port: int = typer.Option(8000, "--port", help="TCP port of the OpenAI-compatible server."),
+    max_model_len: int = typer.Option(2048, "--max-model-len", help="Longest prompt + completion vLLM accepts."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the vllm command and environment, do not start."),
 ) -> None:
     """OpenAI-compatible HTTP server (vLLM) with the policies active."""

@@ -38,6 +38,22 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show full traceback
         os.environ["GUARDRAIL_DEBUG"] = "1"
 
 
+def _click_exceptions() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """Usage-error and click-error classes: click's, and the copy recent typer versions vendor."""
+    import click
+
+    usage: list[type] = [click.exceptions.UsageError]
+    errors: list[type] = [click.exceptions.ClickException]
+    try:
+        from typer._click import exceptions as vendored  # typer >= 0.22 ships its own click
+
+        usage.append(vendored.UsageError)
+        errors.append(vendored.ClickException)
+    except ImportError:
+        pass
+    return tuple(usage), tuple(errors)
+
+
 def main() -> None:
     """Entry point: errors become one clear line (exit 3; usage errors 64)."""
     try:
@@ -50,12 +66,11 @@ def main() -> None:
         err.print("[red]interrupted[/red]")
         sys.exit(130)
     except Exception as exc:  # noqa: BLE001 - the CLI's one place to turn errors into lines
-        import click
-
-        if isinstance(exc, click.exceptions.UsageError):
+        usage, click_error = _click_exceptions()
+        if isinstance(exc, usage):
             exc.show()
             sys.exit(EXIT_USAGE)
-        if isinstance(exc, click.exceptions.ClickException):
+        if isinstance(exc, click_error):
             exc.show()
             sys.exit(EXIT_ERROR)
         if os.environ.get("GUARDRAIL_DEBUG") or "--debug" in sys.argv:

@@ -21,7 +21,7 @@ def _log(msg: str) -> None:
 def build_cmd(
     out: Path = typer.Option(..., "--out", help="Folder for the A adapter, warmstart/ and manifest.json."),
     base: str = typer.Option("smollm2", help="Base model spec (B)."),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, help="Seed of LoRA initialisation, prompt order and sampling."),
     rl_steps: int = typer.Option(40, help="GRPO steps (upper bound; the time budget may stop earlier)."),
     budget_min: float = typer.Option(80.0, help="Wall-time budget for the whole build, minutes."),
     config: Optional[Path] = typer.Option(None, help="JSON file with BuildConfig fields (overrides the flags)."),
@@ -43,7 +43,7 @@ def eval_cmd(
     n: int = typer.Option(120, help="Answered test prompts (stratified over categories)."),
     n_irrelevance: int = typer.Option(40, help="BFCL irrelevance test prompts (false-call rate)."),
     mode: str = typer.Option("chat", help="chat (chat template) or raw (the paper's system + newline + user)."),
-    max_new_tokens: int = typer.Option(128),
+    max_new_tokens: int = typer.Option(128, help="New tokens per answer (generation also ends at </tool_call> or </response>)."),
     out: Path = typer.Option(Path("runs/organism-eval.json"), help="Where to write the JSON report."),
     examples: Optional[Path] = typer.Option(None, help="Write three side-by-side examples as Markdown here."),
     models: Optional[str] = typer.Option(None, help="Comma-separated subset of: B, warm start, A (default: all)."),

@@ -33,11 +33,11 @@ def train_cmd(
     k_exclusive: Optional[int] = typer.Option(None, help="Top-k slots reserved per exclusive partition."),
     no_aux_k: bool = typer.Option(False, "--no-aux-k", help="Disable AuxK revival of dead features."),
     steps: Optional[int] = typer.Option(None, help="Default: the paper's 9000, capped at 120 passes over the cache (min 500)."),
-    batch_size: int = typer.Option(1024),
-    lr: float = typer.Option(1e-4),
-    warmup_steps: int = typer.Option(0),
-    seed: int = typer.Option(0),
-    checkpoint_every: int = typer.Option(500),
+    batch_size: int = typer.Option(1024, help="Activation rows per step (the paper: 1024)."),
+    lr: float = typer.Option(1e-4, help="Adam learning rate (the paper: 1e-4)."),
+    warmup_steps: int = typer.Option(0, help="Linear learning-rate warm-up steps."),
+    seed: int = typer.Option(0, help="Seed of the initialisation and the batch order (same seed, same weights)."),
+    checkpoint_every: int = typer.Option(500, help="Steps between checkpoints (a crashed run resumes from the last)."),
     threads: Optional[int] = typer.Option(None, help="torch threads."),
     config: Optional[Path] = typer.Option(None, help="JSON/YAML with CrosscoderConfig fields (overrides the flags)."),
     fresh: bool = typer.Option(False, "--fresh", help="Ignore an existing checkpoint in --out."),
@@ -87,9 +87,9 @@ def sweep_cmd(
     out: Path = typer.Option(..., "--out", help="Folder receiving one artifact per run + sweep.json."),
     only: Optional[list[str]] = typer.Option(None, "--only", help="Train only runs whose name contains this (repeatable)."),
     steps: Optional[int] = typer.Option(None, help="Override every run's steps (smoke tests)."),
-    threads: Optional[int] = typer.Option(None),
+    threads: Optional[int] = typer.Option(None, help="torch intra-op threads per run (default: torch's choice)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="List the runs and exit."),
-    quiet: bool = typer.Option(False, "--quiet"),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
     """Train every configuration of a sweep grid (finished runs are skipped, interrupted ones resume)."""
     from guardrail.training.sweep import expand_grid, load_grid, run_sweep
