@@ -42,7 +42,7 @@ def demo_cmd(
     console.print(table)
     a = result.audit
     console.print(Panel("\n".join([f"{k}: {100 * g['gain']:+.1f} pp [{100 * g['low']:+.1f}, {100 * g['high']:+.1f}]" for k, g in a["gains"].items()] + a["reasons"]),
-                        title=f"audit: {a['verdict']}", title_align="left"))
+                        title=f"audit: {a['verdict']} (B clean {100 * a['clean_rate']:.1f}%, n={a['n_prompts']})", title_align="left"))
     path = write_report(result, out)
     console.print(f"report: {path / 'report.html'}  (timings {result.timings})")
 

@@ -262,7 +262,8 @@ def write_report(result: DemoResult, out: Path) -> Path:
            "| α | " + " | ".join(f"{x:g}" for x in result.curve["alpha"]) + " |",
            "|---|" + "---|" * len(result.curve["alpha"]),
            "| format accuracy | " + " | ".join(f"{100 * v:.0f}%" for v in result.curve["format_accuracy"]) + " |", ""]
-    md += [f"## Audit: **{a.get('verdict')}** ({a.get('n_prompts')} prompts, metric `{a.get('policy', {}).get('metric')}`)", ""]
+    md += [f"## Audit: **{a.get('verdict')}** ({a.get('n_prompts')} prompts, metric `{a.get('policy', {}).get('metric')}`)", "",
+           f"B's clean rate: {100 * a.get('clean_rate', 0.0):.1f}% (a gain is measured from there).", ""]
     md += [f"- {k}: gain {100 * g['gain']:+.1f} pp, CI [{100 * g['low']:+.1f}, {100 * g['high']:+.1f}]" for k, g in gains.items()]
     md += [f"- {r}" for r in a.get("reasons", [])] + ["", f"Timings (s since start): {result.timings}", ""]
     (out / "report.md").write_text("\n".join(md))
