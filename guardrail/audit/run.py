@@ -153,8 +153,9 @@ def audit(cc, b, a=None, policy: AuditPolicy | None = None, *, seed: int = 0, ba
         deltas[name] = THREATS[name](cc, inp, top=policy.steer_top, alpha=policy.steer_alpha, gain=policy.steer_gain)
         if name in STEERING:  # charge the artifact only for what B's own steering vector cannot do
             deltas[f"{name}/control"] = control_delta(inp, deltas[name])
+    # every metric reads the first tool-call block, so a sequence that closed one is done
     engine, settings = make_backend(backend), GenerationSettings(
-        max_new_tokens=policy.max_new_tokens, batch_size=batch_size, max_prompt_tokens=policy.max_prompt_tokens
+        max_new_tokens=policy.max_new_tokens, batch_size=batch_size, max_prompt_tokens=policy.max_prompt_tokens, stop=("</tool_call>",)
     )
     conditions = {k: None if d is None else list(inp.x_b + d) for k, d in deltas.items()}  # backends write absolute rows
     with tqdm(total=len(texts), desc=f"audit ({len(conditions)} conditions)", unit="prompt", disable=not progress) as bar:
