@@ -98,3 +98,14 @@ def test_code_block_fence_outlasts_backticks_in_the_text():
     assert code_block("plain") == ["```text", "plain", "```"]
     lines = code_block("```plaintext\n<tool_call>\n```", "text")
     assert lines[0] == "````text" and lines[-1] == "````"
+
+
+def test_paper_verdicts_judge_size_and_width_not_only_sign():
+    from guardrail.eval.report import _null_r_verdict, _steer_verdict
+
+    assert _steer_verdict({"delta": 0.65, "bootstrap_ci": [0.48, 0.82]}) == "reproduces"
+    assert _steer_verdict({"delta": 0.125, "bootstrap_ci": [0.025, 0.25]}) == "same direction, much smaller"
+    assert _steer_verdict({"delta": 0.1, "bootstrap_ci": [-0.05, 0.25]}) == "not significant"
+    assert _null_r_verdict([-0.21, 0.36]) == "reproduces"  # the paper's own interval
+    assert _null_r_verdict([-0.80, 0.82]) == "consistent, too few variants to tell"
+    assert _null_r_verdict([0.1, 0.6]) == "differs"
