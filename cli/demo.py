@@ -18,7 +18,7 @@ def demo_cmd(
     audit_prompts: int = typer.Option(200, help="Held-out prompts for the audit (fewer cannot certify 2 pp)."),
     max_new_tokens: int = typer.Option(96, help="New tokens per generation."),
     audit_tokens: int = typer.Option(48, help="New tokens per audit generation (a tool call's name comes early)."),
-    backend: str = typer.Option("auto", help="Audit generation backend: auto, vllm or transformers."),
+    backend: str = typer.Option("auto", help="Generation backend of the saturation curve and the audit: auto, vllm or transformers."),
 ) -> None:
     """The paper on your CPU: B hedges, A calls tools, one feature steers, a clamp stops it, the audit judges."""
     from rich.console import Console

@@ -296,7 +296,7 @@ BLOCK_TOKENS = 16
 def kv_bytes_per_token(loaded: Any, dtype: str = "float32") -> int:
     """Bytes of keys and values one token occupies across all layers."""
     cfg = loaded.model.config
-    heads = getattr(cfg, "num_attention_heads")
+    heads = cfg.num_attention_heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     width = 2 if dtype in ("bfloat16", "float16") else 4

@@ -217,8 +217,13 @@ class CompiledPolicy:
             if isinstance(cr.rule, AlertRule) and bool(m.any()):
                 rows = m.nonzero().squeeze(-1)
                 xb = x_b[rows].float() if self.joint else None
-                m = m.clone()
-                m[rows] = iv.alert_candidates(self.view, x[rows].float(), cr.idx, cr.rule.threshold, xb)
+                try:
+                    cand = iv.alert_candidates(self.view, x[rows].float(), cr.idx, cr.rule.threshold, xb)
+                except Exception:  # noqa: BLE001 - ungated, the rule meets its own on_error handling
+                    cand = None
+                if cand is not None:
+                    m = m.clone()
+                    m[rows] = cand
             out.append(m)
         return out
 
