@@ -14,7 +14,7 @@ from guardrail.activations.cache import (
     CacheManifest,
     ShardInfo,
 )
-from guardrail.fileio import sha256_file
+from guardrail.fileio import fsync_replace, sha256_file
 from guardrail.models.pair import ModelPair
 from guardrail.prompts import PromptItem, prompts_hash
 from guardrail.residual.hf import read_residual
@@ -132,7 +132,7 @@ def collect(
         name = f"shard_{len(cache.manifest.shards):05d}.safetensors"
         tmp = cache.root / (name + ".partial")
         save_file(tensors, str(tmp))
-        tmp.rename(cache.root / name)
+        fsync_replace(tmp, cache.root / name)
         info = ShardInfo(name=name, first_prompt=first, n_prompts=len(block), n_rows=len(tensors["acts"]), sha256=sha256_file(cache.root / name))
         cache.manifest.shards.append(info)
         cache.save_manifest()

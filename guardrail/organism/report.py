@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from guardrail.fileio import sha256_file
 from guardrail.organism.evaluate import EvalResult, evaluate, examples_markdown, score_outputs
 from guardrail.tasks import ANSWERED_CATEGORIES, load_tasks, split_hash
 from guardrail.tasks.task import RenderMode, ToolTask
@@ -120,7 +121,7 @@ def _adapter_digest(adapter: str | Path | None) -> str | None:
     if adapter is None:
         return None
     weights = Path(adapter) / "adapter_model.safetensors"
-    return hashlib.sha256(weights.read_bytes()).hexdigest() if weights.exists() else str(adapter)
+    return sha256_file(weights) if weights.exists() else str(adapter)
 
 
 def _cache_file(cache_dir: str | Path, key: dict) -> Path:

@@ -187,9 +187,6 @@ class WorkerGuard:
 
         return hook
 
-    def _batch_layout(self, n_tokens: int) -> tuple[list[str], list[int]]:
-        return batch_layout(self.runner)
-
     def _policy_name(self, req_id: str) -> str | None:
         state = self.runner.requests.get(req_id)
         params = getattr(state, "sampling_params", None)
@@ -204,8 +201,7 @@ class WorkerGuard:
         self._maybe_hot_reload()
         first, residual = output
         positions = inputs[0]
-        n_tokens = first.shape[0]
-        req_ids, qsl = self._batch_layout(n_tokens)
+        req_ids, qsl = batch_layout(self.runner)
         groups: dict[str, list[int]] = {}
         for i, rid in enumerate(req_ids):
             name = self._policy_name(rid)
@@ -286,7 +282,7 @@ class WorkerGuard:
 
     def _fail_closed_all(self, reason: str) -> None:
         try:
-            req_ids, _ = self._batch_layout(0)
+            req_ids, _ = batch_layout(self.runner)
         except Exception:  # noqa: BLE001
             return
         for rid in req_ids:
