@@ -25,7 +25,7 @@ def demo_cmd(
     from rich.panel import Panel
     from rich.table import Table
 
-    from guardrail.demo import DemoConfig, run_demo, write_report
+    from guardrail.demo import DemoConfig, audit_lines, run_demo, write_report
 
     console = Console()
     cfg = DemoConfig(pair=pair, out=out, retrain=retrain, steps=steps, dict_size=dict_size, tool_prompts=tool_prompts or None,
@@ -41,7 +41,7 @@ def demo_cmd(
     table.add_row(*[f"{100 * v:.0f}%" for v in result.curve["format_accuracy"]])
     console.print(table)
     a = result.audit
-    console.print(Panel("\n".join([f"{k}: {100 * g['gain']:+.1f} pp [{100 * g['low']:+.1f}, {100 * g['high']:+.1f}]" for k, g in a["gains"].items()] + a["reasons"]),
+    console.print(Panel("\n".join(audit_lines(a)),
                         title=f"audit: {a['verdict']} (B clean {100 * a['clean_rate']:.1f}%, n={a['n_prompts']})", title_align="left"))
     path = write_report(result, out)
     console.print(f"report: {path / 'report.html'}  (timings {result.timings})")

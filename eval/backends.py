@@ -53,6 +53,10 @@ class Backend(Protocol):
     def generate(self, loaded: Any, prompts: Sequence[str], settings: GenerationSettings, *, layer: int | None = None,
                  patches: Sequence[Patch] | None = None) -> list[str]: ...
 
+    def prompts_per_chunk(self, loaded: Any, prompts: Sequence[str], settings: GenerationSettings, n_conditions: int) -> int:
+        """How many prompts ``generate_conditions`` should run through all conditions at once."""
+        ...
+
 
 def _tokenize(tok: Any, texts: Sequence[str], max_prompt_tokens: int | None) -> dict[str, torch.Tensor]:
     side = tok.truncation_side
@@ -98,6 +102,9 @@ class TransformersBackend:
     """Batched greedy ``generate`` with an optional one-shot prefill patch per row."""
 
     name = "transformers"
+
+    def prompts_per_chunk(self, loaded: Any, prompts: Sequence[str], settings: GenerationSettings, n_conditions: int) -> int:
+        return max(len(prompts), 1)  # no prefix cache to fit: one chunk
 
     @torch.no_grad()
     def generate(self, loaded: Any, prompts: Sequence[str], settings: GenerationSettings, *, layer: int | None = None,
@@ -315,8 +322,7 @@ def generate_conditions(backend: Backend, loaded: Any, prompts: Sequence[str], s
     ``progress(n)`` is called with the number of prompts finished after each chunk.
     """
     names = list(conditions)
-    per_chunk = getattr(backend, "prompts_per_chunk", None)
-    chunk = per_chunk(loaded, prompts, settings, len(names)) if per_chunk else max(len(prompts), 1)
+    chunk = backend.prompts_per_chunk(loaded, prompts, settings, len(names))
     out: dict[str, list[str]] = {n: [] for n in names}
     for s in range(0, len(prompts), chunk):
         sub = list(prompts[s : s + chunk])

@@ -158,6 +158,21 @@ def saturation_curve(pair, art: Path, texts: list[str], cfg: DemoConfig) -> dict
     return {"alpha": list(ALPHAS), "format_accuracy": [sum(map(format_accuracy, outs[f"{a:g}"])) / n for a in ALPHAS]}
 
 
+def _cached_json(path: Path, refresh: bool, make: Callable[[], Any]) -> Any:
+    """``make()``'s result, stored at ``path`` and read back on later runs (unless ``refresh``)."""
+    if path.exists() and not refresh:
+        return json.loads(path.read_text())
+    value = make()
+    path.write_text(json.dumps(value, indent=2))
+    return value
+
+
+def audit_lines(report: dict) -> list[str]:
+    """The audit's gains with their intervals, then its reasons (terminal and page alike)."""
+    gains = [f"{k}: gain {100 * g['gain']:+.1f} pp, CI [{100 * g['low']:+.1f}, {100 * g['high']:+.1f}]" for k, g in report.get("gains", {}).items()]
+    return gains + list(report.get("reasons", []))
+
+
 def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> DemoResult:
     import random
 
@@ -200,23 +215,19 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> DemoResult:
     with guard(pair.a, art, pol["alert"]) as g:
         alerts = g.generate(c_text, max_new_tokens=cfg.max_new_tokens).events
     t["side_by_side"] = time.time()
+    root = demo_root(pair, cfg)
     say(f"saturation curve: {len(ALPHAS)} α values × {cfg.curve_prompts} prompts (cached after the first run)")
     curve_texts = [x.render(pair.tokenizer, "raw") for x in tasks[16 : 16 + cfg.curve_prompts]]
-    curve_json = demo_root(pair, cfg) / f"curve-{cfg.curve_prompts}-{cfg.max_new_tokens}.json"
-    if curve_json.exists() and not cfg.retrain:
-        curve = json.loads(curve_json.read_text())
-    else:
-        curve = saturation_curve(pair, art, curve_texts, cfg)
-        curve_json.write_text(json.dumps(curve))
+    curve = _cached_json(root / f"curve-{cfg.curve_prompts}-{cfg.max_new_tokens}.json", cfg.retrain,
+                         lambda: saturation_curve(pair, art, curve_texts, cfg))
     t["curve"] = time.time()
-    audit_json = demo_root(pair, cfg) / f"audit-{cfg.audit_prompts}.json"
-    if audit_json.exists() and not cfg.retrain:
-        verdict = json.loads(audit_json.read_text())
-    else:
+
+    def run_audit() -> dict:
         say(f"auditing the DFC: {cfg.audit_prompts} held-out prompts, B clean vs each threat model")
-        report = audit(load_artifact(art), pair.b, pair.a, AuditPolicy(prompts=cfg.audit_prompts, max_new_tokens=cfg.audit_tokens), backend=cfg.backend)
-        verdict = json.loads(report.to_json())
-        audit_json.write_text(json.dumps(verdict, indent=2))
+        policy = AuditPolicy(prompts=cfg.audit_prompts, max_new_tokens=cfg.audit_tokens)
+        return json.loads(audit(load_artifact(art), pair.b, pair.a, policy, backend=cfg.backend).to_json())
+
+    verdict = _cached_json(root / f"audit-{cfg.audit_prompts}-{cfg.audit_tokens}.json", cfg.retrain, run_audit)
     t["audit"] = time.time()
     timings = {k: round(v - t["start"], 1) for k, v in t.items() if k != "start"}
     return DemoResult(f"{hedge.id}, {call.id}", outputs, alerts[:12], curve, len(curve_texts), feature, verdict, timings, str(art))
@@ -252,7 +263,6 @@ def write_report(result: DemoResult, out: Path) -> Path:
     (out / "saturation.png").write_bytes(png)
     (out / "result.json").write_text(json.dumps(result.__dict__, indent=2, default=str))
     a = result.audit
-    gains = a.get("gains", {})
     md = [f"# guardrail demo: prompts `{result.prompt_id}`", "",
           "Prompts are rendered the paper's way (system + user text, no chat template); greedy decoding.", ""]
     for name, text in result.outputs.items():
@@ -264,8 +274,7 @@ def write_report(result: DemoResult, out: Path) -> Path:
            "| format accuracy | " + " | ".join(f"{100 * v:.0f}%" for v in result.curve["format_accuracy"]) + " |", ""]
     md += [f"## Audit: **{a.get('verdict')}** ({a.get('n_prompts')} prompts, metric `{a.get('policy', {}).get('metric')}`)", "",
            f"B's clean rate: {100 * a.get('clean_rate', 0.0):.1f}% (a gain is measured from there).", ""]
-    md += [f"- {k}: gain {100 * g['gain']:+.1f} pp, CI [{100 * g['low']:+.1f}, {100 * g['high']:+.1f}]" for k, g in gains.items()]
-    md += [f"- {r}" for r in a.get("reasons", [])] + ["", f"Timings (s since start): {result.timings}", ""]
+    md += [f"- {line}" for line in audit_lines(a)] + ["", f"Timings (s since start): {result.timings}", ""]
     (out / "report.md").write_text("\n".join(md))
     body = "\n".join(md).replace("![saturation](saturation.png)", "@@PLOT@@")
     page = html.escape(body).replace("@@PLOT@@", f'<img alt="saturation" src="data:image/png;base64,{base64.b64encode(png).decode()}">')
