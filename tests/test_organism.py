@@ -59,6 +59,21 @@ def test_grpo_group_moves_lora_only_when_rewards_differ():
     assert all(torch.equal(v, dict(model.named_parameters())[k]) for k, v in lora.items())  # no step taken here
 
 
+def test_guidance_joins_a_group_only_below_the_reference():
+    model, tok = _tiny_lora()
+    torch.manual_seed(0)
+    task = load_tasks("dev", ["simple_python"])[0]
+    guide = task.reference_completion()
+    reward = lambda t: 2.0 if t == guide else float(len(t) % 2)  # noqa: E731 (samples score 0 or 1, the guide 2)
+    kw = dict(num_generations=4, max_new_tokens=5, temperature=1.0, loss_scale=1.0, max_prompt_tokens=64, guide=guide)
+    assert grpo_group(model, tok, task.render(tok), reward, guide_when="below_reference", **kw).guided
+    assert not grpo_group(model, tok, task.render(tok), lambda t: 2.0, guide_when="below_reference", **kw).guided
+    flat = grpo_group(model, tok, task.render(tok), lambda t: 2.0 if t == guide else 0.0, guide_when="no_variance", **kw)
+    assert flat.guided and not flat.skipped
+    with pytest.raises(ValueError, match="guide_when"):
+        grpo_group(model, tok, task.render(tok), reward, guide_when="always", **kw)
+
+
 @pytest.fixture(scope="module")
 def smoke_build(tmp_path_factory):
     out = tmp_path_factory.mktemp("organism") / "org"

@@ -26,7 +26,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from guardrail.organism.generation import generate
-from guardrail.organism.rl import grpo_group, sft_loss
+from guardrail.organism.rl import GuideWhen, grpo_group, sft_loss
 from guardrail.tasks import ANSWERED_CATEGORIES, format_accuracy, load_tasks, split_hash, toolrl_reward
 from guardrail.tasks.task import ToolTask
 
@@ -60,7 +60,8 @@ class BuildConfig(BaseModel):
     num_generations: int = 6
     max_new_tokens: int = 96
     temperature: float = 1.0
-    guidance: bool = True  # add the reference completion to groups without reward variance
+    guidance: bool = True  # mix the reference completion into groups (see guide_when)
+    guide_when: GuideWhen = "below_reference"  # "no_variance": only groups with no reward signal at all
     grad_clip: float = 1.0
     time_budget_s: float = 80 * 60
     # final check on dev prompts (the test split is for `organism eval`)
@@ -198,14 +199,16 @@ def _resume_rl(model, folder: Path, log: Log) -> dict:
 
 
 def _rl_segment(cfg: BuildConfig, rl: dict) -> dict:
-    keys = ("rl_lr", "rl_prompts_per_step", "num_generations", "max_new_tokens", "temperature", "guidance", "threads")
+    keys = ("rl_lr", "rl_prompts_per_step", "num_generations", "max_new_tokens", "temperature", "guidance", "guide_when",
+            "threads")
     return {"steps": rl["steps"], "seconds": rl["seconds"], **{k: getattr(cfg, k) for k in keys}}
 
 
 def _merge_rl(previous: dict, cfg: BuildConfig, rl: dict) -> dict:
     """One RL record for a GRPO run continued from ``previous`` (a build manifest)."""
     old = previous["rl"]
-    prev_cfg = BuildConfig.model_validate({k: v for k, v in previous["config"].items() if k in BuildConfig.model_fields})
+    recorded = {"guide_when": "no_variance"} | previous["config"]  # builds before guide_when guided that way
+    prev_cfg = BuildConfig.model_validate({k: v for k, v in recorded.items() if k in BuildConfig.model_fields})
     segments = old.get("segments") or [_rl_segment(prev_cfg, old)]
     return {
         "steps": old["steps"] + rl["steps"],
@@ -247,7 +250,7 @@ def grpo(model, tokenizer, train: list[ToolTask], cfg: BuildConfig, deadline: fl
                 model, tokenizer, task.render(tokenizer), lambda text, t=task: toolrl_reward(text, t)["total"],
                 num_generations=cfg.num_generations, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                 loss_scale=1.0 / cfg.rl_prompts_per_step, max_prompt_tokens=cfg.max_prompt_tokens,
-                guide=task.reference_completion() if cfg.guidance else None,
+                guide=task.reference_completion() if cfg.guidance else None, guide_when=cfg.guide_when,
             )
             guided += res.guided
             rewards += res.rewards
@@ -336,8 +339,9 @@ def build(cfg: BuildConfig, out: str | Path, log: Log = print) -> BuildResult:
         "split_hash": split_hash(),
         "reward": "ToolRL: format {0,1} + correctness [-3,3] vs BFCL possible answers (guardrail.tasks.reward)",
         "rl_algorithm": "GRPO (prefix-cached, one policy iteration per batch, beta=0, group-normalised advantages, "
-                        "token-mean loss); groups without reward variance get the reference completion added "
-                        "(off-policy guidance) when config.guidance is true",
+                        "token-mean loss); with config.guidance, the reference completion joins a group when no "
+                        "sample reached its reward (config.guide_when=below_reference) or when the group has no "
+                        "reward variance (no_variance): off-policy guidance",
         "config": cfg.model_dump(),
         "warm_start": warm,
         "rl": {k: v for k, v in rl.items()},

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -78,6 +79,17 @@ def sft_loss(model, tokenizer, prompt: str, target: str, max_prompt_tokens: int 
     prompt_ids = encode_prompts(tokenizer, [prompt], max_prompt_tokens)["input_ids"]
     target_ids = tokenize_completion(tokenizer, target)
     return -completion_logprobs(model, prompt_ids, target_ids).mean()
+
+
+GuideWhen = Literal["no_variance", "below_reference"]
+
+
+def _needs_guide(rewards: torch.Tensor, guide_reward: float, when: GuideWhen) -> bool:
+    if when == "no_variance":
+        return float(rewards.max() - rewards.min()) < 1e-6 and abs(guide_reward - float(rewards[0])) > 1e-6
+    if when == "below_reference":
+        return guide_reward > float(rewards.max()) + 1e-6
+    raise ValueError(f"unknown guide_when {when!r}; choose 'no_variance' or 'below_reference'")
 
 
 @dataclass
@@ -165,22 +177,26 @@ def grpo_group(
     max_prompt_tokens: int | None = None,
     stop_strings: Sequence[str] = STOP_STRINGS,
     guide: str | None = None,
+    guide_when: GuideWhen = "below_reference",
 ) -> GroupResult:
     """Sample a group, score it, and accumulate ``loss_scale ×`` its GRPO loss gradient.
 
-    ``guide``: a reference completion added to the group *only when all sampled
-    completions got the same reward* (no learning signal), in the spirit of off-policy
-    guidance for GRPO (LUFFY, Yan et al. 2025). Once the policy produces rewarded samples
-    on its own the group is purely on-policy.
+    ``guide``: a reference completion mixed into the group, in the spirit of off-policy
+    guidance for GRPO (LUFFY, Yan et al. 2025). ``guide_when="no_variance"`` adds it only
+    when all samples got the same reward (no learning signal at all);
+    ``"below_reference"`` whenever no sample reached the reference's reward — needed for
+    behaviours the policy never samples on its own, such as a second call in one
+    ``<tool_call>`` block for BFCL's parallel tasks. Once the policy's best sample is as
+    good as the reference, the group is purely on-policy.
     """
     prompt_ids = encode_prompts(tokenizer, [prompt], max_prompt_tokens)["input_ids"]
     comp, mask, texts = sample_group(model, tokenizer, prompt_ids, num_generations, max_new_tokens, temperature, stop_strings)
     rewards = torch.tensor([reward_fn(t) for t in texts], dtype=torch.float32)
     std = rewards.std() if num_generations > 1 else torch.tensor(0.0)
     guided = False
-    if float(std) < 1e-6 and guide is not None:
+    if guide is not None:
         g_reward = reward_fn(guide)
-        if abs(g_reward - float(rewards[0])) > 1e-6:
+        if _needs_guide(rewards, g_reward, guide_when):
             g_ids = tokenize_completion(tokenizer, guide)
             width = max(comp.shape[1], g_ids.shape[1])
             pad = lambda t, v: torch.nn.functional.pad(t, (0, width - t.shape[1]), value=v)  # noqa: E731
