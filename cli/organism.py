@@ -40,10 +40,11 @@ def build_cmd(
 def eval_cmd(
     adapter: Optional[Path] = typer.Option(None, help="A's adapter folder (default: the shipped one)."),
     warmstart: Optional[Path] = typer.Option(None, help="Warm-start adapter (default: the shipped one, if any)."),
-    n: int = typer.Option(120, help="Answered test prompts (stratified over categories)."),
-    n_irrelevance: int = typer.Option(40, help="BFCL irrelevance test prompts (false-call rate)."),
+    n: Optional[int] = typer.Option(None, help="Answered test prompts, stratified over categories (default: the whole test split)."),
+    n_irrelevance: Optional[int] = typer.Option(None, help="BFCL irrelevance test prompts for the false-call rate (default: all in the test split)."),
     mode: str = typer.Option("chat", help="chat (chat template) or raw (the paper's system + newline + user)."),
-    max_new_tokens: int = typer.Option(128, help="New tokens per answer (generation also ends at </tool_call> or </response>)."),
+    max_new_tokens: int = typer.Option(
+        256, help="New tokens per answer; parallel answers need ~150-250 (generation also ends at </tool_call> or </response>)."),
     out: Path = typer.Option(Path("runs/organism-eval.json"), help="Where to write the JSON report."),
     examples: Optional[Path] = typer.Option(None, help="Write three side-by-side examples as Markdown here."),
     models: Optional[str] = typer.Option(None, help="Comma-separated subset of: B, warm start, A (default: all)."),

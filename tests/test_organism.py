@@ -110,6 +110,18 @@ def test_resume_rl_continues_history_and_keeps_the_warm_start(smoke_build, tmp_p
         build(BuildConfig(**(TINY | {"resume_rl": str(out), "resume_warmstart": str(out / "warmstart")})), tmp_path / "x", log=lambda m: None)
 
 
+def test_rollout_budget_follows_the_reference_length():
+    from guardrail.organism.build import rollout_budget
+
+    tok = load_model("tiny-b").tokenizer
+    simple, parallel = load_tasks("train", ["simple_python"])[0], load_tasks("train", ["parallel_multiple"])[0]
+    cfg = BuildConfig(base="tiny-b", max_new_tokens=10_000, length_slack=8)
+    short, long = rollout_budget(tok, simple, cfg), rollout_budget(tok, parallel, cfg)
+    assert short == len(tok(simple.reference_completion(), add_special_tokens=False)["input_ids"]) + 8 < long
+    assert rollout_budget(tok, parallel, cfg.model_copy(update={"max_new_tokens": 20})) == 20
+    assert rollout_budget(tok, simple, cfg.model_copy(update={"length_slack": None})) == 10_000
+
+
 def test_build_config_rejects_typos():
     with pytest.raises(ValueError, match="rl_step"):
         BuildConfig(rl_step=3)
@@ -152,11 +164,16 @@ def test_evaluate_organism_on_tiny_pair_and_reuses_cache(smoke_build, tmp_path):
     assert list(report["metrics"]) == ["B", "warm start", "A"]
     assert report["metrics"]["A"]["n"] == 3 and report["metrics"]["A"]["n_irrelevance"] == 1
     assert "format_gain_A_over_warmstart_pp" in report and "| format_accuracy |" in summary_table(report)
+    per_cat = report["by_category"]["A"]
+    assert sum(m["n"] for m in per_cat.values()) == 3 and per_cat["irrelevance"]["n_irrelevance"] == 1
+    assert "| name_accuracy by category |" in summary_table(report)
     assert (tmp_path / "ex.md").read_text().startswith("# Organism examples")
     again = evaluate_organism(out, out / "warmstart", only=["A"], **kw)
     assert any("reusing cached" in m for m in logs) and again["metrics"]["A"] == report["metrics"]["A"]
     tasks = pick_tasks(8, 2)
     assert len({t.category for t in tasks[:8]}) == 4 and all(t.category == "irrelevance" for t in tasks[8:])
+    whole = pick_tasks(None, None)
+    assert len(whole) == len(load_tasks("test")) and len({t.id for t in whole}) == len(whole)
     with pytest.raises(ValueError, match="unknown models"):
         evaluate_organism(out, None, only=["C"], **kw)
 

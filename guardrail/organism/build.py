@@ -59,6 +59,7 @@ class BuildConfig(BaseModel):
     rl_prompts_per_step: int = 2
     num_generations: int = 6
     max_new_tokens: int = 96
+    length_slack: int | None = 48  # a rollout may run to its reference's length + this (capped by max_new_tokens)
     temperature: float = 1.0
     guidance: bool = True  # mix the reference completion into groups (see guide_when)
     guide_when: GuideWhen = "below_reference"  # "no_variance": only groups with no reward signal at all
@@ -199,15 +200,16 @@ def _resume_rl(model, folder: Path, log: Log) -> dict:
 
 
 def _rl_segment(cfg: BuildConfig, rl: dict) -> dict:
-    keys = ("rl_lr", "rl_prompts_per_step", "num_generations", "max_new_tokens", "temperature", "guidance", "guide_when",
-            "threads")
+    keys = ("rl_lr", "rl_prompts_per_step", "num_generations", "max_new_tokens", "length_slack", "temperature", "guidance",
+            "guide_when", "threads")
     return {"steps": rl["steps"], "seconds": rl["seconds"], **{k: getattr(cfg, k) for k in keys}}
 
 
 def _merge_rl(previous: dict, cfg: BuildConfig, rl: dict) -> dict:
     """One RL record for a GRPO run continued from ``previous`` (a build manifest)."""
     old = previous["rl"]
-    recorded = {"guide_when": "no_variance"} | previous["config"]  # builds before guide_when guided that way
+    # builds from before these fields guided only flat groups and capped every rollout at max_new_tokens
+    recorded = {"guide_when": "no_variance", "length_slack": None} | previous["config"]
     prev_cfg = BuildConfig.model_validate({k: v for k, v in recorded.items() if k in BuildConfig.model_fields})
     segments = old.get("segments") or [_rl_segment(prev_cfg, old)]
     return {
@@ -219,6 +221,19 @@ def _merge_rl(previous: dict, cfg: BuildConfig, rl: dict) -> dict:
         "seconds": old["seconds"] + rl["seconds"],
         "segments": segments + [_rl_segment(cfg, rl) | {"resumed_from": cfg.resume_rl, "adam_restarted": True}],
     }
+
+
+def rollout_budget(tokenizer, task: ToolTask, cfg: BuildConfig) -> int:
+    """New tokens a rollout of ``task`` may use: its reference answer's length + ``length_slack``.
+
+    Parallel answers need two to three times the tokens of simple ones (median ~150 vs ~70
+    here), so one global cap either truncates them or lets early, format-less rollouts of
+    simple tasks ramble to the cap — the slowest part of the first GRPO steps.
+    """
+    if cfg.length_slack is None:
+        return cfg.max_new_tokens
+    ref = len(tokenizer(task.reference_completion(), add_special_tokens=False)["input_ids"])
+    return min(cfg.max_new_tokens, ref + cfg.length_slack)
 
 
 def grpo(model, tokenizer, train: list[ToolTask], cfg: BuildConfig, deadline: float, log: Log, *,
@@ -248,7 +263,8 @@ def grpo(model, tokenizer, train: list[ToolTask], cfg: BuildConfig, deadline: fl
             cursor += 1
             res = grpo_group(
                 model, tokenizer, task.render(tokenizer), lambda text, t=task: toolrl_reward(text, t)["total"],
-                num_generations=cfg.num_generations, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                num_generations=cfg.num_generations, max_new_tokens=rollout_budget(tokenizer, task, cfg),
+                temperature=cfg.temperature,
                 loss_scale=1.0 / cfg.rl_prompts_per_step, max_prompt_tokens=cfg.max_prompt_tokens,
                 guide=task.reference_completion() if cfg.guidance else None, guide_when=cfg.guide_when,
             )

@@ -17,10 +17,13 @@ from guardrail.tasks.task import RenderMode, ToolTask
 Log = Callable[[str], None]
 
 
-def pick_tasks(n: int, n_irrelevance: int, split: str = "test", seed: int = 0) -> list[ToolTask]:
-    """A deterministic, category-stratified sample of ``n`` answered + ``n_irrelevance`` tasks."""
+def pick_tasks(n: int | None, n_irrelevance: int | None, split: str = "test", seed: int = 0) -> list[ToolTask]:
+    """A deterministic, category-stratified sample of ``n`` answered + ``n_irrelevance``
+    tasks (``None``: all of them, the whole split)."""
     answered = load_tasks(split, ANSWERED_CATEGORIES)  # type: ignore[arg-type]
     irrelevant = load_tasks(split, ["irrelevance"])  # type: ignore[arg-type]
+    n = len(answered) if n is None else n
+    n_irrelevance = len(irrelevant) if n_irrelevance is None else n_irrelevance
     rng = random.Random(seed)
     by_cat: dict[str, list[ToolTask]] = {}
     for t in answered:
@@ -43,10 +46,10 @@ def evaluate_organism(
     warmstart: str | Path | None,
     *,
     base: str = "smollm2",
-    n: int = 120,
-    n_irrelevance: int = 40,
+    n: int | None = None,
+    n_irrelevance: int | None = None,
     mode: RenderMode = "chat",
-    max_new_tokens: int = 128,
+    max_new_tokens: int = 256,
     batch_size: int = 16,
     max_prompt_tokens: int | None = None,
     examples_out: str | Path | None = None,
@@ -107,6 +110,7 @@ def evaluate_organism(
         "max_new_tokens": max_new_tokens,
         "task_ids": [t.id for t in tasks],
         "metrics": by,
+        "by_category": {r.model: by_category(tasks, r.outputs) for r in results},
         "outputs": {r.model: r.outputs for r in results},
     }
     if "warm start" in by and "A" in by and "format_accuracy" in by["warm start"]:
@@ -115,6 +119,15 @@ def evaluate_organism(
         Path(examples_out).parent.mkdir(parents=True, exist_ok=True)
         Path(examples_out).write_text(examples_markdown(tasks, results, n=3, mode=mode))
     return report
+
+
+def by_category(tasks: list[ToolTask], outputs: dict[str, str]) -> dict[str, dict[str, float]]:
+    """``score_outputs`` per BFCL category: a headline mean hides that parallel tasks need
+    several calls in one block while simple ones need one."""
+    cats: dict[str, list[ToolTask]] = {}
+    for t in tasks:
+        cats.setdefault(t.category, []).append(t)
+    return {c: score_outputs(ts, [outputs[t.id] for t in ts]) for c, ts in cats.items()}
 
 
 def _adapter_digest(adapter: str | Path | None) -> str | None:
@@ -145,15 +158,24 @@ def _store(cache_dir: str | Path | None, key: dict, res: EvalResult) -> None:
 
 
 def summary_table(report: dict) -> str:
-    """A small Markdown table of the headline metrics per model."""
+    """Markdown tables: the headline metrics per model, then strict name accuracy per category."""
     keys = ["format_accuracy", "tool_correctness", "name_accuracy", "args_accuracy", "valid_json", "reward",
             "overall_score", "false_call_rate"]
     models = list(report["metrics"])
-    lines = ["| metric | " + " | ".join(models) + " |", "|---|" + "---|" * len(models)]
-    for k in keys:
-        row = [report["metrics"][m].get(k) for m in models]
-        lines.append(f"| {k} | " + " | ".join("–" if v is None else f"{v:.3f}" for v in row) + " |")
+    lines = _table("metric", models, [(k, [report["metrics"][m].get(k) for m in models]) for k in keys])
+    per_cat = report.get("by_category") or {}
+    cats = [c for c in ANSWERED_CATEGORIES if all(c in per_cat.get(m, {}) for m in models)]
+    if cats:
+        rows = [(f"{c} (n={per_cat[models[0]][c]['n']})", [per_cat[m][c].get("name_accuracy") for m in models]) for c in cats]
+        lines += ["", *_table("name_accuracy by category", models, rows)]
     return "\n".join(lines)
+
+
+def _table(head: str, models: list[str], rows: list[tuple[str, list]]) -> list[str]:
+    lines = [f"| {head} | " + " | ".join(models) + " |", "|---|" + "---|" * len(models)]
+    for label, values in rows:
+        lines.append(f"| {label} | " + " | ".join("–" if v is None else f"{v:.3f}" for v in values) + " |")
+    return lines
 
 
 def write_report(report: dict, path: str | Path) -> Path:
