@@ -39,3 +39,12 @@ def test_package_data_globs_cover_the_assets():
     for f in ASSETS.rglob("*"):
         if f.is_file() and f.suffix in (".json", ".safetensors"):
             assert any(fnmatch(str(f.relative_to(ASSETS)), g) for g in globs), f
+
+
+def test_build_defaults_reproduce_the_shipped_build():
+    from guardrail.organism.build import BuildConfig
+
+    shipped = shipped_manifest()["config"]
+    machine = {"threads"}  # how many cores this machine lends torch is not part of the recipe
+    assert {k: v for k, v in BuildConfig().model_dump().items() if k not in machine} == \
+        {k: v for k, v in shipped.items() if k not in machine}

@@ -44,35 +44,35 @@ class BuildConfig(BaseModel):
     lora_r: int = 16
     lora_alpha: int = 32
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    # warm start
-    warm_lr: float = 1e-4
+    # warm start (defaults: the shipped build, see assets/manifest.json)
+    warm_lr: float = 3e-4
     warm_batch: int = 4
-    warm_max_steps: int = 40
+    warm_max_steps: int = 24
     warm_check_every: int = 2
     warm_lo: float = 0.05
     warm_hi: float = 0.30
-    dev_n: int = 24
-    dev_max_new_tokens: int = 64
-    # GRPO
-    rl_steps: int = 40
-    rl_lr: float = 1e-4
+    dev_n: int = 16
+    dev_max_new_tokens: int = 48
+    # GRPO: runs until rl_steps or the time budget, whichever comes first
+    rl_steps: int = 1000
+    rl_lr: float = 3e-4
     rl_prompts_per_step: int = 2
-    num_generations: int = 6
-    max_new_tokens: int = 96
-    length_slack: int | None = 48  # a rollout may run to its reference's length + this (capped by max_new_tokens)
-    temperature: float = 1.0
+    num_generations: int = 8
+    max_new_tokens: int = 256
+    length_slack: int | None = 40  # a rollout may run to its reference's length + this (capped by max_new_tokens)
+    temperature: float = 0.7
     guidance: bool = True  # mix the reference completion into groups (see guide_when)
     guide_when: GuideWhen = "below_reference"  # "no_variance": only groups with no reward signal at all
     grad_clip: float = 1.0
-    time_budget_s: float = 80 * 60
+    time_budget_s: float = 86 * 60  # the whole build, warm start included, must stay under 90 min
     # final check on dev prompts (the test split is for `organism eval`)
-    final_dev_n: int = 24
+    final_dev_n: int = 0
     resume_warmstart: str | None = None  # folder of a saved warm start: skip phase 1, continue from it
     resume_rl: str | None = None  # folder of a built A (adapter + manifest): continue its GRPO, history kept
     threads: int | None = None  # torch intra-op threads (1 is faster on an oversubscribed CPU)
     check_base: bool = False  # also measure B's dev format (B is known to be ~0%; costs minutes)
     max_prompt_tokens: int | None = None
-    gen_batch: int = 12
+    gen_batch: int = 16
 
 
 class BuildResult(BaseModel):
