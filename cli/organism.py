@@ -22,14 +22,20 @@ def build_cmd(
     out: Path = typer.Option(..., "--out", help="Folder for the A adapter, warmstart/ and manifest.json."),
     base: str = typer.Option("smollm2", help="Base model spec (B)."),
     seed: int = typer.Option(0, help="Seed of LoRA initialisation, prompt order and sampling."),
-    rl_steps: int = typer.Option(40, help="GRPO steps (upper bound; the time budget may stop earlier)."),
-    budget_min: float = typer.Option(80.0, help="Wall-time budget for the whole build, minutes."),
+    rl_steps: Optional[int] = typer.Option(None, help="GRPO steps (upper bound; the time budget may stop earlier). Default: the shipped build's."),
+    budget_min: Optional[float] = typer.Option(None, help="Wall-time budget for the whole build, minutes. Default: the shipped build's (86)."),
     config: Optional[Path] = typer.Option(None, help="JSON file with BuildConfig fields (overrides the flags)."),
 ) -> None:
-    """Weak supervised warm start, then GRPO with the ToolRL reward; saves both adapters."""
+    """Weak supervised warm start, then GRPO with the ToolRL reward; saves both adapters.
+
+    Without options it reproduces the shipped build's recipe."""
     from guardrail.organism.build import BuildConfig, build
 
-    fields = {"base": base, "seed": seed, "rl_steps": rl_steps, "time_budget_s": budget_min * 60}
+    fields: dict = {"base": base, "seed": seed}
+    if rl_steps is not None:
+        fields["rl_steps"] = rl_steps
+    if budget_min is not None:
+        fields["time_budget_s"] = budget_min * 60
     if config is not None:
         fields.update(json.loads(config.read_text()))
     result = build(BuildConfig(**fields), out, log=_log)
