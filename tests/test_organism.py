@@ -114,10 +114,10 @@ def test_rollout_budget_follows_the_reference_length():
     from guardrail.organism.build import rollout_budget
 
     tok = load_model("tiny-b").tokenizer
-    simple, parallel = load_tasks("train", ["simple_python"])[0], load_tasks("train", ["parallel_multiple"])[0]
+    simple, parallel = (load_tasks("train", [c])[0].reference_completion() for c in ("simple_python", "parallel_multiple"))
     cfg = BuildConfig(base="tiny-b", max_new_tokens=10_000, length_slack=8)
     short, long = rollout_budget(tok, simple, cfg), rollout_budget(tok, parallel, cfg)
-    assert short == len(tok(simple.reference_completion(), add_special_tokens=False)["input_ids"]) + 8 < long
+    assert short == len(tok(simple, add_special_tokens=False)["input_ids"]) + 8 < long
     assert rollout_budget(tok, parallel, cfg.model_copy(update={"max_new_tokens": 20})) == 20
     assert rollout_budget(tok, simple, cfg.model_copy(update={"length_slack": None})) == 10_000
 

@@ -223,8 +223,8 @@ def _merge_rl(previous: dict, cfg: BuildConfig, rl: dict) -> dict:
     }
 
 
-def rollout_budget(tokenizer, task: ToolTask, cfg: BuildConfig) -> int:
-    """New tokens a rollout of ``task`` may use: its reference answer's length + ``length_slack``.
+def rollout_budget(tokenizer, reference: str, cfg: BuildConfig) -> int:
+    """New tokens a rollout may use: its task's ``reference`` answer's length + ``length_slack``.
 
     Parallel answers need two to three times the tokens of simple ones (median ~150 vs ~70
     here), so one global cap either truncates them or lets early, format-less rollouts of
@@ -232,7 +232,7 @@ def rollout_budget(tokenizer, task: ToolTask, cfg: BuildConfig) -> int:
     """
     if cfg.length_slack is None:
         return cfg.max_new_tokens
-    ref = len(tokenizer(task.reference_completion(), add_special_tokens=False)["input_ids"])
+    ref = len(tokenizer(reference, add_special_tokens=False)["input_ids"])
     return min(cfg.max_new_tokens, ref + cfg.length_slack)
 
 
@@ -261,12 +261,13 @@ def grpo(model, tokenizer, train: list[ToolTask], cfg: BuildConfig, deadline: fl
         for _ in range(cfg.rl_prompts_per_step):
             task = pool[cursor % len(pool)]
             cursor += 1
+            reference = task.reference_completion()
             res = grpo_group(
                 model, tokenizer, task.render(tokenizer), lambda text, t=task: toolrl_reward(text, t)["total"],
-                num_generations=cfg.num_generations, max_new_tokens=rollout_budget(tokenizer, task, cfg),
+                num_generations=cfg.num_generations, max_new_tokens=rollout_budget(tokenizer, reference, cfg),
                 temperature=cfg.temperature,
                 loss_scale=1.0 / cfg.rl_prompts_per_step, max_prompt_tokens=cfg.max_prompt_tokens,
-                guide=task.reference_completion() if cfg.guidance else None, guide_when=cfg.guide_when,
+                guide=reference if cfg.guidance else None, guide_when=cfg.guide_when,
             )
             guided += res.guided
             rewards += res.rewards

@@ -25,9 +25,7 @@ def pick_tasks(n: int | None, n_irrelevance: int | None, split: str = "test", se
     n = len(answered) if n is None else n
     n_irrelevance = len(irrelevant) if n_irrelevance is None else n_irrelevance
     rng = random.Random(seed)
-    by_cat: dict[str, list[ToolTask]] = {}
-    for t in answered:
-        by_cat.setdefault(t.category, []).append(t)
+    by_cat = _group_by_category(answered)
     for v in by_cat.values():
         rng.shuffle(v)
     picked: list[ToolTask] = []
@@ -124,10 +122,14 @@ def evaluate_organism(
 def by_category(tasks: list[ToolTask], outputs: dict[str, str]) -> dict[str, dict[str, float]]:
     """``score_outputs`` per BFCL category: a headline mean hides that parallel tasks need
     several calls in one block while simple ones need one."""
-    cats: dict[str, list[ToolTask]] = {}
+    return {c: score_outputs(ts, [outputs[t.id] for t in ts]) for c, ts in _group_by_category(tasks).items()}
+
+
+def _group_by_category(tasks: list[ToolTask]) -> dict[str, list[ToolTask]]:
+    groups: dict[str, list[ToolTask]] = {}
     for t in tasks:
-        cats.setdefault(t.category, []).append(t)
-    return {c: score_outputs(ts, [outputs[t.id] for t in ts]) for c, ts in cats.items()}
+        groups.setdefault(t.category, []).append(t)
+    return groups
 
 
 def _adapter_digest(adapter: str | Path | None) -> str | None:
