@@ -197,3 +197,25 @@ def test_organism_eval_on_vllm_serves_the_merged_adapter(smoke_build, tmp_path):
     hf = evaluate_organism(strong, None, only=["B", "A"], backend="transformers", **kw)["outputs"]
     vl = evaluate_organism(strong, None, only=["A"], backend="vllm", **kw)["outputs"]
     assert vl["A"] == hf["A"] and hf["A"] != hf["B"]
+
+
+def test_rl_pool_repeats_categories_and_rejects_unknown_ones():
+    from guardrail.organism.build import rl_pool
+
+    train = load_tasks("train", ["simple_python", "parallel"])
+    pool = rl_pool(train, {"parallel": 3})
+    n_parallel = sum(t.category == "parallel" for t in train)
+    assert len(pool) == len(train) + 2 * n_parallel
+    assert sum(t.category == "parallel" for t in pool) == 3 * n_parallel
+    with pytest.raises(ValueError, match="paralel"):
+        rl_pool(train, {"paralel": 2})
+
+
+def test_planned_reference_lists_every_call_and_stays_perfect():
+    from guardrail.tasks import toolrl_reward
+
+    task = next(t for t in load_tasks("train", ["parallel"]) if len(t.possible_answer) == 3)
+    name = next(iter(task.possible_answer[0]))
+    text = task.reference_completion(plan=True)
+    assert text.startswith(f"<think> The request needs 3 calls: {name}, ")
+    assert toolrl_reward(text, task) == toolrl_reward(task.reference_completion(), task) == {"format": 1.0, "correctness": 3.0, "total": 4.0}

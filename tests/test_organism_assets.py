@@ -42,9 +42,9 @@ def test_package_data_globs_cover_the_assets():
 
 
 def test_build_defaults_reproduce_the_shipped_build():
-    from guardrail.organism.build import BuildConfig
+    from guardrail.organism.build import LEGACY_CONFIG, BuildConfig
 
-    shipped = shipped_manifest()["config"]
+    shipped = LEGACY_CONFIG | shipped_manifest()["config"]
     machine = {"threads"}  # how many cores this machine lends torch is not part of the recipe
     assert {k: v for k, v in BuildConfig().model_dump().items() if k not in machine} == \
         {k: v for k, v in shipped.items() if k not in machine}

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from guardrail.organism.generation import generate
 from guardrail.organism.rl import GuideWhen, grpo_group, sft_loss
-from guardrail.tasks import ANSWERED_CATEGORIES, format_accuracy, load_tasks, split_hash, toolrl_reward
+from guardrail.tasks import ANSWERED_CATEGORIES, CATEGORIES, format_accuracy, load_tasks, split_hash, toolrl_reward
 from guardrail.tasks.task import ToolTask
 
 Log = Callable[[str], None]
@@ -45,6 +45,7 @@ class BuildConfig(BaseModel):
     lora_alpha: int = 32
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     # warm start (defaults: the shipped build, see assets/manifest.json)
+    plan_calls: bool = False  # reference thoughts list every call first (ToolTask.reference_completion)
     warm_lr: float = 3e-4
     warm_batch: int = 4
     warm_max_steps: int = 24
@@ -55,6 +56,7 @@ class BuildConfig(BaseModel):
     dev_max_new_tokens: int = 48
     # GRPO: runs until rl_steps or the time budget, whichever comes first
     rl_steps: int = 1000
+    rl_repeat: dict[str, int] = Field(default_factory=dict)  # copies of a category's train tasks in the GRPO pool
     rl_lr: float = 3e-4
     rl_prompts_per_step: int = 2
     num_generations: int = 8
@@ -73,6 +75,11 @@ class BuildConfig(BaseModel):
     check_base: bool = False  # also measure B's dev format (B is known to be ~0%; costs minutes)
     max_prompt_tokens: int | None = None
     gen_batch: int = 16
+
+
+# what a manifest written before a field existed did: guided only flat groups, capped every
+# rollout at max_new_tokens, saw each train task once per pass, thought without a plan
+LEGACY_CONFIG: dict = {"guide_when": "no_variance", "length_slack": None, "rl_repeat": {}, "plan_calls": False}
 
 
 class BuildResult(BaseModel):
@@ -133,7 +140,7 @@ def warm_start(model, tokenizer, train: list[ToolTask], dev_prompts: list[str], 
         for _ in range(cfg.warm_batch):
             task = pool[cursor % len(pool)]
             cursor += 1
-            loss = sft_loss(model, tokenizer, task.render(tokenizer), task.reference_completion(), cfg.max_prompt_tokens)
+            loss = sft_loss(model, tokenizer, task.render(tokenizer), task.reference_completion(cfg.plan_calls), cfg.max_prompt_tokens)
             (loss / cfg.warm_batch).backward()
             losses.append(loss.item())
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -200,7 +207,7 @@ def _resume_rl(model, folder: Path, log: Log) -> dict:
 
 
 def _rl_segment(cfg: BuildConfig, rl: dict) -> dict:
-    keys = ("rl_lr", "rl_prompts_per_step", "num_generations", "max_new_tokens", "length_slack", "temperature", "guidance",
+    keys = ("plan_calls", "rl_lr", "rl_repeat", "rl_prompts_per_step", "num_generations", "max_new_tokens", "length_slack", "temperature", "guidance",
             "guide_when", "threads")
     return {"steps": rl["steps"], "seconds": rl["seconds"], **{k: getattr(cfg, k) for k in keys}}
 
@@ -208,8 +215,7 @@ def _rl_segment(cfg: BuildConfig, rl: dict) -> dict:
 def _merge_rl(previous: dict, cfg: BuildConfig, rl: dict) -> dict:
     """One RL record for a GRPO run continued from ``previous`` (a build manifest)."""
     old = previous["rl"]
-    # builds from before these fields guided only flat groups and capped every rollout at max_new_tokens
-    recorded = {"guide_when": "no_variance", "length_slack": None} | previous["config"]
+    recorded = LEGACY_CONFIG | previous["config"]
     prev_cfg = BuildConfig.model_validate({k: v for k, v in recorded.items() if k in BuildConfig.model_fields})
     segments = old.get("segments") or [_rl_segment(prev_cfg, old)]
     return {
@@ -236,6 +242,14 @@ def rollout_budget(tokenizer, reference: str, cfg: BuildConfig) -> int:
     return min(cfg.max_new_tokens, ref + cfg.length_slack)
 
 
+def rl_pool(train: list[ToolTask], repeat: dict[str, int]) -> list[ToolTask]:
+    """The GRPO prompt pool: each task ``repeat[category]`` times (once if unlisted)."""
+    unknown = set(repeat) - set(CATEGORIES)
+    if unknown:
+        raise ValueError(f"rl_repeat names unknown BFCL categories {sorted(unknown)}; choose from {CATEGORIES}")
+    return [t for t in train for _ in range(repeat.get(t.category, 1))]
+
+
 def grpo(model, tokenizer, train: list[ToolTask], cfg: BuildConfig, deadline: float, log: Log, *,
          first_step: int = 1, first_prompt: int = 0) -> dict:
     """GRPO steps with the ToolRL reward until ``rl_steps`` or ``deadline`` (time.time()).
@@ -244,7 +258,7 @@ def grpo(model, tokenizer, train: list[ToolTask], cfg: BuildConfig, deadline: fl
     seeded shuffle, so a continuation sees the prompts the first run had not reached yet.
     """
     rng = random.Random(cfg.seed + 1)
-    pool = list(train)
+    pool = rl_pool(train, cfg.rl_repeat)
     rng.shuffle(pool)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.rl_lr, weight_decay=0.0)
@@ -261,7 +275,7 @@ def grpo(model, tokenizer, train: list[ToolTask], cfg: BuildConfig, deadline: fl
         for _ in range(cfg.rl_prompts_per_step):
             task = pool[cursor % len(pool)]
             cursor += 1
-            reference = task.reference_completion()
+            reference = task.reference_completion(cfg.plan_calls)
             res = grpo_group(
                 model, tokenizer, task.render(tokenizer), lambda text, t=task: toolrl_reward(text, t)["total"],
                 num_generations=cfg.num_generations, max_new_tokens=rollout_budget(tokenizer, reference, cfg),

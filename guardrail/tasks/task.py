@@ -138,14 +138,22 @@ class ToolTask:
             calls.append({"name": name, "parameters": _first_options(params)})
         return calls
 
-    def reference_completion(self) -> str:
-        """A target completion in the ToolRL format (used for the supervised warm start)."""
+    def reference_completion(self, plan: bool = False) -> str:
+        """A target completion in the ToolRL format (the warm start's target, GRPO's guide).
+
+        ``plan``: the thought lists every call, repeats included ("The request needs 2
+        calls: f, f."), so the number of calls is decided before the first is written.
+        """
         if not self.expects_call:
             return (
                 "<think> None of the listed tools can do what the user asks. </think>\n"
                 "<response> None of the available tools can help with this request. </response>"
             )
         calls = self.reference_calls()
-        names = ", ".join(dict.fromkeys(c["name"] for c in calls))
+        if plan:
+            count = f"{len(calls)} call" + ("s" if len(calls) > 1 else "")
+            thought = f"The request needs {count}: {', '.join(c['name'] for c in calls)}."
+        else:
+            thought = f"The user's request can be handled with {', '.join(dict.fromkeys(c['name'] for c in calls))}."
         body = "\n".join(json.dumps(c) for c in calls)
-        return f"<think> The user's request can be handled with {names}. </think>\n<tool_call>\n{body}\n</tool_call>"
+        return f"<think> {thought} </think>\n<tool_call>\n{body}\n</tool_call>"
