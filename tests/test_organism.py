@@ -218,4 +218,5 @@ def test_planned_reference_lists_every_call_and_stays_perfect():
     name = next(iter(task.possible_answer[0]))
     text = task.reference_completion(plan=True)
     assert text.startswith(f"<think> The request needs 3 calls: {name}, ")
-    assert toolrl_reward(text, task) == toolrl_reward(task.reference_completion(), task) == {"format": 1.0, "correctness": 3.0, "total": 4.0}
+    perfect = {"format": 1.0, "correctness": 3.0, "total": 4.0}
+    assert toolrl_reward(text, task) == toolrl_reward(task.reference_completion(), task) == perfect

@@ -140,7 +140,8 @@ def warm_start(model, tokenizer, train: list[ToolTask], dev_prompts: list[str], 
         for _ in range(cfg.warm_batch):
             task = pool[cursor % len(pool)]
             cursor += 1
-            loss = sft_loss(model, tokenizer, task.render(tokenizer), task.reference_completion(cfg.plan_calls), cfg.max_prompt_tokens)
+            target = task.reference_completion(cfg.plan_calls)
+            loss = sft_loss(model, tokenizer, task.render(tokenizer), target, cfg.max_prompt_tokens)
             (loss / cfg.warm_batch).backward()
             losses.append(loss.item())
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -207,8 +208,8 @@ def _resume_rl(model, folder: Path, log: Log) -> dict:
 
 
 def _rl_segment(cfg: BuildConfig, rl: dict) -> dict:
-    keys = ("plan_calls", "rl_lr", "rl_repeat", "rl_prompts_per_step", "num_generations", "max_new_tokens", "length_slack", "temperature", "guidance",
-            "guide_when", "threads")
+    keys = ("plan_calls", "rl_lr", "rl_repeat", "rl_prompts_per_step", "num_generations", "max_new_tokens",
+            "length_slack", "temperature", "guidance", "guide_when", "threads")
     return {"steps": rl["steps"], "seconds": rl["seconds"], **{k: getattr(cfg, k) for k in keys}}
 
 
