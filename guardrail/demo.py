@@ -32,11 +32,17 @@ class DemoConfig:
     layer: int | None = None  # default: 36% depth, as layer 13/36 in the paper
     last_n: int = 32  # training rows: the last N prompt tokens of each prompt
     tool_prompts: int | None = 300  # and as many ordinary prompts; None: every BFCL train-split task
-    dict_size: int = 2048
-    k: int = 32
+    # the DFC: the quick eval grid's free-exclusive variant (the paper's D=8192, k=45 at
+    # d=2048, scaled to the model width, L1 on shared features). On the organism its top
+    # A-exclusive feature separates tool prompts with Cohen's d ≈ 55; the earlier settings
+    # (D=2048, k=32, no shared L1, 1500 steps) gave d ≈ 0.2: a feature that hardly fired
+    dict_size: int | None = None  # None: 4 × d_model
+    k: int | None = None  # None: 45 × d_model / 2048
     exclusive: float = 0.05
-    steps: int = 1500
-    batch_size: int = 512
+    lambda_shared: float = 1e-3
+    steps: int = 600
+    batch_size: int = 256
+    lr: float = 3e-4
     curve_prompts: int = 24  # prompts per point of the saturation curve
     max_new_tokens: int = 96
     audit_prompts: int = 200
@@ -96,8 +102,11 @@ def ensure_dfc(pair, cfg: DemoConfig, say: Callable[[str], None]) -> Path:
     prompts = mixed(cfg.tool_prompts, None, split="train", mode="raw", tokenizer=pair.tokenizer)
     say(f"collecting activations of A and B at layer {layer} ({len(prompts)} prompts, last {cfg.last_n} tokens each)")
     cache = collect(pair, prompts, Site(layer=layer, positions="prompt", last_n=cfg.last_n), root / "cache")
-    say(f"training a DFC: D={cfg.dict_size}, k={cfg.k}, {cfg.exclusive:.0%} exclusive per model, {cfg.steps} steps")
-    train(cache, DFCConfig(dict_size=cfg.dict_size, k=cfg.k, exclusive=cfg.exclusive), art, steps=cfg.steps, batch_size=cfg.batch_size)
+    d = pair.d_model
+    size, k = cfg.dict_size or 4 * d, cfg.k or max(1, round(45 * d / 2048))
+    say(f"training a DFC: D={size}, k={k}, {cfg.exclusive:.0%} exclusive per model, {cfg.steps} steps")
+    dfc = DFCConfig(dict_size=size, k=k, exclusive=cfg.exclusive, lambda_shared=cfg.lambda_shared, penalty_form="paper")
+    train(cache, dfc, art, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr)
     rank(art, cache)
     return art
 
