@@ -32,14 +32,14 @@ class DemoConfig:
     layer: int | None = None  # default: 36% depth, as layer 13/36 in the paper
     last_n: int = 32  # training rows: the last N prompt tokens of each prompt
     tool_prompts: int | None = 300  # and as many ordinary prompts; None: every BFCL train-split task
-    # the DFC: the quick eval grid's free-exclusive variant (the paper's D=8192, k=45 at
-    # d=2048, scaled to the model width, L1 on shared features). On the organism its top
-    # A-exclusive feature separates tool prompts with Cohen's d ≈ 55; the earlier settings
-    # (D=2048, k=32, no shared L1, 1500 steps) gave d ≈ 0.2: a feature that hardly fired
-    dict_size: int | None = None  # None: 4 × d_model
-    k: int | None = None  # None: 45 × d_model / 2048
+    # the DFC: the crosscoder of the quick eval grid's free-exclusive variant with the
+    # smaller k (the paper's D=8192, k=45 at d=2048 scaled to the model width, L1 on shared
+    # features). On the organism its top A-exclusive feature separates tool prompts with
+    # Cohen's d ≈ 55; the earlier settings (D=2048, k=32, no shared L1, 1500 steps) gave
+    # d ≈ 0.2: a feature that hardly fired
+    dict_size: int | None = None  # None: the grid's (4 × d_model)
+    k: int | None = None  # None: the grid's (45 × d_model / 2048)
     exclusive: float = 0.05
-    lambda_shared: float = 1e-3
     steps: int = 600
     batch_size: int = 256
     lr: float = 3e-4
@@ -82,6 +82,15 @@ def demo_root(pair, cfg: DemoConfig) -> Path:
     return home() / "demo" / f"{cfg.pair}-{key}"
 
 
+def quick_grid_dfc(d_model: int):
+    """The quick eval grid's free-exclusive DFC with the smallest k, scaled to ``d_model``:
+    the demo trains the dictionary the eval harness measures, not a look-alike."""
+    from guardrail.eval.grids import variants
+
+    free = [s.crosscoder for s in variants("quick", d_model) if s.crosscoder.is_dfc and s.crosscoder.lambda_excl == 0]
+    return min(free, key=lambda c: c.k)
+
+
 def ensure_dfc(pair, cfg: DemoConfig, say: Callable[[str], None]) -> Path:
     """The demo's DFC: cached from an earlier run, else collected, trained and ranked now."""
     from guardrail.activations import collect
@@ -102,10 +111,11 @@ def ensure_dfc(pair, cfg: DemoConfig, say: Callable[[str], None]) -> Path:
     prompts = mixed(cfg.tool_prompts, None, split="train", mode="raw", tokenizer=pair.tokenizer)
     say(f"collecting activations of A and B at layer {layer} ({len(prompts)} prompts, last {cfg.last_n} tokens each)")
     cache = collect(pair, prompts, Site(layer=layer, positions="prompt", last_n=cfg.last_n), root / "cache")
-    d = pair.d_model
-    size, k = cfg.dict_size or 4 * d, cfg.k or max(1, round(45 * d / 2048))
+    grid = quick_grid_dfc(pair.d_model)
+    size, k = cfg.dict_size or grid.dict_size, cfg.k or grid.k
     say(f"training a DFC: D={size}, k={k}, {cfg.exclusive:.0%} exclusive per model, {cfg.steps} steps")
-    dfc = DFCConfig(dict_size=size, k=k, exclusive=cfg.exclusive, lambda_shared=cfg.lambda_shared, penalty_form="paper")
+    dfc = DFCConfig(dict_size=size, k=k, exclusive=cfg.exclusive, lambda_shared=grid.lambda_shared,
+                    penalty_form=grid.penalty_form)
     train(cache, dfc, art, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr)
     rank(art, cache)
     return art

@@ -24,3 +24,10 @@ def test_demo_runs_twice_on_the_tiny_pair_and_writes_the_page(tmp_path):
     assert "using the cached DFC" in second.output and "training a DFC" not in second.output
     table = lambda text: text.split("## Saturation")[1].split("\n## ")[0]  # noqa: E731
     assert table((out / "report.md").read_text()) == table(md)
+
+
+def test_demo_trains_the_quick_grids_free_exclusive_dfc():
+    from guardrail.demo import quick_grid_dfc
+
+    c = quick_grid_dfc(576)  # SmolLM2's width: the paper's D=8192, k=45 at d=2048, scaled
+    assert (c.dict_size, c.k, c.lambda_excl, c.lambda_shared, c.penalty_form) == (2304, 13, 0.0, 1e-3, "paper")

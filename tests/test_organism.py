@@ -199,7 +199,7 @@ def test_organism_eval_on_vllm_serves_the_merged_adapter(smoke_build, tmp_path):
     assert vl["A"] == hf["A"] and hf["A"] != hf["B"]
 
 
-def test_rl_pool_repeats_categories_and_rejects_unknown_ones():
+def test_rl_pool_repeats_categories_and_the_config_rejects_unknown_ones():
     from guardrail.organism.build import rl_pool
 
     train = load_tasks("train", ["simple_python", "parallel"])
@@ -208,7 +208,7 @@ def test_rl_pool_repeats_categories_and_rejects_unknown_ones():
     assert len(pool) == len(train) + 2 * n_parallel
     assert sum(t.category == "parallel" for t in pool) == 3 * n_parallel
     with pytest.raises(ValueError, match="paralel"):
-        rl_pool(train, {"paralel": 2})
+        BuildConfig(rl_repeat={"paralel": 2})
 
 
 def test_planned_reference_lists_every_call_and_stays_perfect():

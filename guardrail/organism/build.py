@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from guardrail.organism.generation import generate
 from guardrail.organism.rl import GuideWhen, grpo_group, sft_loss
@@ -75,6 +75,15 @@ class BuildConfig(BaseModel):
     check_base: bool = False  # also measure B's dev format (B is known to be ~0%; costs minutes)
     max_prompt_tokens: int | None = None
     gen_batch: int = 16
+
+    @field_validator("rl_repeat")
+    @classmethod
+    def _known_categories(cls, repeat: dict[str, int]) -> dict[str, int]:
+        # checked here, not when GRPO starts: a typo must not cost a warm start first
+        unknown = set(repeat) - set(CATEGORIES)
+        if unknown:
+            raise ValueError(f"rl_repeat names unknown BFCL categories {sorted(unknown)}; choose from {CATEGORIES}")
+        return repeat
 
 
 # what a manifest written before a field existed did: guided only flat groups, capped every
@@ -245,9 +254,6 @@ def rollout_budget(tokenizer, reference: str, cfg: BuildConfig) -> int:
 
 def rl_pool(train: list[ToolTask], repeat: dict[str, int]) -> list[ToolTask]:
     """The GRPO prompt pool: each task ``repeat[category]`` times (once if unlisted)."""
-    unknown = set(repeat) - set(CATEGORIES)
-    if unknown:
-        raise ValueError(f"rl_repeat names unknown BFCL categories {sorted(unknown)}; choose from {CATEGORIES}")
     return [t for t in train for _ in range(repeat.get(t.category, 1))]
 
 
