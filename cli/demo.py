@@ -10,7 +10,7 @@ import typer
 def demo_cmd(
     pair: str = typer.Option("organism", "--pair", help="organism (embedded SmolLM2 pair) or tiny (random, seconds)."),
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Folder for report.md, report.html, saturation.png."),
-    retrain: bool = typer.Option(False, "--retrain", help="Collect and train the DFC again instead of using the cache."),
+    retrain: bool = typer.Option(False, "--retrain", help="Train the DFC again and rerun its curve and audit, instead of using the cache."),
     steps: int = typer.Option(600, help="DFC training steps on first run."),
     dict_size: int | None = typer.Option(None, help="DFC dictionary size (default: 4 × the model width)."),
     tool_prompts: int = typer.Option(300, help="Tool prompts for collection, as many ordinary ones (0 = the whole BFCL train split)."),

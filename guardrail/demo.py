@@ -2,8 +2,8 @@
 
 Every step calls the library the way a user would (collect → train → rank → policies →
 guard → audit); the demo only chooses settings and lays the results side by side.
-Expensive results are cached under ``$GUARDRAIL_HOME/demo/<pair>`` so a second run
-only generates.
+Expensive results are cached under ``$GUARDRAIL_HOME/demo/<pair>/dfc-<recipe>`` so a
+second run only generates, and a changed recipe (layer, dictionary, training) trains anew.
 """
 
 from __future__ import annotations
@@ -74,12 +74,26 @@ def _default_layer(n_layers: int) -> int:
     return min(n_layers - 1, round(13 / 36 * n_layers))
 
 
-def demo_root(pair, cfg: DemoConfig) -> Path:
-    """Cache folder of one pair: named by both models' specs, so a rebuilt A never reuses it."""
+def _key(value: Any) -> str:
     import hashlib
 
-    key = hashlib.sha256(f"{pair.a.spec}|{pair.b.spec}".encode()).hexdigest()[:10]
-    return home() / "demo" / f"{cfg.pair}-{key}"
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def demo_root(pair, cfg: DemoConfig) -> Path:
+    """Cache folder of one pair: named by both models' specs, so a rebuilt A never reuses it."""
+    return home() / "demo" / f"{cfg.pair}-{_key(f'{pair.a.spec}|{pair.b.spec}')}"
+
+
+def _recipe(pair, cfg: DemoConfig) -> tuple[dict, Any]:
+    """What the activations and the DFC depend on: a change to either names a new cache folder."""
+    from guardrail.dictionary import DFCConfig
+
+    grid = quick_grid_dfc(pair.d_model)
+    layer = _default_layer(pair.n_layers) if cfg.layer is None else cfg.layer
+    dfc = DFCConfig(dict_size=cfg.dict_size or grid.dict_size, k=cfg.k or grid.k, exclusive=cfg.exclusive,
+                    lambda_shared=grid.lambda_shared, penalty_form=grid.penalty_form)
+    return {"layer": layer, "last_n": cfg.last_n, "tool_prompts": cfg.tool_prompts}, dfc
 
 
 def quick_grid_dfc(d_model: int):
@@ -92,31 +106,29 @@ def quick_grid_dfc(d_model: int):
 
 
 def ensure_dfc(pair, cfg: DemoConfig, say: Callable[[str], None]) -> Path:
-    """The demo's DFC: cached from an earlier run, else collected, trained and ranked now."""
+    """The demo's DFC: cached from an earlier run with the same recipe, else collected, trained
+    and ranked now. Results that depend on the DFC (curve, audit) live beside it."""
     from guardrail.activations import collect
-    from guardrail.dictionary import DFCConfig
     from guardrail.features.ranking import RANKING_FILE, rank
     from guardrail.prompts import mixed
     from guardrail.residual import Site
     from guardrail.training import train
 
+    site, dfc = _recipe(pair, cfg)
+    training = {"steps": cfg.steps, "batch_size": cfg.batch_size, "lr": cfg.lr}
     root = demo_root(pair, cfg)
-    art = root / "dfc"
+    art = root / f"dfc-{_key([site, dfc.model_dump(), training])}" / "dfc"
     if cfg.retrain:
-        shutil.rmtree(art, ignore_errors=True)
+        shutil.rmtree(art.parent, ignore_errors=True)
     if (art / RANKING_FILE).exists():
         say(f"using the cached DFC at {art}")
         return art
-    layer = _default_layer(pair.n_layers) if cfg.layer is None else cfg.layer
     prompts = mixed(cfg.tool_prompts, None, split="train", mode="raw", tokenizer=pair.tokenizer)
-    say(f"collecting activations of A and B at layer {layer} ({len(prompts)} prompts, last {cfg.last_n} tokens each)")
-    cache = collect(pair, prompts, Site(layer=layer, positions="prompt", last_n=cfg.last_n), root / "cache")
-    grid = quick_grid_dfc(pair.d_model)
-    size, k = cfg.dict_size or grid.dict_size, cfg.k or grid.k
-    say(f"training a DFC: D={size}, k={k}, {cfg.exclusive:.0%} exclusive per model, {cfg.steps} steps")
-    dfc = DFCConfig(dict_size=size, k=k, exclusive=cfg.exclusive, lambda_shared=grid.lambda_shared,
-                    penalty_form=grid.penalty_form)
-    train(cache, dfc, art, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr)
+    say(f"collecting activations of A and B at layer {site['layer']} ({len(prompts)} prompts, last {cfg.last_n} tokens each)")
+    cache = collect(pair, prompts, Site(layer=site["layer"], positions="prompt", last_n=cfg.last_n),
+                    root / f"cache-{_key(site)}")
+    say(f"training a DFC: D={dfc.dict_size}, k={dfc.k}, {cfg.exclusive:.0%} exclusive per model, {cfg.steps} steps")
+    train(cache, dfc, art, **training)
     rank(art, cache)
     return art
 
@@ -234,7 +246,7 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> DemoResult:
     with guard(pair.a, art, pol["alert"]) as g:
         alerts = g.generate(c_text, max_new_tokens=cfg.max_new_tokens).events
     t["side_by_side"] = time.time()
-    root = demo_root(pair, cfg)
+    root = art.parent
     say(f"saturation curve: {len(ALPHAS)} α values × {cfg.curve_prompts} prompts (cached after the first run)")
     curve_texts = [x.render(pair.tokenizer, "raw") for x in tasks[16 : 16 + cfg.curve_prompts]]
     curve = _cached_json(root / f"curve-{cfg.curve_prompts}-{cfg.max_new_tokens}.json", cfg.retrain,

@@ -24,6 +24,10 @@ def test_demo_runs_twice_on_the_tiny_pair_and_writes_the_page(tmp_path):
     assert "using the cached DFC" in second.output and "training a DFC" not in second.output
     table = lambda text: text.split("## Saturation")[1].split("\n## ")[0]  # noqa: E731
     assert table((out / "report.md").read_text()) == table(md)
+    changed = [("40" if a == "60" else a) for a in SMALL]  # another recipe (fewer steps) must not reuse that DFC
+    third = CliRunner().invoke(app, changed + ["--out", str(tmp_path / "demo2")])
+    assert third.exit_code == 0, third.output
+    assert "training a DFC" in third.output and "using the cached DFC" not in third.output
 
 
 def test_demo_trains_the_quick_grids_free_exclusive_dfc():
