@@ -131,8 +131,14 @@ def test_score_outputs_and_examples():
     tasks = load_tasks("test", ["simple_python"])[:2] + load_tasks("test", ["irrelevance"])[:1]
     good = tasks[0].reference_completion()
     m = score_outputs(tasks, [good, "I will write code instead.", good])
-    assert m["n"] == 2 and m["format_accuracy"] == 0.5 and m["name_accuracy"] == 0.5
+    assert m["n"] == 2 and m["format_accuracy"] == 0.5 and m["name_accuracy"] == 0.5 and m["call_count_accuracy"] == 0.5
     assert m["false_call_rate"] == 1.0 and m["reward"] == pytest.approx((4.0 + -3.0) / 2)
+    parallel = load_tasks("test", ["parallel"])[0]
+    assert len(parallel.possible_answer) > 1
+    lines = parallel.reference_completion().split("\n")  # thought, <tool_call>, one line per call, </tool_call>
+    one_call = "\n".join(lines[:3] + lines[-1:])  # stops after the first call
+    assert score_outputs([parallel], [one_call])["call_count_accuracy"] == 0.0
+    assert score_outputs([parallel], [parallel.reference_completion()])["call_count_accuracy"] == 1.0
     from guardrail.organism.evaluate import EvalResult
 
     md = examples_markdown(tasks, [EvalResult("B", "chat", {}, {t.id: "prose" for t in tasks}),

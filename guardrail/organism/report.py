@@ -160,7 +160,7 @@ def _store(cache_dir: str | Path | None, key: dict, res: EvalResult) -> None:
 
 
 def summary_table(report: dict) -> str:
-    """Markdown tables: the headline metrics per model, then strict name accuracy per category."""
+    """Markdown tables: the headline metrics per model, then strict name accuracy and call count per category."""
     keys = ["format_accuracy", "tool_correctness", "name_accuracy", "args_accuracy", "valid_json", "reward",
             "overall_score", "false_call_rate"]
     models = list(report["metrics"])
@@ -168,8 +168,9 @@ def summary_table(report: dict) -> str:
     per_cat = report.get("by_category") or {}
     cats = [c for c in ANSWERED_CATEGORIES if all(c in per_cat.get(m, {}) for m in models)]
     if cats:
-        rows = [(f"{c} (n={per_cat[models[0]][c]['n']})", [per_cat[m][c].get("name_accuracy") for m in models]) for c in cats]
-        lines += ["", *_table("name_accuracy by category", models, rows)]
+        for key in ("name_accuracy", "call_count_accuracy"):
+            rows = [(f"{c} (n={per_cat[models[0]][c]['n']})", [per_cat[m][c].get(key) for m in models]) for c in cats]
+            lines += ["", *_table(f"{key} by category", models, rows)]
     return "\n".join(lines)
 
 
