@@ -25,7 +25,7 @@ def demo_cmd(
     from rich.panel import Panel
     from rich.table import Table
 
-    from guardrail.demo import DemoConfig, audit_lines, run_demo, write_report
+    from guardrail.demo import CURVE_METRICS, DemoConfig, audit_lines, run_demo, write_report
 
     console = Console()
     cfg = DemoConfig(pair=pair, out=out, retrain=retrain, steps=steps, dict_size=dict_size, tool_prompts=tool_prompts or None,
@@ -36,9 +36,11 @@ def demo_cmd(
         console.print(Panel(text.strip() or "(empty)", title=name, title_align="left"))
     console.print(Panel("\n".join(map(str, result.alerts)) or "(no alert)", title="alerts (exclusive-alert policy)", title_align="left"))
     table = Table(title=f"steering saturation, n={result.curve_n}")
+    table.add_column("metric")
     for alpha in result.curve["alpha"]:
         table.add_column(f"α={alpha:g}")
-    table.add_row(*[f"{100 * v:.0f}%" for v in result.curve["format_accuracy"]])
+    for key, label in CURVE_METRICS.items():
+        table.add_row(label, *[f"{100 * v:.0f}%" for v in result.curve[key]])
     console.print(table)
     a = result.audit
     console.print(Panel("\n".join(audit_lines(a)),

@@ -161,8 +161,12 @@ def _pick_prompts(pair, tasks, max_new_tokens: int) -> tuple[Any, Any, dict[str,
     return hedge, call, {t.id: o for t, o in zip(tasks, outs)}
 
 
-def saturation_curve(pair, art: Path, texts: list[str], cfg: DemoConfig) -> dict[str, list[float]]:
-    """Format accuracy of A with the top A-exclusive feature scale-steered, per α.
+CURVE_METRICS = {"format_accuracy": "format accuracy", "tool_correctness": "tool correctness"}
+
+
+def saturation_curve(pair, art: Path, tasks: list, cfg: DemoConfig) -> dict[str, list[float]]:
+    """A's format accuracy and (lenient) tool correctness, the paper's two steering
+    metrics, with the top A-exclusive feature scale-steered, per α.
 
     The amplify policy's own engine computes each prompt's steered last-token activation
     (the guard's math, once per α); the generation backend (vLLM when installed) then
@@ -170,8 +174,9 @@ def saturation_curve(pair, art: Path, texts: list[str], cfg: DemoConfig) -> dict
     """
     from guardrail.eval.backends import GenerationSettings, generate_conditions, last_token_residual, make_backend
     from guardrail.policy import TokenPositions, compile_policy
-    from guardrail.tasks import format_accuracy
+    from guardrail.tasks import format_accuracy, tool_correctness
 
+    texts = [t.render(pair.tokenizer, "raw") for t in tasks]
     compiled = {a: compile_policy(_policies(a)["amplify"], art) for a in ALPHAS}
     layer = compiled[ALPHAS[0]].layer
     x = last_token_residual(pair.a, texts, layer)
@@ -186,7 +191,10 @@ def saturation_curve(pair, art: Path, texts: list[str], cfg: DemoConfig) -> dict
         conditions[f"{alpha:g}"] = None if res.rows is None else list(patched)
     outs = generate_conditions(make_backend(cfg.backend), pair.a, texts, GenerationSettings(max_new_tokens=cfg.max_new_tokens),
                                conditions, layer=layer)
-    return {"alpha": list(ALPHAS), "format_accuracy": [sum(map(format_accuracy, outs[f"{a:g}"])) / n for a in ALPHAS]}
+    rate = lambda ok: sum(ok) / n  # noqa: E731
+    return {"alpha": list(ALPHAS),
+            "format_accuracy": [rate(map(format_accuracy, outs[f"{a:g}"])) for a in ALPHAS],
+            "tool_correctness": [rate(tool_correctness(o, t.tool_names) for o, t in zip(outs[f"{a:g}"], tasks)) for a in ALPHAS]}
 
 
 def _cached_json(path: Path, refresh: bool, make: Callable[[], Any]) -> Any:
@@ -248,9 +256,9 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> DemoResult:
     t["side_by_side"] = time.time()
     root = art.parent
     say(f"saturation curve: {len(ALPHAS)} α values × {cfg.curve_prompts} prompts (cached after the first run)")
-    curve_texts = [x.render(pair.tokenizer, "raw") for x in tasks[16 : 16 + cfg.curve_prompts]]
+    curve_tasks = tasks[16 : 16 + cfg.curve_prompts]
     curve = _cached_json(root / f"curve-{cfg.curve_prompts}-{cfg.max_new_tokens}.json", cfg.retrain,
-                         lambda: saturation_curve(pair, art, curve_texts, cfg))
+                         lambda: saturation_curve(pair, art, curve_tasks, cfg))
     t["curve"] = time.time()
 
     def run_audit() -> dict:
@@ -261,7 +269,7 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> DemoResult:
     verdict = _cached_json(root / f"audit-{cfg.audit_prompts}-{cfg.audit_tokens}.json", cfg.retrain, run_audit)
     t["audit"] = time.time()
     timings = {k: round(v - t["start"], 1) for k, v in t.items() if k != "start"}
-    return DemoResult(f"{hedge.id}, {call.id}", outputs, alerts[:12], curve, len(curve_texts), feature, verdict, timings, str(art))
+    return DemoResult(f"{hedge.id}, {call.id}", outputs, alerts[:12], curve, len(curve_tasks), feature, verdict, timings, str(art))
 
 
 def _plot(result: DemoResult) -> bytes:
@@ -271,10 +279,12 @@ def _plot(result: DemoResult) -> bytes:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
-    ax.plot(result.curve["alpha"], [100 * v for v in result.curve["format_accuracy"]], marker="o")
+    for key, label in CURVE_METRICS.items():
+        ax.plot(result.curve["alpha"], [100 * v for v in result.curve[key]], marker="o", label=label)
+    ax.legend(loc="best", fontsize=8)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("α (scale of the top A-exclusive feature)")
-    ax.set_ylabel("format accuracy of A (%)")
+    ax.set_ylabel("A's outputs (%)")
     ax.set_title(f"Single-feature steering, n={result.curve_n} prompts")
     ax.set_ylim(-5, 105)
     ax.grid(alpha=0.3)
@@ -302,7 +312,8 @@ def write_report(result: DemoResult, out: Path) -> Path:
     md += [f"## Saturation (n={result.curve_n})", "", "![saturation](saturation.png)", "",
            "| α | " + " | ".join(f"{x:g}" for x in result.curve["alpha"]) + " |",
            "|---|" + "---|" * len(result.curve["alpha"]),
-           "| format accuracy | " + " | ".join(f"{100 * v:.0f}%" for v in result.curve["format_accuracy"]) + " |", ""]
+           *[f"| {label} | " + " | ".join(f"{100 * v:.0f}%" for v in result.curve[key]) + " |" for key, label in CURVE_METRICS.items()],
+           ""]
     md += [f"## Audit: **{a.get('verdict')}** ({a.get('n_prompts')} prompts, metric `{a.get('policy', {}).get('metric')}`)", "",
            f"B's clean rate: {100 * a.get('clean_rate', 0.0):.1f}% (a gain is measured from there).", ""]
     md += [f"- {line}" for line in audit_lines(a)] + ["", f"Timings (s since start): {result.timings}", ""]

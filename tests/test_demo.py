@@ -16,7 +16,7 @@ def test_demo_runs_twice_on_the_tiny_pair_and_writes_the_page(tmp_path):
     assert first.exit_code == 0, first.output
     assert "training a DFC" in first.output and "audit:" in first.output
     md = (out / "report.md").read_text()
-    for part in ("B (base)", "A (RL)", "kill switch", "Saturation (n=3)", "α"):
+    for part in ("B (base)", "A (RL)", "kill switch", "Saturation (n=3)", "α", "| format accuracy |", "| tool correctness |"):
         assert part in md, part
     assert (out / "report.html").read_text().count("<img") >= 1 and (out / "saturation.png").stat().st_size > 1000
     second = CliRunner().invoke(app, SMALL + ["--out", str(out)])
