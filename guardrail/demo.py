@@ -212,6 +212,37 @@ def audit_lines(report: dict) -> list[str]:
     return gains + list(report.get("reasons", []))
 
 
+def best_alpha(curve: dict[str, list[float]]) -> float:
+    """The steering scale shown on the hedge prompt: the α > 1 with the highest tool
+    correctness on the curve's prompts (the smallest on a tie: the least disruptive)."""
+    scored = [(a, v) for a, v in zip(curve["alpha"], curve["tool_correctness"]) if a > 1]
+    return max(scored, key=lambda av: (av[1], -av[0]))[0]
+
+
+def _side_by_side(pair, art: Path, hedge, call, a_outs: dict[str, str], alpha: float,
+                  cfg: DemoConfig) -> tuple[dict[str, str], list[dict]]:
+    """The page's story on two prompts: B and A on the hedge prompt, A steered there; A and
+    A with the kill switch on the call prompt; the alert policy's events on the latter."""
+    from guardrail.eval.backends import GenerationSettings, TransformersBackend
+    from guardrail.policy import guard
+
+    pol = _policies(alpha)
+    settings = GenerationSettings(max_new_tokens=cfg.max_new_tokens)
+    h_text, c_text = hedge.render(pair.tokenizer, "raw"), call.render(pair.tokenizer, "raw")
+    outputs = {
+        f"{hedge.id}: B (base)": TransformersBackend().generate(pair.b, [h_text], settings)[0],
+        f"{hedge.id}: A (RL)": a_outs[hedge.id],
+    }
+    with guard(pair.a, art, pol["amplify"]) as g:
+        outputs[f"{hedge.id}: A + steer top A-exclusive feature (α={alpha:g})"] = g.generate(h_text, max_new_tokens=cfg.max_new_tokens).text
+    outputs[f"{call.id}: A (RL)"] = a_outs[call.id]
+    with guard(pair.a, art, pol["kill"]) as g:
+        outputs[f"{call.id}: A + kill switch (tool features clamped to 0)"] = g.generate(c_text, max_new_tokens=cfg.max_new_tokens).text
+    with guard(pair.a, art, pol["alert"]) as g:
+        alerts = g.generate(c_text, max_new_tokens=cfg.max_new_tokens).events
+    return outputs, alerts[:12]
+
+
 def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> DemoResult:
     import random
 
@@ -219,8 +250,6 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> DemoResult:
     from guardrail.dictionary import load_artifact
     from guardrail.features.ranking import Ranking
     from guardrail.models import load_pair
-    from guardrail.policy import guard
-    from guardrail.eval.backends import GenerationSettings, TransformersBackend
     from guardrail.tasks import ANSWERED_CATEGORIES, load_tasks
 
     t = {"start": time.time()}
@@ -235,31 +264,19 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> DemoResult:
     feature = ranking.stat(top[0]).model_dump()
     tasks = load_tasks("test", ANSWERED_CATEGORIES)
     random.Random(0).shuffle(tasks)
-    hedge, call, a_outs = _pick_prompts(pair, tasks[:16], cfg.max_new_tokens)
-    say(f"A hedges on {hedge.id if hedge else 'none of 16 prompts'}; A calls a tool on {call.id if call else 'none of 16 prompts'}")
-    hedge, call = hedge or tasks[0], call or tasks[0]
-    say(f"steering feature {feature['index']} (A-exclusive, Cohen's d {feature['cohens_d']:.2f})")
-    pol = _policies(32.0)
-    plain, settings = TransformersBackend(), GenerationSettings(max_new_tokens=cfg.max_new_tokens)
-    h_text, c_text = hedge.render(pair.tokenizer, "raw"), call.render(pair.tokenizer, "raw")
-    outputs = {
-        f"{hedge.id}: B (base)": plain.generate(pair.b, [h_text], settings)[0],
-        f"{hedge.id}: A (RL)": a_outs[hedge.id],
-    }
-    with guard(pair.a, art, pol["amplify"]) as g:
-        outputs[f"{hedge.id}: A + steer top A-exclusive feature (α=32)"] = g.generate(h_text, max_new_tokens=cfg.max_new_tokens).text
-    outputs[f"{call.id}: A (RL)"] = a_outs[call.id]
-    with guard(pair.a, art, pol["kill"]) as g:
-        outputs[f"{call.id}: A + kill switch (tool features clamped to 0)"] = g.generate(c_text, max_new_tokens=cfg.max_new_tokens).text
-    with guard(pair.a, art, pol["alert"]) as g:
-        alerts = g.generate(c_text, max_new_tokens=cfg.max_new_tokens).events
-    t["side_by_side"] = time.time()
     root = art.parent
     say(f"saturation curve: {len(ALPHAS)} α values × {cfg.curve_prompts} prompts (cached after the first run)")
     curve_tasks = tasks[16 : 16 + cfg.curve_prompts]
     curve = _cached_json(root / f"curve-{cfg.curve_prompts}-{cfg.max_new_tokens}.json", cfg.retrain,
                          lambda: saturation_curve(pair, art, curve_tasks, cfg))
     t["curve"] = time.time()
+    hedge, call, a_outs = _pick_prompts(pair, tasks[:16], cfg.max_new_tokens)
+    say(f"A hedges on {hedge.id if hedge else 'none of 16 prompts'}; A calls a tool on {call.id if call else 'none of 16 prompts'}")
+    hedge, call = hedge or tasks[0], call or tasks[0]
+    alpha = best_alpha(curve)
+    say(f"steering feature {feature['index']} (A-exclusive, Cohen's d {feature['cohens_d']:.2f}) at α={alpha:g}, the curve's best")
+    outputs, alerts = _side_by_side(pair, art, hedge, call, a_outs, alpha, cfg)
+    t["side_by_side"] = time.time()
 
     def run_audit() -> dict:
         say(f"auditing the DFC: {cfg.audit_prompts} held-out prompts, B clean vs each threat model")
@@ -269,7 +286,7 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> DemoResult:
     verdict = _cached_json(root / f"audit-{cfg.audit_prompts}-{cfg.audit_tokens}.json", cfg.retrain, run_audit)
     t["audit"] = time.time()
     timings = {k: round(v - t["start"], 1) for k, v in t.items() if k != "start"}
-    return DemoResult(f"{hedge.id}, {call.id}", outputs, alerts[:12], curve, len(curve_tasks), feature, verdict, timings, str(art))
+    return DemoResult(f"{hedge.id}, {call.id}", outputs, alerts, curve, len(curve_tasks), feature, verdict, timings, str(art))
 
 
 def _plot(result: DemoResult) -> bytes:

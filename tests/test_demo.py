@@ -35,3 +35,10 @@ def test_demo_trains_the_quick_grids_free_exclusive_dfc():
 
     c = quick_grid_dfc(576)  # SmolLM2's width: the paper's D=8192, k=45 at d=2048, scaled
     assert (c.dict_size, c.k, c.lambda_excl, c.lambda_shared, c.penalty_form) == (2304, 13, 0.0, 1e-3, "paper")
+
+
+def test_the_page_steers_at_the_curves_best_alpha():
+    from guardrail.demo import best_alpha
+
+    curve = {"alpha": [1.0, 6.0, 16.0, 32.0, 64.0], "tool_correctness": [0.9, 0.2, 0.5, 0.5, 0.1]}
+    assert best_alpha(curve) == 16.0  # α=1 is no steering; a tie goes to the smaller α
