@@ -56,7 +56,9 @@ class BuildConfig(BaseModel):
     dev_max_new_tokens: int = 48
     # GRPO: runs until rl_steps or the time budget, whichever comes first
     rl_steps: int = 1000
-    rl_repeat: dict[str, int] = Field(default_factory=dict)  # copies of a category's train tasks in the GRPO pool
+    # copies of a category's train tasks in the GRPO pool: parallel tasks need a second call in
+    # the block, which A learns only from many of them (strict names on parallel 0.25 -> 0.55)
+    rl_repeat: dict[str, int] = Field(default_factory=lambda: {"parallel": 3})
     rl_lr: float = 3e-4
     rl_prompts_per_step: int = 2
     num_generations: int = 8
