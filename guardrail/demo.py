@@ -146,19 +146,29 @@ def _policies(feature_alpha: float) -> dict[str, Any]:
     }
 
 
-def _pick_prompts(pair, tasks, max_new_tokens: int) -> tuple[Any, Any, dict[str, str]]:
+def _pick_prompts(pair, tasks, max_new_tokens: int, chunk: int = 16) -> tuple[Any, Any, dict[str, str]]:
     """Two held-out tool prompts: one where A hedges (room to steer) and one where A calls a
     tool (something for the kill switch to stop); None where no such prompt was found.
-    A's outputs are returned too, so the page shows the very answers the choice was made on."""
+    Prompts are tried ``chunk`` at a time until both are found: under the paper's raw
+    rendering A may call on fewer than one prompt in ten. A's outputs are returned too, so
+    the page shows the very answers the choice was made on."""
     from guardrail.eval.backends import GenerationSettings, TransformersBackend
     from guardrail.tasks import format_accuracy
 
-    texts = [t.render(pair.tokenizer, "raw") for t in tasks]
-    outs = TransformersBackend().generate(pair.a, texts, GenerationSettings(max_new_tokens=max_new_tokens))
-    calls = [format_accuracy(o) for o in outs]
-    hedge = next((t for t, c in zip(tasks, calls) if not c), None)
-    call = next((t for t, c in zip(tasks, calls) if c), None)
-    return hedge, call, {t.id: o for t, o in zip(tasks, outs)}
+    hedge = call = None
+    outs: dict[str, str] = {}
+    for start in range(0, len(tasks), chunk):
+        part = tasks[start : start + chunk]
+        texts = [t.render(pair.tokenizer, "raw") for t in part]
+        for t, o in zip(part, TransformersBackend().generate(pair.a, texts, GenerationSettings(max_new_tokens=max_new_tokens))):
+            outs[t.id] = o
+            if format_accuracy(o):
+                call = call or t
+            else:
+                hedge = hedge or t
+        if hedge and call:
+            break
+    return hedge, call, outs
 
 
 CURVE_METRICS = {"format_accuracy": "format accuracy", "tool_correctness": "tool correctness"}
@@ -270,8 +280,9 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> DemoResult:
     curve = _cached_json(root / f"curve-{cfg.curve_prompts}-{cfg.max_new_tokens}.json", cfg.retrain,
                          lambda: saturation_curve(pair, art, curve_tasks, cfg))
     t["curve"] = time.time()
-    hedge, call, a_outs = _pick_prompts(pair, tasks[:16], cfg.max_new_tokens)
-    say(f"A hedges on {hedge.id if hedge else 'none of 16 prompts'}; A calls a tool on {call.id if call else 'none of 16 prompts'}")
+    hedge, call, a_outs = _pick_prompts(pair, tasks[:64], cfg.max_new_tokens)
+    tried = f"none of {len(a_outs)} prompts"
+    say(f"A hedges on {hedge.id if hedge else tried}; A calls a tool on {call.id if call else tried}")
     hedge, call = hedge or tasks[0], call or tasks[0]
     alpha = best_alpha(curve)
     say(f"steering feature {feature['index']} (A-exclusive, Cohen's d {feature['cohens_d']:.2f}) at α={alpha:g}, the curve's best")
