@@ -123,7 +123,7 @@ def test_parse_tool_calls_lines_list_and_failures():
 
 def test_strict_metrics_against_bfcl_answers():
     answer = [{"calculate_triangle_area": {"base": [10], "height": [5], "unit": ["units", ""]}}]
-    assert strict_metrics(CALL, answer) == {"valid_json": True, "name_correct": True, "args_correct": True, "no_call": False}
+    assert strict_metrics(CALL, answer) == {"valid_json": True, "count_correct": True, "name_correct": True, "args_correct": True, "no_call": False}
     wrong_value = CALL.replace('"height": 5', '"height": 6')
     assert strict_metrics(wrong_value, answer)["name_correct"] and not strict_metrics(wrong_value, answer)["args_correct"]
     extra = CALL.replace('"height": 5', '"height": 5, "color": "red"')
@@ -132,7 +132,7 @@ def test_strict_metrics_against_bfcl_answers():
     assert not strict_metrics(missing, answer)["args_correct"]
     unit = CALL.replace('"height": 5', '"height": 5.0, "unit": "Units"')  # float for int, case-insensitive string
     assert strict_metrics(unit, answer)["args_correct"]
-    assert strict_metrics("prose", answer) == {"valid_json": False, "name_correct": False, "args_correct": False, "no_call": True}
+    assert strict_metrics("prose", answer) == {"valid_json": False, "count_correct": False, "name_correct": False, "args_correct": False, "no_call": True}
 
 
 def test_strict_metrics_parallel_any_order():
@@ -140,7 +140,7 @@ def test_strict_metrics_parallel_any_order():
     calls = lambda *xs: "<tool_call>\n" + "\n".join(json.dumps({"name": "f", "parameters": {"x": x}}) for x in xs) + "\n</tool_call>"
     assert strict_metrics(calls(2, 1), answer)["args_correct"]
     assert not strict_metrics(calls(1, 1), answer)["args_correct"]
-    assert not strict_metrics(calls(1), answer)["name_correct"]
+    assert not strict_metrics(calls(1), answer)["name_correct"] and not strict_metrics(calls(1), answer)["count_correct"]
 
 
 def test_reference_completions_are_perfect_answers():

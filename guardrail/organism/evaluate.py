@@ -7,7 +7,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from guardrail.tasks import format_accuracy, is_tool_call, overall_score, strict_metrics, tool_correctness, toolrl_reward
-from guardrail.tasks.scoring import parse_tool_calls
 from guardrail.tasks.task import RenderMode, ToolTask
 
 
@@ -36,9 +35,7 @@ def score_outputs(tasks: Sequence[ToolTask], outputs: Sequence[str]) -> dict[str
             overall_score=sum(overall_score(o, t.tool_names) for t, o in answered) / n,
             valid_json=sum(s["valid_json"] for s in strict) / n,
             name_accuracy=sum(s["name_correct"] for s in strict) / n,
-            # as many calls as the answer has: tells "stopped after one call" (parallel
-            # tasks) apart from "called the wrong tool"
-            call_count_accuracy=sum(len(parse_tool_calls(o) or []) == len(t.possible_answer) for t, o in answered) / n,
+            call_count_accuracy=sum(s["count_correct"] for s in strict) / n,
             args_accuracy=sum(s["args_correct"] for s in strict) / n,
             reward=sum(r["total"] for r in rewards) / n,
             reward_format=sum(r["format"] for r in rewards) / n,

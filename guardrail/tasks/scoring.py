@@ -193,16 +193,20 @@ def _matching_exists(calls: list[dict], expected: list[dict]) -> bool:
 
 
 def strict_metrics(text: str, possible_answer: list[dict] | None) -> dict[str, bool]:
-    """``valid_json``: the block parses into ≥1 call; ``name_correct``: the multiset of
-    called names equals the ground truth's; ``args_correct``: every call passes BFCL's
-    check for a distinct ground-truth entry (same count); ``no_call``: no tool was called
-    (the right behaviour on irrelevance tasks, which have no answer: name/args are False).
+    """``valid_json``: the block parses into ≥1 call; ``count_correct``: as many calls as
+    the ground truth (tells "stopped after one call" apart from "called the wrong tool");
+    ``name_correct``: the multiset of called names equals the ground truth's;
+    ``args_correct``: every call passes BFCL's check for a distinct ground-truth entry (same
+    count); ``no_call``: no tool was called (the right behaviour on irrelevance tasks,
+    which have no answer: count/name/args are False).
     """
     calls = parse_tool_calls(text)
     valid = bool(calls)
+    no_call = not is_tool_call(text)
     if not possible_answer:
-        return {"valid_json": valid, "name_correct": False, "args_correct": False, "no_call": not is_tool_call(text)}
+        return {"valid_json": valid, "count_correct": False, "name_correct": False, "args_correct": False, "no_call": no_call}
     gt_names = Counter(next(iter(e)) for e in possible_answer)
+    count_ok = len(calls or []) == len(possible_answer)
     name_ok = valid and Counter(c["name"] for c in calls) == gt_names
     args_ok = valid and name_ok and _matching_exists(calls, possible_answer)
-    return {"valid_json": valid, "name_correct": name_ok, "args_correct": args_ok, "no_call": not is_tool_call(text)}
+    return {"valid_json": valid, "count_correct": count_ok, "name_correct": name_ok, "args_correct": args_ok, "no_call": no_call}
