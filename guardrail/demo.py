@@ -155,12 +155,13 @@ def _pick_prompts(pair, tasks, max_new_tokens: int, chunk: int = 16) -> tuple[An
     from guardrail.eval.backends import GenerationSettings, TransformersBackend
     from guardrail.tasks import format_accuracy
 
+    backend, settings = TransformersBackend(), GenerationSettings(max_new_tokens=max_new_tokens)
     hedge = call = None
     outs: dict[str, str] = {}
     for start in range(0, len(tasks), chunk):
         part = tasks[start : start + chunk]
         texts = [t.render(pair.tokenizer, "raw") for t in part]
-        for t, o in zip(part, TransformersBackend().generate(pair.a, texts, GenerationSettings(max_new_tokens=max_new_tokens))):
+        for t, o in zip(part, backend.generate(pair.a, texts, settings)):
             outs[t.id] = o
             if format_accuracy(o):
                 call = call or t
