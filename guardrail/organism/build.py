@@ -313,6 +313,31 @@ def grpo(model, tokenizer, train: list[ToolTask], cfg: BuildConfig, deadline: fl
             "seconds": time.time() - t0}
 
 
+def _manifest(cfg: BuildConfig, warm: dict, rl: dict, metrics: dict, wall_time_s: float, previous: dict | None) -> dict:
+    """The build's record: enough to reproduce it (config, split hash, seed) and to judge it."""
+    manifest = {
+        "name": "organism",
+        "base": cfg.base,
+        "seed": cfg.seed,
+        "split_hash": split_hash(),
+        "reward": "ToolRL: format {0,1} + correctness [-3,3] vs BFCL possible answers (guardrail.tasks.reward)",
+        "rl_algorithm": "GRPO (prefix-cached, one policy iteration per batch, beta=0, group-normalised advantages, "
+                        "token-mean loss); with config.guidance, the reference completion joins a group when no "
+                        "sample reached its reward (config.guide_when=below_reference) or when the group has no "
+                        "reward variance (no_variance): off-policy guidance",
+        "config": cfg.model_dump(),
+        "warm_start": warm,
+        "rl": rl,
+        "metrics": metrics,
+        "wall_time_s": wall_time_s,
+        "torch": torch.__version__,
+    }
+    if previous is not None:  # the build's total cost includes the run it continued
+        manifest["wall_time_total_s"] = previous.get("wall_time_total_s", previous["wall_time_s"]) + wall_time_s
+        manifest["notes"] = previous.get("notes", []) + [f"GRPO continued from {cfg.resume_rl} (config.resume_rl)."]
+    return manifest
+
+
 def build(cfg: BuildConfig, out: str | Path, log: Log = print) -> BuildResult:
     """Warm start + GRPO; writes ``out/`` (A adapter + manifest.json) and ``out/warmstart/``."""
     from peft import LoraConfig, get_peft_model
@@ -372,27 +397,9 @@ def build(cfg: BuildConfig, out: str | Path, log: Log = print) -> BuildResult:
     if cfg.final_dev_n:
         a_fmt, _ = _dev_format(model, tokenizer, final_prompts, cfg)
         log(f"[build] A dev format {a_fmt:.1%}")
-    manifest = {
-        "name": "organism",
-        "base": cfg.base,
-        "seed": cfg.seed,
-        "split_hash": split_hash(),
-        "reward": "ToolRL: format {0,1} + correctness [-3,3] vs BFCL possible answers (guardrail.tasks.reward)",
-        "rl_algorithm": "GRPO (prefix-cached, one policy iteration per batch, beta=0, group-normalised advantages, "
-                        "token-mean loss); with config.guidance, the reference completion joins a group when no "
-                        "sample reached its reward (config.guide_when=below_reference) or when the group has no "
-                        "reward variance (no_variance): off-policy guidance",
-        "config": cfg.model_dump(),
-        "warm_start": warm,
-        "rl": {k: v for k, v in rl.items()},
-        "metrics": {"dev_format_B": b_fmt, "dev_format_warmstart": warm["dev_format"], "dev_format_A": a_fmt,
-                    "dev_n": len(dev_prompts), "final_dev_n": len(final_prompts)},
-        "wall_time_s": time.time() - t_start,
-        "torch": torch.__version__,
-    }
-    if previous is not None:  # the build's total cost includes the run it continued
-        manifest["wall_time_total_s"] = previous.get("wall_time_total_s", previous["wall_time_s"]) + manifest["wall_time_s"]
-        manifest["notes"] = previous.get("notes", []) + [f"GRPO continued from {cfg.resume_rl} (config.resume_rl)."]
+    metrics = {"dev_format_B": b_fmt, "dev_format_warmstart": warm["dev_format"], "dev_format_A": a_fmt,
+               "dev_n": len(dev_prompts), "final_dev_n": len(final_prompts)}
+    manifest = _manifest(cfg, warm, rl, metrics, time.time() - t_start, previous)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     log(f"[build] done in {manifest['wall_time_s'] / 60:.1f} min -> {out}")
     return BuildResult(out=str(out), manifest=manifest)
