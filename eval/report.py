@@ -91,100 +91,129 @@ def _null_r_verdict(ci: list) -> str:
     return "reproduces" if ci[1] - ci[0] <= 1.0 else "consistent, too few variants to tell"
 
 
-def paper_vs_run(res: dict[str, Any]) -> list[dict[str, str]]:
-    """One row per headline finding of the paper, filled from whatever this run measured."""
-    rows: list[dict[str, str]] = []
+Finding = dict[str, str]
+
+
+def _add(rows: list[Finding], finding: str, paper: str, run: str, verdict: str) -> None:
+    rows.append({"finding": finding, "paper": paper, "run": run, "verdict": verdict})
+
+
+def _splice_findings(res: dict[str, Any]) -> list[Finding]:
+    """Rows for the splice: A's gain, spillover into B, and the artifact-only threat."""
+    rows: list[Finding] = []
     sp = res.get("splice", {})
-
-    def add(finding: str, paper: str, run: str, verdict: str) -> None:
-        rows.append({"finding": finding, "paper": paper, "run": run, "verdict": verdict})
-
     dA = sp.get("A_recon_joint_delta", {}).get("tool_correctness")
-    add("Splice raises A's tool correctness (joint encoding)", "19% → 50%, +31.1 ± 9.7 pp (n=100 per run, 47 runs)",
+    _add(rows, "Splice raises A's tool correctness (joint encoding)", "19% → 50%, +31.1 ± 9.7 pp (n=100 per run, 47 runs)",
         f"{pct(dA and dA['pre'])} → {pct(dA and dA['post'])}, {delta_cell(dA)}" if dA else "–", _verdict_ci(dA))
     dA1 = sp.get("A_recon_single_delta", {}).get("tool_correctness")
-    add("Splice of A from A alone (single-model encoding)", "not measured",
+    _add(rows, "Splice of A from A alone (single-model encoding)", "not measured",
         f"{pct(dA1 and dA1['pre'])} → {pct(dA1 and dA1['post'])}, {delta_cell(dA1)}" if dA1 else "–", _verdict_ci(dA1) if dA1 else "not run")
     dB = sp.get("B_recon_joint_delta", {}).get("tool_correctness")
-    add("Spillover: B's tool selection rises under splice (joint)", "+6.8 ± 5.0 pp", delta_cell(dB), _verdict_ci(dB))
+    _add(rows, "Spillover: B's tool selection rises under splice (joint)", "+6.8 ± 5.0 pp", delta_cell(dB), _verdict_ci(dB))
     dBf = sp.get("B_recon_joint_delta", {}).get("format_accuracy")
-    add("Format accuracy never spills into B", "0 pp in 47/47 runs", delta_cell(dBf),
-        "not run" if not dBf else ("reproduces" if dBf["post"] == 0 and dBf["pre"] == 0 else ("reproduces" if abs(dBf["delta"]) < 1e-12 else "differs")))
+    _add(rows, "Format accuracy never spills into B", "0 pp in 47/47 runs", delta_cell(dBf),
+        "not run" if not dBf else ("reproduces" if abs(dBf["delta"]) < 1e-12 else "differs"))
     dB1 = sp.get("B_recon_single_delta", {}).get("tool_correctness")
-    add("Artifact-only threat: B + crosscoder, no A (single-model encoding)", "not measured (confounded in the paper)", delta_cell(dB1),
+    _add(rows, "Artifact-only threat: B + crosscoder, no A (single-model encoding)", "not measured (confounded in the paper)", delta_cell(dB1),
         "new measurement" if dB1 else "not run")
+    return rows
 
+
+def _steering_findings(res: dict[str, Any]) -> list[Finding]:
+    """Rows for single-feature steering, the standard crosscoder's feature count, controls."""
+    rows: list[Finding] = []
     st = res.get("steering", {}).get("summary", {})
     n_st = res.get("steering", {}).get("n_prompts")
     one = st.get("a_exclusive_single_feature_best")
-    add("Steering one A-exclusive feature raises A's tool correctness", "+65 pp [48, 82] (n=40, best of grid)",
+    _add(rows, "Steering one A-exclusive feature raises A's tool correctness", "+65 pp [48, 82] (n=40, best of grid)",
         f"{pp(one['delta'])} boot {ci_pp(one['bootstrap_ci'])} at α={one['alpha']:g}, feature {one['features']} (n={one['n']}, best of {len(res.get('steering', {}).get('alphas', []))} α)" if one else "–",
         "not run" if not one else _steer_verdict(one))
     need = st.get("standard_features_to_match_single_a_exclusive")
     sb = st.get("standard_best")
-    add("The standard crosscoder needs many features for the same gain", "33 features for +70 pp",
+    _add(rows, "The standard crosscoder needs many features for the same gain", "33 features for +70 pp",
         (f"{need} features match the single A-exclusive gain" if need is not None else "no |S| matched it")
         + (f"; best {pp(sb['delta'])} with {sb['n_features']} features at α={sb['alpha']:g} (n={n_st})" if sb else ""),
         "not run" if not sb or not one else ("no A-exclusive gain to match" if one["delta"] <= 0
                                              else ("reproduces" if need is None or need > 1 else "differs")))
     bc = st.get("b_exclusive_control")
-    add("B-exclusive control changes nothing in A", "exactly 0",
+    _add(rows, "B-exclusive control changes nothing in A", "exactly 0",
         f"max ‖δ‖ = {num(bc['max_delta_norm'])}, rows changed {bc['rows_changed']}, max |Δ| {pp(bc['max_abs_gain'])} over {bc['n_cells']} cells" if bc else "–",
         "not run" if not bc else ("reproduces" if bc["exactly_zero"] else "FAILS"))
     itf = st.get("interference")
-    add("A-exclusive ∪ shared interferes (worse than A-exclusive alone)", "worse",
+    _add(rows, "A-exclusive ∪ shared interferes (worse than A-exclusive alone)", "worse",
         f"mean Δ(union) − Δ(A-excl) = {pp(itf['mean_union_minus_a_exclusive'])}; worse in {itf['cells_worse']}/{itf['n_cells']} cells, better in {itf['cells_better']}" if itf else "–",
         "not run" if not itf else ("no effect in either" if itf["cells_worse"] == itf["cells_better"] == 0
                                    else ("reproduces" if itf["mean_union_minus_a_exclusive"] < 0 else "not reproduced")))
+    return rows
 
+
+def _ablation_findings(res: dict[str, Any]) -> list[Finding]:
+    """Rows for the exclusive-penalty ablation."""
+    rows: list[Finding] = []
     ab = res.get("ablation")
     if ab:
         fr, pe, diff = ab["free"]["A_gain"]["tool_correctness"], ab["penalised"]["A_gain"]["tool_correctness"], ab["penalised_minus_free"]["tool_correctness"]
         verdict = _verdict_ci(diff, want_positive=False)
         if verdict == "not significant" and diff["delta"] < 0:
             verdict = "same direction, not significant"
-        add("Penalising exclusive features lowers A's splice gain", "+34.8 → +25.8 pp (5% share)",
+        _add(rows, "Penalising exclusive features lowers A's splice gain", "+34.8 → +25.8 pp (5% share)",
             f"{pp(fr['delta'])} (free) → {pp(pe['delta'])} (λ_excl={ab['settings']['lambda_excl'][1]:g}); difference {delta_cell(diff)}", verdict)
     else:
-        add("Penalising exclusive features lowers A's splice gain", "+34.8 → +25.8 pp (5% share)", "–", "not run")
+        _add(rows, "Penalising exclusive features lowers A's splice gain", "+34.8 → +25.8 pp (5% share)", "–", "not run")
+    return rows
 
+
+def _sweep_findings(res: dict[str, Any]) -> list[Finding]:
+    """Rows for the statistics across the sweep's variants."""
+    rows: list[Finding] = []
     sw = res.get("sweep", {}).get("statistics")
     if sw:
         s = sw["dA_tool_sign_test"]
-        add("Splice gain is positive across the sweep (sign test)", "45/47 positive, p ≈ 8e-12",
+        _add(rows, "Splice gain is positive across the sweep (sign test)", "45/47 positive, p ≈ 8e-12",
             f"{s['n_pos']}/{s['n']} positive ({s['n_ties']} ties), p = {pval(s['p'])}", "reproduces" if s["p"] < 0.05 else "not significant")
         t = sw["dB_tool_one_sample_t"]
-        add("Δ_B > 0 across runs (one-sample t)", "mean +6.7 pp, t = 9.6, p < 1e-12",
+        _add(rows, "Δ_B > 0 across runs (one-sample t)", "mean +6.7 pp, t = 9.6, p < 1e-12",
             f"mean {pp(t['mean'])}, t = {num(t['t'])}, p = {pval(t['p'])} (n={t['n']} variants)",
             "reproduces" if t["p"] is not None and t["p"] < 0.05 and (t["mean"] or 0) > 0 else "not significant")
         w = sw["welch_dB_standard_vs_dfc"]
-        add("Standard CC spills more into B than the DFC (Welch t)", "+8.9 vs +5.9 pp, t = 1.63, p = 0.12",
+        _add(rows, "Standard CC spills more into B than the DFC (Welch t)", "+8.9 vs +5.9 pp, t = 1.63, p = 0.12",
             f"{pp(w.get('mean_x'))} vs {pp(w.get('mean_y'))}, t = {num(w.get('t'))}, p = {pval(w.get('p'))} (n={w['n']})",
             "undefined (no spread in Δ_B)" if w.get("t") is None and min(w["n"]) >= 2 else
             ("not run" if w.get("t") is None else ("same direction" if w["t"] > 0 else "opposite direction")))
         r = sw["pearson_mse_vs_dA"]
-        add("Reconstruction MSE does not predict the splice gain", "r = +0.08 [−0.21, +0.36] (n=47)",
+        _add(rows, "Reconstruction MSE does not predict the splice gain", "r = +0.08 [−0.21, +0.36] (n=47)",
             f"r = {num(r['r'], '{:+.2f}')} [{num(r['ci'][0], '{:+.2f}')}, {num(r['ci'][1], '{:+.2f}')}] (n={r['n']})",
             ("undefined (Δ_A or MSE constant)" if r["n"] >= 3 else "not run") if r["r"] is None
             else _null_r_verdict(r["ci"]))
     else:
-        add("Splice gain is positive across the sweep (sign test)", "45/47 positive, p ≈ 8e-12", "–", "not run")
+        _add(rows, "Splice gain is positive across the sweep (sign test)", "45/47 positive, p ≈ 8e-12", "–", "not run")
+    return rows
 
+
+def _explain_findings(res: dict[str, Any]) -> list[Finding]:
+    """Rows for what the top features fire on, and the decoder geometry."""
+    rows: list[Finding] = []
     ex = res.get("explain")
     if ex and ex.get("features"):
         a_feats = [f for f in ex["features"] if f["partition"] == "a_exclusive" and f["template_share"] is not None]
         share = sum(f["template_share"] for f in a_feats) / len(a_feats) if a_feats else ex.get("mean_template_share")
         base = ex.get("template_token_fraction") or 0
-        add("Top features are structural-template detectors", "fire on `</tool_call> <response>`",
+        _add(rows, "Top features are structural-template detectors", "fire on `</tool_call> <response>`",
             f"{pct(share)} of top activations on template tokens (base rate {pct(base)}; {len(a_feats) or len(ex['features'])} features, {ex['n_prompts']} prompts)",
             "reproduces" if share is not None and share > 2 * base else "not reproduced")
     geo = res.get("geometry")
     if geo:
         rd, rc = geo["dfc"]["recovery"], geo.get("control", {}).get("recovery", {})
-        add("Decoder geometry separates partitions beyond a random-partition control", "partitions visually separable, not disjoint",
+        _add(rows, "Decoder geometry separates partitions beyond a random-partition control", "partitions visually separable, not disjoint",
             f"ARI {num(rd.get('ari'), '{:.2f}')} (DFC) vs {num(rc.get('ari'), '{:.2f}')} (standard CC, random matched partition); {geo['n_features']} features",
             "reproduces" if rd.get("ari") is not None and rc.get("ari") is not None and rd["ari"] > rc["ari"] + 0.05 else "not reproduced")
     return rows
+
+
+def paper_vs_run(res: dict[str, Any]) -> list[Finding]:
+    """One row per headline finding of the paper, filled from whatever this run measured."""
+    sections = (_splice_findings, _steering_findings, _ablation_findings, _sweep_findings, _explain_findings)
+    return [row for section in sections for row in section(res)]
 
 
 # --------------------------------------------------------------------------- plots
@@ -329,6 +358,123 @@ def dictionaries_section(res: dict[str, Any]) -> str:
     return _table(["dictionary", "partition", "size", "dead (train)", "fire rate (train)", f"dead (eval, n={n_eval})", "fire rate tool", "fire rate plain"], rows)
 
 
+def _splice_section(res: dict[str, Any], figures: dict[str, str]) -> list[str]:
+    """Markdown lines for the splice table and figure; none if not measured."""
+    sp = res.get("splice")
+    if not sp:
+        return []
+    out = ["", f"## Splice (n = {sp['n_prompts']} tool prompts)", ""]
+    rows = []
+    for key in ("A_clean", "A_recon_joint", "A_recon_single", "B_clean", "B_recon_joint", "B_recon_single"):
+        if key in sp:
+            a = sp[key]
+            d = sp.get(f"{key}_delta", {})
+            rows.append([key, pct(a["tool_correctness"]), pct(a["format_accuracy"]), num(a["overall_score"], "{:+.2f}"), pct(a["name_correct"]),
+                         pct(a["args_correct"]), delta_cell(d.get("tool_correctness")) if d else "", num((a.get("reconstruction") or {}).get("relative_l2"), "{:.3f}")])
+    out.append(_table(["condition", "tool corr.", "format", "overall", "strict name", "strict args", "Δ tool corr. vs clean", "rel. recon error"], rows))
+    if "splice.png" in figures:
+        out += ["", f"![splice]({figures['splice.png']})"]
+    return out
+
+
+def _steering_section(res: dict[str, Any], figures: dict[str, str]) -> list[str]:
+    """Markdown lines for the steering cells, the selected features and the saturation figure."""
+    st = res.get("steering")
+    if not st:
+        return []
+    out = ["", f"## Steering saturation curves (n = {st['n_prompts']} tool prompts, A clean tool correctness {pct(st.get('A_clean', {}).get('tool_correctness'))})", ""]
+    rows = []
+    for fam, data in st["families"].items():
+        if "cells" not in data:
+            rows.append([fam, "–", "–", "–", data.get("skipped", ""), ""])
+            continue
+        for c in data["cells"]:
+            rows.append([fam, str(c["size"]), f"{c['alpha']:g}", str(c["rows_changed"]), delta_cell(c["delta"]["tool_correctness"]), pp(c["delta"]["format_accuracy"]["delta"])])
+    out.append(_table(["family", "|S|", "α", "rows changed", "Δ tool corr.", "Δ format"], rows))
+    sel = {f: d.get("selection") for f, d in st["families"].items() if d.get("selection")}
+    out += ["", "Feature selection: " + "; ".join(f"{f}: {s}" for f, s in sel.items())]
+    if "saturation.png" in figures:
+        out += ["", f"![saturation]({figures['saturation.png']})"]
+    return out
+
+
+def _ablation_section(res: dict[str, Any]) -> list[str]:
+    """Markdown lines for the exclusive-penalty ablation; none if not measured."""
+    ab = res.get("ablation")
+    if not ab:
+        return []
+    out = ["", f"## Exclusive-penalty ablation (n = {ab['n_prompts']} tool prompts)", "",
+            f"Settings: {json.dumps(ab['settings'])}", "",
+            _table(["dictionary", "Δ_A tool corr. (splice)", "Δ_A format"],
+                   [["free (λ_excl=0)", delta_cell(ab["free"]["A_gain"]["tool_correctness"]), pp(ab["free"]["A_gain"]["format_accuracy"]["delta"])],
+                    ["penalised", delta_cell(ab["penalised"]["A_gain"]["tool_correctness"]), pp(ab["penalised"]["A_gain"]["format_accuracy"]["delta"])],
+                    ["penalised − free", delta_cell(ab["penalised_minus_free"]["tool_correctness"]), pp(ab["penalised_minus_free"]["format_accuracy"]["delta"])]])]
+    return out
+
+
+def _sweep_section(res: dict[str, Any], figures: dict[str, str]) -> list[str]:
+    """Markdown lines for the sweep's variants and statistics; none if not measured."""
+    sw = res.get("sweep")
+    if not sw:
+        return []
+    out = ["", f"## Sweep ({sw['n_variants']} variants × {sw['n_prompts']} tool prompts)", ""]
+    out.append(_table(["variant", "kind", "MSE", "Δ_A tool", "Δ_B tool", "Δ_B format", "dead A-excl (train)"],
+                      [[r["name"], r["kind"], num(r.get("mse"), "{:.4f}"), pp(r["dA_tool_correctness"]), pp(r["dB_tool_correctness"]), pp(r["dB_format_accuracy"]),
+                        num(((r["dictionary"].get("training") or {}).get("partitions") or {}).get("a_exclusive", {}).get("dead_fraction"), "{:.2f}")]
+                       for r in sw["variants"]]))
+    s = sw["statistics"]
+    out += ["", f"- sign test Δ_A > 0: {s['dA_tool_sign_test']['n_pos']}/{s['dA_tool_sign_test']['n']}, p = {pval(s['dA_tool_sign_test']['p'])}",
+            f"- one-sample t Δ_B: mean {pp(s['dB_tool_one_sample_t']['mean'])}, t = {num(s['dB_tool_one_sample_t']['t'])}, p = {pval(s['dB_tool_one_sample_t']['p'])} (n={s['dB_tool_one_sample_t']['n']})",
+            f"- Welch t Δ_B standard vs DFC: t = {num(s['welch_dB_standard_vs_dfc'].get('t'))}, p = {pval(s['welch_dB_standard_vs_dfc'].get('p'))} (n={s['welch_dB_standard_vs_dfc']['n']})",
+            f"- Welch t Δ_A standard vs DFC: t = {num(s['welch_dA_standard_vs_dfc'].get('t'))}, p = {pval(s['welch_dA_standard_vs_dfc'].get('p'))}",
+            f"- Pearson MSE vs Δ_A: r = {num(s['pearson_mse_vs_dA']['r'], '{:+.3f}')} Fisher CI [{num(s['pearson_mse_vs_dA']['ci'][0], '{:+.2f}')}, {num(s['pearson_mse_vs_dA']['ci'][1], '{:+.2f}')}] (n={s['pearson_mse_vs_dA']['n']})"]
+    if "sweep.png" in figures:
+        out += ["", f"![sweep]({figures['sweep.png']})"]
+    return out
+
+
+def _geometry_section(res: dict[str, Any], figures: dict[str, str]) -> list[str]:
+    """Markdown lines for the decoder geometry; none if not measured."""
+    geo = res.get("geometry")
+    if not geo:
+        return []
+    out = ["", f"## Decoder geometry ({geo['method']}, {geo['n_features']} features)", "",
+            f"- DFC cluster recovery of the partition: {json.dumps(geo['dfc']['recovery'])}",
+            f"- control (standard CC, random matched partition): {json.dumps(geo.get('control', {}).get('recovery'))}",
+            f"- mean relative decoder norm ‖d_A‖/(‖d_A‖+‖d_B‖) by partition: {json.dumps(geo['dfc']['relative_decoder_norm_by_partition'])}"]
+    if geo.get("a_exclusive_clusters"):
+        out.append(f"- A-exclusive features alone, 2 clusters: {json.dumps(geo['a_exclusive_clusters'])}")
+    if "geometry.png" in figures:
+        out += ["", f"![geometry]({figures['geometry.png']})"]
+    return out
+
+
+def _explain_section(res: dict[str, Any]) -> list[str]:
+    """Markdown lines for what the top features fire on; none if not measured."""
+    ex = res.get("explain")
+    if not (ex and ex.get("features")):
+        return []
+    out = ["", f"## Feature explanations ({ex['n_prompts']} prompts, {ex['n_tokens']} tokens; template base rate {pct(ex['template_token_fraction'])})", ""]
+    rows = []
+    for f in ex["features"]:
+        top = f["top_contexts"][0]["context"] if f["top_contexts"] else ""
+        rows.append([str(f["feature"]), f["partition"], num(f["cohens_d"], "{:+.2f}"), num(f["auroc"], "{:.2f}"), pct(f["template_share"]), pct(f["last_token_share"]),
+                     f"`{top[-80:]}`" if top else ""])
+    out.append(_table(["feature", "partition", "Cohen's d", "AUROC", "template share", "last-token share", "top context"], rows))
+    return out
+
+
+def _ranking_section(res: dict[str, Any]) -> list[str]:
+    """Markdown lines for the ranking sidecars; none if not measured."""
+    rk = res.get("ranking")
+    if not rk:
+        return []
+    out = ["", "## Feature ranking (tool vs ordinary prompts)", ""]
+    for name, r in rk.items():
+        out.append(f"- {name}: {r['n_tool']} tool / {r['n_plain']} ordinary prompts; tool-signed per partition {json.dumps(r['tool_signed'])}; sidecar `{r['sidecar']}`")
+    return out
+
+
 def render_markdown(res: dict[str, Any], figures: dict[str, str] | None = None) -> str:
     """The whole report; ``figures`` maps a PNG name to how to reference it (path or data URI)."""
     meta = res.get("meta", {})
@@ -343,81 +489,8 @@ def render_markdown(res: dict[str, Any], figures: dict[str, str] | None = None) 
     out += ["", "## Paper vs this run", ""]
     out.append(_table(["finding", "paper", "this run", "verdict"], [[r["finding"], r["paper"], r["run"], r["verdict"]] for r in res.get("paper_vs_run", [])]))
     out += ["", "## Dictionaries behind the figures (per-partition dead fraction and fire rate)", "", dictionaries_section(res)]
-    sp = res.get("splice")
-    if sp:
-        out += ["", f"## Splice (n = {sp['n_prompts']} tool prompts)", ""]
-        rows = []
-        for key in ("A_clean", "A_recon_joint", "A_recon_single", "B_clean", "B_recon_joint", "B_recon_single"):
-            if key in sp:
-                a = sp[key]
-                d = sp.get(f"{key}_delta", {})
-                rows.append([key, pct(a["tool_correctness"]), pct(a["format_accuracy"]), num(a["overall_score"], "{:+.2f}"), pct(a["name_correct"]),
-                             pct(a["args_correct"]), delta_cell(d.get("tool_correctness")) if d else "", num((a.get("reconstruction") or {}).get("relative_l2"), "{:.3f}")])
-        out.append(_table(["condition", "tool corr.", "format", "overall", "strict name", "strict args", "Δ tool corr. vs clean", "rel. recon error"], rows))
-        if "splice.png" in figures:
-            out += ["", f"![splice]({figures['splice.png']})"]
-    st = res.get("steering")
-    if st:
-        out += ["", f"## Steering saturation curves (n = {st['n_prompts']} tool prompts, A clean tool correctness {pct(st.get('A_clean', {}).get('tool_correctness'))})", ""]
-        rows = []
-        for fam, data in st["families"].items():
-            if "cells" not in data:
-                rows.append([fam, "–", "–", "–", data.get("skipped", ""), ""])
-                continue
-            for c in data["cells"]:
-                rows.append([fam, str(c["size"]), f"{c['alpha']:g}", str(c["rows_changed"]), delta_cell(c["delta"]["tool_correctness"]), pp(c["delta"]["format_accuracy"]["delta"])])
-        out.append(_table(["family", "|S|", "α", "rows changed", "Δ tool corr.", "Δ format"], rows))
-        sel = {f: d.get("selection") for f, d in st["families"].items() if d.get("selection")}
-        out += ["", "Feature selection: " + "; ".join(f"{f}: {s}" for f, s in sel.items())]
-        if "saturation.png" in figures:
-            out += ["", f"![saturation]({figures['saturation.png']})"]
-    ab = res.get("ablation")
-    if ab:
-        out += ["", f"## Exclusive-penalty ablation (n = {ab['n_prompts']} tool prompts)", "",
-                f"Settings: {json.dumps(ab['settings'])}", "",
-                _table(["dictionary", "Δ_A tool corr. (splice)", "Δ_A format"],
-                       [["free (λ_excl=0)", delta_cell(ab["free"]["A_gain"]["tool_correctness"]), pp(ab["free"]["A_gain"]["format_accuracy"]["delta"])],
-                        ["penalised", delta_cell(ab["penalised"]["A_gain"]["tool_correctness"]), pp(ab["penalised"]["A_gain"]["format_accuracy"]["delta"])],
-                        ["penalised − free", delta_cell(ab["penalised_minus_free"]["tool_correctness"]), pp(ab["penalised_minus_free"]["format_accuracy"]["delta"])]])]
-    sw = res.get("sweep")
-    if sw:
-        out += ["", f"## Sweep ({sw['n_variants']} variants × {sw['n_prompts']} tool prompts)", ""]
-        out.append(_table(["variant", "kind", "MSE", "Δ_A tool", "Δ_B tool", "Δ_B format", "dead A-excl (train)"],
-                          [[r["name"], r["kind"], num(r.get("mse"), "{:.4f}"), pp(r["dA_tool_correctness"]), pp(r["dB_tool_correctness"]), pp(r["dB_format_accuracy"]),
-                            num(((r["dictionary"].get("training") or {}).get("partitions") or {}).get("a_exclusive", {}).get("dead_fraction"), "{:.2f}")]
-                           for r in sw["variants"]]))
-        s = sw["statistics"]
-        out += ["", f"- sign test Δ_A > 0: {s['dA_tool_sign_test']['n_pos']}/{s['dA_tool_sign_test']['n']}, p = {pval(s['dA_tool_sign_test']['p'])}",
-                f"- one-sample t Δ_B: mean {pp(s['dB_tool_one_sample_t']['mean'])}, t = {num(s['dB_tool_one_sample_t']['t'])}, p = {pval(s['dB_tool_one_sample_t']['p'])} (n={s['dB_tool_one_sample_t']['n']})",
-                f"- Welch t Δ_B standard vs DFC: t = {num(s['welch_dB_standard_vs_dfc'].get('t'))}, p = {pval(s['welch_dB_standard_vs_dfc'].get('p'))} (n={s['welch_dB_standard_vs_dfc']['n']})",
-                f"- Welch t Δ_A standard vs DFC: t = {num(s['welch_dA_standard_vs_dfc'].get('t'))}, p = {pval(s['welch_dA_standard_vs_dfc'].get('p'))}",
-                f"- Pearson MSE vs Δ_A: r = {num(s['pearson_mse_vs_dA']['r'], '{:+.3f}')} Fisher CI [{num(s['pearson_mse_vs_dA']['ci'][0], '{:+.2f}')}, {num(s['pearson_mse_vs_dA']['ci'][1], '{:+.2f}')}] (n={s['pearson_mse_vs_dA']['n']})"]
-        if "sweep.png" in figures:
-            out += ["", f"![sweep]({figures['sweep.png']})"]
-    geo = res.get("geometry")
-    if geo:
-        out += ["", f"## Decoder geometry ({geo['method']}, {geo['n_features']} features)", "",
-                f"- DFC cluster recovery of the partition: {json.dumps(geo['dfc']['recovery'])}",
-                f"- control (standard CC, random matched partition): {json.dumps(geo.get('control', {}).get('recovery'))}",
-                f"- mean relative decoder norm ‖d_A‖/(‖d_A‖+‖d_B‖) by partition: {json.dumps(geo['dfc']['relative_decoder_norm_by_partition'])}"]
-        if geo.get("a_exclusive_clusters"):
-            out.append(f"- A-exclusive features alone, 2 clusters: {json.dumps(geo['a_exclusive_clusters'])}")
-        if "geometry.png" in figures:
-            out += ["", f"![geometry]({figures['geometry.png']})"]
-    ex = res.get("explain")
-    if ex and ex.get("features"):
-        out += ["", f"## Feature explanations ({ex['n_prompts']} prompts, {ex['n_tokens']} tokens; template base rate {pct(ex['template_token_fraction'])})", ""]
-        rows = []
-        for f in ex["features"]:
-            top = f["top_contexts"][0]["context"] if f["top_contexts"] else ""
-            rows.append([str(f["feature"]), f["partition"], num(f["cohens_d"], "{:+.2f}"), num(f["auroc"], "{:.2f}"), pct(f["template_share"]), pct(f["last_token_share"]),
-                         f"`{top[-80:]}`" if top else ""])
-        out.append(_table(["feature", "partition", "Cohen's d", "AUROC", "template share", "last-token share", "top context"], rows))
-    rk = res.get("ranking")
-    if rk:
-        out += ["", "## Feature ranking (tool vs ordinary prompts)", ""]
-        for name, r in rk.items():
-            out.append(f"- {name}: {r['n_tool']} tool / {r['n_plain']} ordinary prompts; tool-signed per partition {json.dumps(r['tool_signed'])}; sidecar `{r['sidecar']}`")
+    out += _splice_section(res, figures) + _steering_section(res, figures) + _ablation_section(res)
+    out += _sweep_section(res, figures) + _geometry_section(res, figures) + _explain_section(res) + _ranking_section(res)
     out += ["", "Per-prompt outputs: `outputs/*.jsonl` in the run folder (one row per prompt and condition, with the generated text and every score)."]
     return "\n".join(out) + "\n"
 
