@@ -39,6 +39,22 @@ def pick_tasks(n: int | None, n_irrelevance: int | None, split: str = "test", se
     return picked + irrelevant[:n_irrelevance]
 
 
+def _variants(adapter: str | Path | None, warmstart: str | Path | None,
+              only: list[str] | None) -> list[tuple[str, str | Path | None]]:
+    """(label, adapter) of each model to evaluate: B always, the warm start and A when given."""
+    variants: list[tuple[str, str | Path | None]] = [("B", None)]
+    if warmstart is not None:
+        variants.append(("warm start", warmstart))
+    if adapter is not None:
+        variants.append(("A", adapter))
+    if only is None:
+        return variants
+    unknown = set(only) - {label for label, _ in variants}
+    if unknown:
+        raise ValueError(f"unknown models {sorted(unknown)}; choose from {[label for label, _ in variants]}")
+    return [v for v in variants if v[0] in only]
+
+
 def evaluate_organism(
     adapter: str | Path | None,
     warmstart: str | Path | None,
@@ -65,18 +81,8 @@ def evaluate_organism(
     from guardrail.models import load_model
 
     tasks = pick_tasks(n, n_irrelevance)
-    variants: list[tuple[str, str | Path | None]] = [("B", None)]
-    if warmstart is not None:
-        variants.append(("warm start", warmstart))
-    if adapter is not None:
-        variants.append(("A", adapter))
-    if only is not None:
-        unknown = set(only) - {v[0] for v in variants}
-        if unknown:
-            raise ValueError(f"unknown models {sorted(unknown)}; choose from {[v[0] for v in variants]}")
-        variants = [v for v in variants if v[0] in only]
     results: list[EvalResult] = []
-    for label, adp in variants:
+    for label, adp in _variants(adapter, warmstart, only):
         key = {"model": label, "base": base, "adapter": _adapter_digest(adp), "mode": mode,
                "max_new_tokens": max_new_tokens, "task_ids": [t.id for t in tasks], "backend": backend}
         cached = _cached(cache_dir, key)
