@@ -88,6 +88,19 @@ def _stage(res: dict[str, Any], key: str, fn: Callable[[], Any], progress: bool,
         return None
 
 
+def _meta(profile: Profile, pair: Any, pair_name: str | None, layer: int, backend: str, seed: int) -> dict[str, Any]:
+    """What a reader needs to know to trust or rerun the numbers: models, site, budget, settings."""
+    meta = {
+        "profile": profile.name, "pair": pair_name or getattr(pair, "name", "custom"), "model_a": pair.a.spec, "model_b": pair.b.spec,
+        "layer": layer, "n_layers": pair.n_layers, "d_model": pair.d_model, "backend": backend, "seed": seed,
+        "max_new_tokens": profile.max_new_tokens, "render_mode": "raw", "settings": profile.model_dump(), "notes": [],
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "threads": torch.get_num_threads(),
+    }
+    if profile.max_new_tokens != 200:
+        meta["notes"].append(f"greedy decoding stops at {profile.max_new_tokens} new tokens (the paper: 200); a tool call written later is missed")
+    return meta
+
+
 def reproduce(profile: Profile, pair: Any, out: str | Path, *, backend: str = "auto", seed: int = 0, layer: int | None = None,
               cache_dir: str | Path | None = None, progress: bool = True, pair_name: str | None = None) -> dict[str, Any]:
     """Run the profile on ``pair`` into ``out``; returns the results dict (also written to disk)."""
@@ -96,14 +109,7 @@ def reproduce(profile: Profile, pair: Any, out: str | Path, *, backend: str = "a
     out.mkdir(parents=True, exist_ok=True)
     layer = default_layer(pair.n_layers) if layer is None else layer
     be = make_backend(backend)
-    res: dict[str, Any] = {"meta": {
-        "profile": profile.name, "pair": pair_name or getattr(pair, "name", "custom"), "model_a": pair.a.spec, "model_b": pair.b.spec,
-        "layer": layer, "n_layers": pair.n_layers, "d_model": pair.d_model, "backend": be.name, "seed": seed,
-        "max_new_tokens": profile.max_new_tokens, "render_mode": "raw", "settings": profile.model_dump(), "notes": [],
-        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "threads": torch.get_num_threads(),
-    }}
-    if profile.max_new_tokens != 200:
-        res["meta"]["notes"].append(f"greedy decoding stops at {profile.max_new_tokens} new tokens (the paper: 200); a tool call written later is missed")
+    res: dict[str, Any] = {"meta": _meta(profile, pair, pair_name, layer, be.name, seed)}
 
     from guardrail.activations import ActivationCache
 
