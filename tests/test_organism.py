@@ -38,6 +38,27 @@ def test_prefix_cached_logprobs_equal_full_forward():
     torch.testing.assert_close(got.detach(), want, atol=1e-4, rtol=1e-4)
 
 
+def test_sampling_cache_gives_the_samples_of_a_growing_cache(monkeypatch):
+    """The preallocated group cache is a speed-up only: same seed, same completions."""
+    from guardrail.organism import rl
+
+    model, tok = _tiny_lora()
+    prompt = torch.tensor([[5, 9, 13, 17, 21, 25]])
+
+    def growing(model, prompt_ids, rows, new_tokens):
+        cache = rl._prefix_cache(model, prompt_ids)
+        cache.batch_repeat_interleave(rows)
+        return cache
+
+    torch.manual_seed(3)
+    fast = rl.sample_group(model, tok, prompt, 4, 12, 1.0, stop_strings=())
+    monkeypatch.setattr(rl, "_group_cache", growing)
+    torch.manual_seed(3)
+    slow = rl.sample_group(model, tok, prompt, 4, 12, 1.0, stop_strings=())
+    assert torch.equal(fast[0], slow[0]) and fast[2] == slow[2]
+    assert fast[0].shape == (4, 13)  # 12 sampled tokens and the closing EOS
+
+
 def test_completion_mask_stops_after_first_eos_and_drops_padding():
     ids = torch.tensor([[3, 4, 1, 1], [3, 0, 0, 0], [3, 4, 5, 6]])
     assert completion_mask(ids, eos_id=1, pad_id=0).tolist() == [[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]]

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from transformers.cache_utils import Cache, DynamicLayer
 
 from guardrail.organism.generation import STOP_STRINGS, encode_prompts, generate
 
@@ -35,6 +36,44 @@ def _prefix_cache(model, prompt_ids: torch.Tensor):
     with torch.no_grad():
         out = model(prompt_ids[:, :-1], use_cache=True, logits_to_keep=1)
     return out.past_key_values
+
+
+class _PreallocatedLayer(DynamicLayer):
+    """A decode-time KV layer that writes into a buffer sized for the whole group.
+
+    ``DynamicLayer`` concatenates the full cache at every decode step; for 8 rows of a
+    600-token prompt that copy dominated a sampling step (93 → 77 ms measured here,
+    with bit-identical logits: attention sees the same keys, as a view of the buffer).
+    """
+
+    @classmethod
+    def from_prefix(cls, layer: DynamicLayer, rows: int, extra: int) -> _PreallocatedLayer:
+        new = cls()
+        keys, values = layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1)
+        new.lazy_initialization(keys, values)
+        n, heads, length, dim = keys.shape
+        new._k = keys.new_empty(n, heads, length + extra, dim)
+        new._v = values.new_empty(n, heads, length + extra, values.shape[-1])
+        new._k[:, :, :length], new._v[:, :, :length] = keys, values
+        new._len = length
+        new.keys, new.values = new._k[:, :, :length], new._v[:, :, :length]
+        return new
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self._len + key_states.shape[-2]
+        if end > self._k.shape[-2]:
+            raise RuntimeError(f"preallocated cache of {self._k.shape[-2]} positions cannot hold {end}")
+        self._k[:, :, self._len:end], self._v[:, :, self._len:end] = key_states, value_states
+        self._len = end
+        self.keys, self.values = self._k[:, :, :end], self._v[:, :, :end]
+        return self.keys, self.values
+
+
+def _group_cache(model, prompt_ids: torch.Tensor, rows: int, new_tokens: int) -> Cache:
+    """The prompt's cache (prefilled once), repeated for ``rows`` completions of up to ``new_tokens``."""
+    prefix = _prefix_cache(model, prompt_ids)
+    # +1: the prompt's last token is fed again as the first decode input
+    return Cache(layers=[_PreallocatedLayer.from_prefix(layer, rows, new_tokens + 1) for layer in prefix.layers])
 
 
 def completion_logprobs(model, prompt_ids: torch.Tensor, completion_ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -136,8 +175,7 @@ def sample_group(model, tokenizer, prompt_ids: torch.Tensor, n: int, max_new_tok
     model.eval()
     rows: list[torch.Tensor] = []
     with lora_merged(model):
-        cache = _prefix_cache(model, prompt_ids)
-        cache.batch_repeat_interleave(n)
+        cache = _group_cache(model, prompt_ids, n, max_new_tokens)
         nxt = prompt_ids[:, -1:].expand(n, 1)
         done = torch.zeros(n, dtype=torch.bool)
         texts = [""] * n
