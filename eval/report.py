@@ -358,6 +358,11 @@ def dictionaries_section(res: dict[str, Any]) -> str:
     return _table(["dictionary", "partition", "size", "dead (train)", "fire rate (train)", f"dead (eval, n={n_eval})", "fire rate tool", "fire rate plain"], rows)
 
 
+def _figure(figures: dict[str, str], name: str) -> list[str]:
+    """The figure ``name``.png as a Markdown image, if the caller made it."""
+    return ["", f"![{name}]({figures[name + '.png']})"] if name + ".png" in figures else []
+
+
 def _splice_section(res: dict[str, Any], figures: dict[str, str]) -> list[str]:
     """Markdown lines for the splice table and figure; none if not measured."""
     sp = res.get("splice")
@@ -372,8 +377,7 @@ def _splice_section(res: dict[str, Any], figures: dict[str, str]) -> list[str]:
             rows.append([key, pct(a["tool_correctness"]), pct(a["format_accuracy"]), num(a["overall_score"], "{:+.2f}"), pct(a["name_correct"]),
                          pct(a["args_correct"]), delta_cell(d.get("tool_correctness")) if d else "", num((a.get("reconstruction") or {}).get("relative_l2"), "{:.3f}")])
     out.append(_table(["condition", "tool corr.", "format", "overall", "strict name", "strict args", "Δ tool corr. vs clean", "rel. recon error"], rows))
-    if "splice.png" in figures:
-        out += ["", f"![splice]({figures['splice.png']})"]
+    out += _figure(figures, "splice")
     return out
 
 
@@ -393,8 +397,7 @@ def _steering_section(res: dict[str, Any], figures: dict[str, str]) -> list[str]
     out.append(_table(["family", "|S|", "α", "rows changed", "Δ tool corr.", "Δ format"], rows))
     sel = {f: d.get("selection") for f, d in st["families"].items() if d.get("selection")}
     out += ["", "Feature selection: " + "; ".join(f"{f}: {s}" for f, s in sel.items())]
-    if "saturation.png" in figures:
-        out += ["", f"![saturation]({figures['saturation.png']})"]
+    out += _figure(figures, "saturation")
     return out
 
 
@@ -428,8 +431,7 @@ def _sweep_section(res: dict[str, Any], figures: dict[str, str]) -> list[str]:
             f"- Welch t Δ_B standard vs DFC: t = {num(s['welch_dB_standard_vs_dfc'].get('t'))}, p = {pval(s['welch_dB_standard_vs_dfc'].get('p'))} (n={s['welch_dB_standard_vs_dfc']['n']})",
             f"- Welch t Δ_A standard vs DFC: t = {num(s['welch_dA_standard_vs_dfc'].get('t'))}, p = {pval(s['welch_dA_standard_vs_dfc'].get('p'))}",
             f"- Pearson MSE vs Δ_A: r = {num(s['pearson_mse_vs_dA']['r'], '{:+.3f}')} Fisher CI [{num(s['pearson_mse_vs_dA']['ci'][0], '{:+.2f}')}, {num(s['pearson_mse_vs_dA']['ci'][1], '{:+.2f}')}] (n={s['pearson_mse_vs_dA']['n']})"]
-    if "sweep.png" in figures:
-        out += ["", f"![sweep]({figures['sweep.png']})"]
+    out += _figure(figures, "sweep")
     return out
 
 
@@ -444,8 +446,7 @@ def _geometry_section(res: dict[str, Any], figures: dict[str, str]) -> list[str]
             f"- mean relative decoder norm ‖d_A‖/(‖d_A‖+‖d_B‖) by partition: {json.dumps(geo['dfc']['relative_decoder_norm_by_partition'])}"]
     if geo.get("a_exclusive_clusters"):
         out.append(f"- A-exclusive features alone, 2 clusters: {json.dumps(geo['a_exclusive_clusters'])}")
-    if "geometry.png" in figures:
-        out += ["", f"![geometry]({figures['geometry.png']})"]
+    out += _figure(figures, "geometry")
     return out
 
 
