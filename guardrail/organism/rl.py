@@ -71,9 +71,9 @@ class _PreallocatedLayer(DynamicLayer):
 
 def _group_cache(model, prompt_ids: torch.Tensor, rows: int, new_tokens: int) -> Cache:
     """The prompt's cache (prefilled once), repeated for ``rows`` completions of up to ``new_tokens``."""
-    prefix = _prefix_cache(model, prompt_ids)
-    # +1: the prompt's last token is fed again as the first decode input
-    return Cache(layers=[_PreallocatedLayer.from_prefix(layer, rows, new_tokens + 1) for layer in prefix.layers])
+    prefix = _prefix_cache(model, prompt_ids)  # all prompt tokens but the last
+    # decoding then feeds the last prompt token and all sampled tokens but the final one
+    return Cache(layers=[_PreallocatedLayer.from_prefix(layer, rows, new_tokens) for layer in prefix.layers])
 
 
 def completion_logprobs(model, prompt_ids: torch.Tensor, completion_ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
