@@ -28,9 +28,7 @@ from guardrail.tasks import load_tasks
 
 def growing_cache(model, prompt_ids: torch.Tensor, rows: int, new_tokens: int):
     """The cache before the change: prefilled once, repeated per row, grown by concatenation."""
-    cache = rl._prefix_cache(model, prompt_ids)
-    cache.batch_repeat_interleave(rows)
-    return cache
+    return rl._prefix_cache(model, prompt_ids, rows)
 
 
 def timed_sample(model, tokenizer, ids: torch.Tensor, args, seed: int) -> tuple[float, torch.Tensor]:

@@ -46,9 +46,7 @@ def test_sampling_cache_gives_the_samples_of_a_growing_cache(monkeypatch):
     prompt = torch.tensor([[5, 9, 13, 17, 21, 25]])
 
     def growing(model, prompt_ids, rows, new_tokens):
-        cache = rl._prefix_cache(model, prompt_ids)
-        cache.batch_repeat_interleave(rows)
-        return cache
+        return rl._prefix_cache(model, prompt_ids, rows)
 
     torch.manual_seed(3)
     fast = rl.sample_group(model, tok, prompt, 4, 12, 1.0, stop_strings=())

@@ -31,11 +31,14 @@ from transformers.cache_utils import Cache, DynamicLayer
 from guardrail.organism.generation import STOP_STRINGS, encode_prompts, generate
 
 
-def _prefix_cache(model, prompt_ids: torch.Tensor):
-    """Key/value cache of all prompt tokens but the last (no gradient)."""
+def _prefix_cache(model, prompt_ids: torch.Tensor, rows: int = 1):
+    """Key/value cache of all prompt tokens but the last (no gradient), prefilled once and
+    repeated for ``rows`` completions (transformers' growing cache)."""
     with torch.no_grad():
-        out = model(prompt_ids[:, :-1], use_cache=True, logits_to_keep=1)
-    return out.past_key_values
+        cache = model(prompt_ids[:, :-1], use_cache=True, logits_to_keep=1).past_key_values
+    if rows > 1:
+        cache.batch_repeat_interleave(rows)
+    return cache
 
 
 class _PreallocatedLayer(DynamicLayer):
@@ -84,9 +87,7 @@ def completion_logprobs(model, prompt_ids: torch.Tensor, completion_ids: torch.T
     and through the last prompt token (which predicts the first completion token).
     """
     g = completion_ids.shape[0]
-    cache = _prefix_cache(model, prompt_ids)
-    if g > 1:
-        cache.batch_repeat_interleave(g)
+    cache = _prefix_cache(model, prompt_ids, g)
     inputs = torch.cat([prompt_ids[:, -1:].expand(g, 1), completion_ids[:, :-1]], dim=1)
     logits = model(inputs, past_key_values=cache, use_cache=True).logits.float() / temperature
     logp = torch.log_softmax(logits, dim=-1)
