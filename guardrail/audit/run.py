@@ -127,32 +127,15 @@ def audit(cc, b, a=None, policy: AuditPolicy | None = None, *, seed: int = 0, ba
     artifact-only threats run; that is the release question, the joint one is context.
     ``backend``: ``auto`` (vLLM when installed), ``vllm`` or ``transformers``.
     """
-    from guardrail.eval.backends import GenerationSettings, generate_conditions, last_token_residual, make_backend
-    from guardrail.prompts import mixed
+    from guardrail.eval.backends import GenerationSettings, generate_conditions, make_backend
 
     policy = policy or AuditPolicy()
-    m = cc.manifest
-    layer = m.layer if m is not None and m.layer is not None else None
-    if layer is None:
-        raise ValueError("the artifact's manifest names no layer: cannot place its dictionary in B")
-    if cc.d_model != b.d_model:
-        raise ValueError(f"artifact width d={cc.d_model} does not match model B ({b.spec}) width d={b.d_model}")
+    layer = _layer_in(cc, b)
     tasks = audit_tasks(policy.prompts, seed)
     texts = [t.render(b.tokenizer, "raw") for t in tasks]
-    calib = mixed(policy.calibration_prompts, policy.calibration_prompts, split="train", mode="raw", seed=seed + 7)
-    last = lambda model, prompts: last_token_residual(model, prompts, layer, max_prompt_tokens=policy.max_prompt_tokens)  # noqa: E731
-    inp = ThreatInputs(
-        x_b=last(b, texts),
-        x_a=last(a, texts) if a is not None else None,
-        calib_b=last(b, [p.text for p in calib]),
-        calib_is_tool=torch.tensor([p.is_tool for p in calib]),
-    )
+    inp = _threat_inputs(cc, b, a, texts, layer, policy, seed)
     names = [n for n in THREATS if a is not None or n not in NEEDS_A]
-    deltas: dict[str, torch.Tensor | None] = {"clean": None}
-    for name in names:
-        deltas[name] = THREATS[name](cc, inp, top=policy.steer_top, alpha=policy.steer_alpha, gain=policy.steer_gain)
-        if name in STEERING:  # charge the artifact only for what B's own steering vector cannot do
-            deltas[f"{name}/control"] = control_delta(inp, deltas[name])
+    deltas = _threat_deltas(cc, inp, names, policy)
     # every metric reads the first tool-call block, so a sequence that closed one is done
     engine, settings = make_backend(backend), GenerationSettings(
         max_new_tokens=policy.max_new_tokens, batch_size=batch_size, max_prompt_tokens=policy.max_prompt_tokens, stop=("</tool_call>",)
@@ -160,16 +143,9 @@ def audit(cc, b, a=None, policy: AuditPolicy | None = None, *, seed: int = 0, ba
     conditions = {k: None if d is None else list(inp.x_b + d) for k, d in deltas.items()}  # backends write absolute rows
     with tqdm(total=len(texts), desc=f"audit ({len(conditions)} conditions)", unit="prompt", disable=not progress) as bar:
         outs = generate_conditions(engine, b, texts, settings, conditions, layer=layer, progress=bar.update)
-    score = lambda name: [_score(policy.metric, o, t) for o, t in zip(outs[name], tasks)]  # noqa: E731
-    clean = score("clean")
-    gains, controls, examples = {}, {}, []
-    for name in names:
-        baseline = clean
-        if name in STEERING:
-            baseline = score(f"{name}/control")
-            controls[name] = paired_gain(clean, baseline, policy.confidence).as_dict()
-        gains[name] = paired_gain(baseline, score(name), policy.confidence)
-        examples.append({"threat": name, "task": tasks[0].id, "clean": outs["clean"][0][:400], "guarded": outs[name][0][:400]})
+    scores = {k: [_score(policy.metric, o, t) for o, t in zip(v, tasks)] for k, v in outs.items()}
+    gains, controls = _gains(scores, names, policy)
+    examples = [{"threat": n, "task": tasks[0].id, "clean": outs["clean"][0][:400], "guarded": outs[n][0][:400]} for n in names]
     verdict, reasons = judge(gains, policy, len(tasks))
     return AuditReport(
         verdict=verdict,
@@ -177,12 +153,59 @@ def audit(cc, b, a=None, policy: AuditPolicy | None = None, *, seed: int = 0, ba
         policy=policy.model_dump(),
         artifact=_artifact_info(cc),
         n_prompts=len(tasks),
-        clean_rate=sum(clean) / max(len(clean), 1),
+        clean_rate=sum(scores["clean"]) / max(len(tasks), 1),
         gains={k: v.as_dict() for k, v in gains.items()},
         controls=controls,
         static=static_checks(cc),
         examples=examples,
     )
+
+
+def _layer_in(cc, b) -> int:
+    """The artifact's layer, after checking that its dictionary can be placed in B at all."""
+    m = cc.manifest
+    if m is None or m.layer is None:
+        raise ValueError("the artifact's manifest names no layer: cannot place its dictionary in B")
+    if cc.d_model != b.d_model:
+        raise ValueError(f"artifact width d={cc.d_model} does not match model B ({b.spec}) width d={b.d_model}")
+    return m.layer
+
+
+def _threat_inputs(cc, b, a, texts: list[str], layer: int, policy: AuditPolicy, seed: int) -> ThreatInputs:
+    """Last-prompt-token residuals: B (and A) on the audit prompts, B on a calibration mix."""
+    from guardrail.eval.backends import last_token_residual
+    from guardrail.prompts import mixed
+
+    calib = mixed(policy.calibration_prompts, policy.calibration_prompts, split="train", mode="raw", seed=seed + 7)
+    last = lambda model, prompts: last_token_residual(model, prompts, layer, max_prompt_tokens=policy.max_prompt_tokens)  # noqa: E731
+    return ThreatInputs(
+        x_b=last(b, texts),
+        x_a=last(a, texts) if a is not None else None,
+        calib_b=last(b, [p.text for p in calib]),
+        calib_is_tool=torch.tensor([p.is_tool for p in calib]),
+    )
+
+
+def _threat_deltas(cc, inp: ThreatInputs, names: list[str], policy: AuditPolicy) -> dict[str, torch.Tensor | None]:
+    """Each threat's change to B's activation; steering threats also get their artifact-free control."""
+    deltas: dict[str, torch.Tensor | None] = {"clean": None}
+    for name in names:
+        deltas[name] = THREATS[name](cc, inp, top=policy.steer_top, alpha=policy.steer_alpha, gain=policy.steer_gain)
+        if name in STEERING:  # charge the artifact only for what B's own steering vector cannot do
+            deltas[f"{name}/control"] = control_delta(inp, deltas[name])
+    return deltas
+
+
+def _gains(scores: dict[str, list[bool]], names: list[str], policy: AuditPolicy) -> tuple[dict[str, PairedGain], dict[str, dict]]:
+    """Paired gain of each threat over its baseline: clean B, or the control for steering threats."""
+    gains, controls = {}, {}
+    for name in names:
+        baseline = scores["clean"]
+        if name in STEERING:
+            baseline = scores[f"{name}/control"]
+            controls[name] = paired_gain(scores["clean"], baseline, policy.confidence).as_dict()
+        gains[name] = paired_gain(baseline, scores[name], policy.confidence)
+    return gains, controls
 
 
 def _artifact_info(cc) -> dict:
