@@ -78,31 +78,11 @@ def evaluate_organism(
     each model's outputs are stored there and reused when the same prompts, rendering
     and token budget are asked for again (so B can be evaluated while A is still training).
     """
-    from guardrail.models import load_model
-
     tasks = pick_tasks(n, n_irrelevance)
+    gen = dict(mode=mode, max_new_tokens=max_new_tokens, batch_size=batch_size, max_prompt_tokens=max_prompt_tokens, backend=backend)
     results: list[EvalResult] = []
     for label, adp in _variants(adapter, warmstart, only):
-        key = {"model": label, "base": base, "adapter": _adapter_digest(adp), "mode": mode,
-               "max_new_tokens": max_new_tokens, "task_ids": [t.id for t in tasks], "backend": backend}
-        cached = _cached(cache_dir, key)
-        if cached is not None:
-            log(f"[eval] {label}: reusing cached outputs")
-            outputs = cached["outputs"]
-            res = EvalResult(label, mode, score_outputs(tasks, [outputs[t.id] for t in tasks]), outputs)
-            res.metrics["seconds"] = cached["seconds"]
-        else:
-            loaded = load_model(base, adapter=adp)
-            if adp is not None:  # a merged model gets its own name (vLLM loads it from its own folder)
-                loaded.spec = f"{base}+{label.replace(' ', '-')}@{key['adapter'][:12]}"
-            t0 = time.time()
-            res = evaluate(
-                loaded, tasks, name=label, mode=mode, max_new_tokens=max_new_tokens,
-                batch_size=batch_size, max_prompt_tokens=max_prompt_tokens, backend=backend,
-                progress=lambda d, tot, s, label=label: log(f"[eval] {label}: {d}/{tot} prompts ({s:.0f}s)"),
-            )
-            res.metrics["seconds"] = time.time() - t0
-            _store(cache_dir, key, res)
+        res = _evaluate_variant(label, adp, tasks, base=base, cache_dir=cache_dir, log=log, **gen)
         log(f"[eval] {label}: " + ", ".join(f"{k}={v:.3f}" for k, v in res.metrics.items() if isinstance(v, float)))
         results.append(res)
     by = {r.model: r.metrics for r in results}
@@ -123,6 +103,35 @@ def evaluate_organism(
         Path(examples_out).parent.mkdir(parents=True, exist_ok=True)
         Path(examples_out).write_text(examples_markdown(tasks, results, n=3, mode=mode))
     return report
+
+
+def _evaluate_variant(label: str, adp: Path | None, tasks: list[ToolTask], *, base: str, cache_dir: str | Path | None,
+                      log: Log, mode: RenderMode, max_new_tokens: int, batch_size: int, max_prompt_tokens: int | None,
+                      backend: str) -> EvalResult:
+    """One model's scored outputs: from the cache when the same model, prompts and budget were run before."""
+    from guardrail.models import load_model
+
+    key = {"model": label, "base": base, "adapter": _adapter_digest(adp), "mode": mode,
+           "max_new_tokens": max_new_tokens, "task_ids": [t.id for t in tasks], "backend": backend}
+    cached = _cached(cache_dir, key)
+    if cached is not None:
+        log(f"[eval] {label}: reusing cached outputs")
+        outputs = cached["outputs"]
+        res = EvalResult(label, mode, score_outputs(tasks, [outputs[t.id] for t in tasks]), outputs)
+        res.metrics["seconds"] = cached["seconds"]
+        return res
+    loaded = load_model(base, adapter=adp)
+    if adp is not None:  # a merged model gets its own name (vLLM loads it from its own folder)
+        loaded.spec = f"{base}+{label.replace(' ', '-')}@{key['adapter'][:12]}"
+    t0 = time.time()
+    res = evaluate(
+        loaded, tasks, name=label, mode=mode, max_new_tokens=max_new_tokens,
+        batch_size=batch_size, max_prompt_tokens=max_prompt_tokens, backend=backend,
+        progress=lambda d, tot, s: log(f"[eval] {label}: {d}/{tot} prompts ({s:.0f}s)"),
+    )
+    res.metrics["seconds"] = time.time() - t0
+    _store(cache_dir, key, res)
+    return res
 
 
 def by_category(tasks: list[ToolTask], outputs: dict[str, str]) -> dict[str, dict[str, float]]:
