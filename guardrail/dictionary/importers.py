@@ -147,8 +147,38 @@ def import_dictionary_learning(
     (``f * sum_m |d_i^m| > theta``); that is ``f > theta / sum_m |d_i^m|`` per feature,
     which is how the threshold is stored here.
     """
-    path = Path(src)
-    notes: list[str] = []
+    state, meta = _read_dictionary_learning(Path(src))
+    W_enc, W_dec = state["encoder.weight"], state["decoder.weight"]
+    _, d, D = W_enc.shape
+    sparsity, k_val, notes = _sparsity_of(state, meta, k)
+    if swap_models:
+        W_enc, W_dec = W_enc.flip(0), W_dec.flip(0)
+        state = dict(state, **{"decoder.bias": state["decoder.bias"].flip(0)})
+        notes.append("model order swapped: checkpoint index 0 is model B (mean/std are taken in guardrail's order, 0 = A)")
+    config = CrosscoderConfig(d_model=d, dict_size=D, k=k_val, sparsity=sparsity, exclusive_init_scale=1.0,
+                              aux_k=AuxKConfig(enabled=False))
+    cc = Crosscoder(config, seed=None)
+    with torch.no_grad():
+        cc.W_enc.copy_(W_enc.float())
+        cc.b_enc.copy_(state["encoder.bias"].float())
+        cc.W_dec.copy_(W_dec.float().permute(1, 0, 2))
+        cc.b_dec.copy_(state["decoder.bias"].float())
+        if sparsity == "batchtopk":
+            code_norm = W_dec.float().norm(dim=-1).sum(0).clamp(min=1e-12)  # [D]
+            cc.threshold.copy_(float(state["threshold"]) / code_norm)
+    notes.append(_set_norm(cc, mean, std))
+    fields: dict[str, Any] = {
+        "model_a": meta.get("model_a") or meta.get("lm_name"),
+        "model_b": meta.get("model_b"),
+        "layer": meta.get("layer"),
+        "source": {"kind": "dictionary-learning-import", "path": str(Path(src).resolve()), "notes": notes},
+        "normalization_source": notes[-1],
+    }
+    return cc, fields
+
+
+def _read_dictionary_learning(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """State dict (shapes checked) and the folder's config/hparams, from a file or a folder."""
     meta: dict[str, Any] = {}
     if path.is_dir():
         cands = [p for p in (path / "model.pt", path / "ae.pt", path / "crosscoder.pt") if p.exists()]
@@ -167,37 +197,16 @@ def import_dictionary_learning(
     _, d, D = W_enc.shape
     if tuple(W_dec.shape) != (2, D, d):
         raise ArtifactError(f"{path}: decoder.weight {tuple(W_dec.shape)} does not match [2, {D}, {d}]")
+    return state, meta
+
+
+def _sparsity_of(state: dict[str, torch.Tensor], meta: dict[str, Any], k: int | None) -> tuple[str, int | None, list[str]]:
+    """BatchTopK when a k and a learned threshold are stored, top-k with a k only, else L1."""
     k_val = k if k is not None else (int(state["k"]) if "k" in state else meta.get("k"))
     threshold = state.get("threshold")
     if threshold is not None and threshold.numel() == 1 and float(threshold) >= 0 and k_val:
-        sparsity = "batchtopk"
-    elif k_val:
-        sparsity = "topk"
-        if threshold is not None:
-            notes.append("BatchTopK checkpoint without a learned threshold: per-sample top-k used at inference")
-    else:
-        sparsity = "l1"
-    if swap_models:
-        W_enc, W_dec = W_enc.flip(0), W_dec.flip(0)
-        state = dict(state, **{"decoder.bias": state["decoder.bias"].flip(0)})
-        notes.append("model order swapped: checkpoint index 0 is model B (mean/std are taken in guardrail's order, 0 = A)")
-    config = CrosscoderConfig(d_model=d, dict_size=D, k=int(k_val) if k_val else None, sparsity=sparsity, exclusive_init_scale=1.0,
-                              aux_k=AuxKConfig(enabled=False))
-    cc = Crosscoder(config, seed=None)
-    with torch.no_grad():
-        cc.W_enc.copy_(W_enc.float())
-        cc.b_enc.copy_(state["encoder.bias"].float())
-        cc.W_dec.copy_(W_dec.float().permute(1, 0, 2))
-        cc.b_dec.copy_(state["decoder.bias"].float())
-        if sparsity == "batchtopk":
-            code_norm = W_dec.float().norm(dim=-1).sum(0).clamp(min=1e-12)  # [D]
-            cc.threshold.copy_(float(threshold) / code_norm)
-    notes.append(_set_norm(cc, mean, std))
-    fields: dict[str, Any] = {
-        "model_a": meta.get("model_a") or meta.get("lm_name"),
-        "model_b": meta.get("model_b"),
-        "layer": meta.get("layer"),
-        "source": {"kind": "dictionary-learning-import", "path": str(Path(src).resolve()), "notes": notes},
-        "normalization_source": notes[-1],
-    }
-    return cc, fields
+        return "batchtopk", int(k_val), []
+    if k_val:
+        notes = ["BatchTopK checkpoint without a learned threshold: per-sample top-k used at inference"] if threshold is not None else []
+        return "topk", int(k_val), notes
+    return "l1", None, []
