@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from guardrail.dictionary import Crosscoder, CrosscoderConfig, DFCConfig
+from guardrail.dictionary import Crosscoder, DFCConfig
 from guardrail.eval.backends import GenerationSettings, TransformersBackend, last_token_activations
 from guardrail.eval.experiments.common import RunContext, dictionary_health
-from guardrail.eval.experiments.explain import on_template, template_spans, token_spans
+from guardrail.eval.experiments.explain import on_template, run_explain, template_spans, token_spans
 from guardrail.eval.experiments.geometry import random_matched_labels, recovery
 from guardrail.eval.experiments.splice import splice_patches
 from guardrail.eval.experiments.steering import resolve_sizes, steer_patches, subset, summarize
@@ -150,6 +150,36 @@ def test_template_spans_and_token_spans(tiny_pair):
     assert len(spans) == len(ids)
     flags = [on_template(s, marks) for s in spans]
     assert flags[0] is False and any(flags)
+
+
+def test_explain_points_at_the_tokens_where_each_feature_fires(tiny_pair, dfc):
+    """Batched, padded, truncated scanning must locate each top activation exactly: encode its
+    prompt alone, unpadded, and find the reported value on the reported token."""
+    from guardrail.eval.suites import mixed_suite
+    from guardrail.features.ranking import rank_features
+    from guardrail.residual.hf import read_residual
+
+    suite, layer, limit = mixed_suite(3, 3, 0), 1, 120
+    last = last_token_activations(tiny_pair, suite.texts, layer, max_prompt_tokens=limit)
+    ranking = rank_features(dfc, last, torch.tensor([i.is_tool for i in suite.items]), min_fire_rate=0.0)
+    out = run_explain(tiny_pair, dfc, ranking, suite, layer, per_partition=2, top_k=4, max_prompt_tokens=limit, batch_size=4)
+    assert out["features"] and out["n_tokens"] == sum(min(len(tiny_pair.tokenizer(t, add_special_tokens=False)["input_ids"]), limit)
+                                                      for t in suite.texts)
+    by_id = {item.id: n for n, item in enumerate(suite.items)}
+    for feat in out["features"]:
+        assert 0 < feat["n_top"] <= 4 and 0 <= feat["template_share"] <= 1 and 0 < feat["fire_rate_tokens"] <= 1
+        values = [c["activation"] for c in feat["top_contexts"]]
+        assert values == sorted(values, reverse=True) and min(values) > 0
+        for c in feat["top_contexts"]:
+            text = suite.texts[by_id[c["prompt"]]]
+            ids = tiny_pair.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][:, -limit:]
+            x = torch.stack([read_residual(m.model, layer, ids)[0].float() for m in (tiny_pair.a, tiny_pair.b)], dim=1)
+            with torch.no_grad():
+                f = dfc.encode(dfc.normalize(x))[:, feat["feature"]]
+            assert abs(float(f[c["position"]]) - c["activation"]) < 1e-3, "the reported token is not where the value occurs"
+            piece = tiny_pair.tokenizer.decode(ids[0, c["position"]])
+            assert c["token"].strip() == piece.strip() and "[[" + c["token"] + "]]" in c["context"]
+            assert c["last_prompt_token"] == (c["position"] == ids.shape[1] - 1)
 
 
 def test_backend_patch_is_prefill_only_and_identity_is_exact(tiny_pair, tmp_path):

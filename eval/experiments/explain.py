@@ -58,64 +58,81 @@ def run_explain(pair: Any, cc: Any, ranking: Any, suite: Suite, layer: int, *, p
     if not chosen:
         return {"features": [], "note": "no tool-signed feature to explain"}
     idx = torch.tensor([i for _, i in chosen])
-    tok = pair.tokenizer
-    best_vals = torch.full((len(chosen), top_k), -1.0)
-    best_loc = torch.full((len(chosen), top_k, 2), -1, dtype=torch.long)
-    n_tokens = 0
-    fire_counts = torch.zeros(len(chosen))
-    texts = suite.texts
-    for start in range(0, len(texts), batch_size):
-        batch = texts[start : start + batch_size]
-        side = tok.truncation_side
-        tok.truncation_side = "left"
-        kw = {"truncation": True, "max_length": max_prompt_tokens} if max_prompt_tokens else {}
-        enc = tok(batch, return_tensors="pt", padding=True, add_special_tokens=False, **kw)
-        tok.truncation_side = side
-        ids, mask = enc["input_ids"], enc["attention_mask"]
-        acts = torch.stack([read_residual(m.model, layer, ids, mask).float() for m in (pair.a, pair.b)], dim=2)  # [B, T, 2, d]
-        real = mask.bool()
-        flat = acts[real]
-        f = cc.encode(cc.normalize(flat))[:, idx]  # [n_real, k]
-        n_tokens += flat.shape[0]
-        fire_counts += (f > 0).float().sum(0)
-        b_idx, t_idx = real.nonzero(as_tuple=True)
-        for j in range(len(chosen)):
-            vals = torch.cat([best_vals[j], f[:, j]])
-            locs = torch.cat([best_loc[j], torch.stack([b_idx + start, t_idx - (~real).sum(1)[b_idx]], dim=1)])
-            top = vals.topk(min(top_k, len(vals))).indices
-            best_vals[j], best_loc[j] = vals[top], locs[top]
+    best_vals, best_loc, fire_counts, n_tokens = _scan(pair, cc, suite.texts, idx, layer, top_k, max_prompt_tokens, batch_size)
+    contexts_of = _Contexts(pair.tokenizer, suite, window, max_prompt_tokens)
     features = []
-    token_cache: dict[int, tuple[int, list[tuple[int, int]], list[tuple[int, int]]]] = {}
     for j, (part, fi) in enumerate(chosen):
-        contexts, on_tpl, on_last, n_pos = [], 0, 0, 0
-        for v, (p, t) in zip(best_vals[j].tolist(), best_loc[j].tolist()):
-            if v <= 0 or p < 0:
-                continue
-            if p not in token_cache:
-                full = tok(texts[p], add_special_tokens=False)["input_ids"]
-                kept = min(len(full), max_prompt_tokens) if max_prompt_tokens else len(full)
-                token_cache[p] = (kept, token_spans(tok, texts[p], full), template_spans(texts[p]))
-            kept, spans, marks = token_cache[p]
-            offset = len(spans) - kept  # tokens dropped by left truncation
-            span = spans[t + offset] if 0 <= t + offset < len(spans) else (0, 0)
-            tpl = on_template(span, marks)
-            last = t == kept - 1
-            n_pos += 1
-            on_tpl += tpl
-            on_last += last
-            text = texts[p]
-            contexts.append({"prompt": suite.items[p].id, "kind": suite.items[p].kind, "activation": round(v, 4),
-                             "token": text[span[0] : span[1]], "on_template": tpl, "last_prompt_token": last,
-                             "context": text[max(0, span[0] - window) : span[0]] + "[[" + text[span[0] : span[1]] + "]]" + text[span[1] : span[1] + window // 2]})
-        stat = ranking.stat(fi)
+        contexts = [contexts_of.at(p, t, v) for v, (p, t) in zip(best_vals[j].tolist(), best_loc[j].tolist()) if v > 0 and p >= 0]
+        n_pos, stat = len(contexts), ranking.stat(fi)
         features.append({"feature": fi, "partition": part, "cohens_d": stat.cohens_d, "auroc": stat.auroc,
                          "fire_rate_tokens": float(fire_counts[j] / max(n_tokens, 1)), "n_top": n_pos,
-                         "template_share": on_tpl / n_pos if n_pos else None, "last_token_share": on_last / n_pos if n_pos else None,
+                         "template_share": sum(c["on_template"] for c in contexts) / n_pos if n_pos else None,
+                         "last_token_share": sum(c["last_prompt_token"] for c in contexts) / n_pos if n_pos else None,
                          "top_contexts": contexts})
     shares = [f["template_share"] for f in features if f["template_share"] is not None]
     return {"n_prompts": len(suite), "n_tokens": n_tokens, "markers": list(TEMPLATE_MARKERS), "features": features,
             "mean_template_share": sum(shares) / len(shares) if shares else None,
-            "template_token_fraction": _template_fraction(tok, texts, max_prompt_tokens)}
+            "template_token_fraction": _template_fraction(pair.tokenizer, suite.texts, max_prompt_tokens)}
+
+
+def _scan(pair: Any, cc: Any, texts: Sequence[str], idx: torch.Tensor, layer: int, top_k: int,
+          max_prompt_tokens: int | None, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Encode every prompt token; keep each feature's ``top_k`` activations and where they sit.
+
+    Returns values [F, top_k], locations [F, top_k, 2] as (prompt, token position counted
+    from the first real token; -1 when unfilled), firing counts [F] and the token count.
+    """
+    tok = pair.tokenizer
+    best_vals = torch.full((len(idx), top_k), -1.0)
+    best_loc = torch.full((len(idx), top_k, 2), -1, dtype=torch.long)
+    fire_counts, n_tokens = torch.zeros(len(idx)), 0
+    kw = {"truncation": True, "max_length": max_prompt_tokens} if max_prompt_tokens else {}
+    for start in range(0, len(texts), batch_size):
+        side, tok.truncation_side = tok.truncation_side, "left"
+        try:
+            enc = tok(list(texts[start : start + batch_size]), return_tensors="pt", padding=True, add_special_tokens=False, **kw)
+        finally:
+            tok.truncation_side = side
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        acts = torch.stack([read_residual(m.model, layer, ids, mask).float() for m in (pair.a, pair.b)], dim=2)  # [B, T, 2, d]
+        real = mask.bool()
+        flat = acts[real]
+        f = cc.encode(cc.normalize(flat))[:, idx]  # [n_real, F]
+        n_tokens += flat.shape[0]
+        fire_counts += (f > 0).float().sum(0)
+        b_idx, t_idx = real.nonzero(as_tuple=True)
+        locs = torch.stack([b_idx + start, t_idx - (~real).sum(1)[b_idx]], dim=1)
+        for j in range(len(idx)):
+            vals = torch.cat([best_vals[j], f[:, j]])
+            top = vals.topk(min(top_k, len(vals))).indices
+            best_vals[j], best_loc[j] = vals[top], torch.cat([best_loc[j], locs])[top]
+    return best_vals, best_loc, fire_counts, n_tokens
+
+
+class _Contexts:
+    """Turns (prompt, token) locations into readable contexts; tokenises each prompt once."""
+
+    def __init__(self, tok: Any, suite: Suite, window: int, max_prompt_tokens: int | None):
+        self.tok, self.window, self.max_prompt_tokens = tok, window, max_prompt_tokens
+        self.texts, self.items = suite.texts, suite.items
+        self._tokens: dict[int, tuple[int, list[tuple[int, int]], list[tuple[int, int]]]] = {}
+
+    def _prompt(self, p: int) -> tuple[int, list[tuple[int, int]], list[tuple[int, int]]]:
+        if p not in self._tokens:
+            text = self.texts[p]
+            full = self.tok(text, add_special_tokens=False)["input_ids"]
+            kept = min(len(full), self.max_prompt_tokens) if self.max_prompt_tokens else len(full)
+            self._tokens[p] = (kept, token_spans(self.tok, text, full), template_spans(text))
+        return self._tokens[p]
+
+    def at(self, p: int, t: int, value: float) -> dict[str, Any]:
+        kept, spans, marks = self._prompt(p)
+        offset = len(spans) - kept  # tokens dropped by left truncation
+        span = spans[t + offset] if 0 <= t + offset < len(spans) else (0, 0)
+        text, w = self.texts[p], self.window
+        return {"prompt": self.items[p].id, "kind": self.items[p].kind, "activation": round(value, 4),
+                "position": t, "token": text[span[0] : span[1]], "on_template": on_template(span, marks), "last_prompt_token": t == kept - 1,
+                "context": text[max(0, span[0] - w) : span[0]] + "[[" + text[span[0] : span[1]] + "]]" + text[span[1] : span[1] + w // 2]}
 
 
 def _template_fraction(tok: Any, texts: Sequence[str], max_prompt_tokens: int | None) -> float:
