@@ -10,7 +10,6 @@ import torch
 from guardrail.dictionary import (
     ArtifactError,
     Crosscoder,
-    CrosscoderConfig,
     DFCConfig,
     import_dictionary_learning,
     import_paper_checkpoint,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 
 import pytest
-import torch
 
 from guard_fixtures import PROMPTS, build_artifact
 

@@ -28,7 +28,7 @@ from typing import Literal
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from guardrail.organism.generation import STOP_STRINGS, encode_prompts, generate
+from guardrail.organism.generation import STOP_STRINGS, encode_prompts
 
 
 def _prefix_cache(model, prompt_ids: torch.Tensor, rows: int = 1):
