@@ -84,3 +84,13 @@ def test_floor_decides_inconclusive():
     assert judge(g, AuditPolicy(), 40)[0] == Verdict.INCONCLUSIVE
     g = {"b_only_splice": paired_gain([False] * 200, [False] * 200)}
     assert judge(g, AuditPolicy(), 200)[0] == Verdict.PASS
+
+
+def test_gr_audit_is_the_verb_even_after_the_package_is_imported(monkeypatch):
+    """Importing ``guardrail.audit`` binds ``gr.audit`` to the package; calling it must still audit."""
+    import guardrail as gr
+    import guardrail.audit as package
+
+    seen = {}
+    monkeypatch.setattr(package, "audit", lambda *a, **k: seen.setdefault("call", (a, k)))
+    assert gr.audit is package and gr.audit("cc", "b", seed=3) == (("cc", "b"), {"seed": 3})
