@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -104,32 +105,19 @@ def _meta(profile: Profile, pair: Any, pair_name: str | None, layer: int, backen
 def reproduce(profile: Profile, pair: Any, out: str | Path, *, backend: str = "auto", seed: int = 0, layer: int | None = None,
               cache_dir: str | Path | None = None, progress: bool = True, pair_name: str | None = None) -> dict[str, Any]:
     """Run the profile on ``pair`` into ``out``; returns the results dict (also written to disk)."""
+    from guardrail.activations import ActivationCache
+
     t0 = time.time()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     layer = default_layer(pair.n_layers) if layer is None else layer
     be = make_backend(backend)
     res: dict[str, Any] = {"meta": _meta(profile, pair, pair_name, layer, be.name, seed)}
-
-    from guardrail.activations import ActivationCache
-
     _log(f"collecting training activations at layer {layer}", progress)
     cache = ActivationCache.open(cache_dir) if cache_dir else collect_training_cache(pair, profile, layer, out / "cache", seed, progress)
-    grid = grid_for(profile.grid, pair.d_model)
-    overrides = {k: v for k, v in {"steps": profile.steps, "batch_size": profile.batch_size}.items() if v is not None}
-    from guardrail.training.sweep import expand_grid
-
-    main = main_trio(expand_grid(grid), profile.exclusive)
-    run_sweep_exp = "sweep" in profile.experiments
-    _log(f"training {'the ' + grid.name + ' grid' if run_sweep_exp else 'the main dictionaries'} ({overrides or 'grid settings'})", progress)
-    trained_list = train_variants(grid, cache, out / "dictionaries", names=None if run_sweep_exp else [v.name for v in main.values()],
-                                  overrides=overrides, progress=False)
-    trained = {spec.name: cc for spec, cc in trained_list}
-    sweep_vs = [spec for spec, _ in trained_list] if run_sweep_exp else []
-    dfc, pen, std = (trained[main[k].name] for k in ("dfc", "dfc_penalised", "standard"))
-    ranks = {k: _rank(out / "dictionaries" / main[k].name, cache) for k in ("dfc", "standard")}
-    res["ranking"] = {k: v["summary"] for k, v in ranks.items()}
-    res["dictionaries_trained"] = {k: main[k].name for k in main}
+    dicts = _train_dictionaries(profile, pair, cache, out, progress)
+    res["ranking"] = {k: v["summary"] for k, v in dicts.ranks.items()}
+    res["dictionaries_trained"] = {k: dicts.main[k].name for k in dicts.main}
 
     settings = GenerationSettings(max_new_tokens=profile.max_new_tokens, batch_size=profile.gen_batch, max_prompt_tokens=profile.max_prompt_tokens)
     ctx = RunContext(pair, be, settings, layer, out, seed=seed, n_boot=profile.n_boot, progress=progress)
@@ -137,34 +125,69 @@ def reproduce(profile: Profile, pair: Any, out: str | Path, *, backend: str = "a
     mixed = mixed_suite(profile.n_tool, profile.n_plain, seed) if profile.n_plain else tools
     eval_acts = ctx.acts(mixed)
     is_tool = torch.tensor([i.is_tool for i in mixed.items])
-    res["dictionaries"] = {k: dictionary_health(cc, eval_acts, is_tool) for k, cc in (("dfc", dfc), ("dfc_penalised", pen), ("standard", std))}
+    res["dictionaries"] = {k: dictionary_health(dicts.of(k), eval_acts, is_tool) for k in ("dfc", "dfc_penalised", "standard")}
     res["suites"] = {"tool": tools.recipe, "mixed": mixed.recipe}
-    if profile.n_plain:
-        _stage(res, "plain_false_calls", lambda: _plain_false_calls(ctx, plain_suite(profile.n_plain, seed)), progress, out)
-
-    exps = profile.experiments
-    if "splice" in exps:
-        _stage(res, "splice", lambda: run_splice(ctx, dfc, tools), progress, out)
-    if "steering" in exps:
-        _stage(res, "steering", lambda: run_steering(ctx, dfc, ranks["dfc"]["ranking"], tools, standard=std, standard_ranking=ranks["standard"]["ranking"],
-                                                     sizes=profile.sizes, alphas=profile.alphas), progress, out)
-    if "ablation" in exps:
-        _stage(res, "ablation", lambda: run_ablation(ctx, dfc, pen, tools), progress, out)
-    if "sweep" in exps and sweep_vs:
-        sweep_suite = tool_suite(profile.sweep_prompts or profile.n_tool, seed)
-        _stage(res, "sweep", lambda: run_sweep(ctx, [(v, trained[v.name]) for v in sweep_vs], sweep_suite), progress, out)
-    if "geometry" in exps:
-        _stage(res, "geometry", lambda: run_geometry(dfc, std, seed=seed), progress, out)
-    if "explain" in exps:
-        ex_suite = mixed_suite(max(1, profile.explain_prompts // 2), profile.explain_prompts // 2, seed)
-        _stage(res, "explain", lambda: run_explain(pair, dfc, ranks["dfc"]["ranking"], ex_suite, layer, per_partition=profile.explain_per_partition,
-                                                   max_prompt_tokens=profile.max_prompt_tokens), progress, out)
+    _run_experiments(res, ctx, profile, dicts, tools)
     res["meta"]["duration_s"] = time.time() - t0
     res["meta"]["n_generated"] = ctx.n_generated
     paths = write_report(res, out)
     (out / "results.partial.json").unlink(missing_ok=True)
     _log(f"report: {paths['markdown']} ({res['meta']['duration_s']:.0f} s, {ctx.n_generated} generations)", progress)
     return res
+
+
+@dataclass
+class _Dictionaries:
+    """What training gave the experiments: every trained variant, the main trio and their rankings."""
+
+    trained: dict[str, Any]
+    main: dict[str, Any]
+    sweep: list[Any]
+    ranks: dict[str, dict[str, Any]]
+
+    def of(self, role: str) -> Any:
+        return self.trained[self.main[role].name]
+
+
+def _train_dictionaries(profile: Profile, pair: Any, cache: Any, out: Path, progress: bool) -> _Dictionaries:
+    """The whole grid when the sweep is asked for, else only the main trio; the trio gets ranked."""
+    from guardrail.training.sweep import expand_grid
+
+    grid = grid_for(profile.grid, pair.d_model)
+    overrides = {k: v for k, v in {"steps": profile.steps, "batch_size": profile.batch_size}.items() if v is not None}
+    main = main_trio(expand_grid(grid), profile.exclusive)
+    whole = "sweep" in profile.experiments
+    _log(f"training {'the ' + grid.name + ' grid' if whole else 'the main dictionaries'} ({overrides or 'grid settings'})", progress)
+    trained_list = train_variants(grid, cache, out / "dictionaries", names=None if whole else [v.name for v in main.values()],
+                                  overrides=overrides, progress=False)
+    ranks = {k: _rank(out / "dictionaries" / main[k].name, cache) for k in ("dfc", "standard")}
+    return _Dictionaries(trained={spec.name: cc for spec, cc in trained_list}, main=main,
+                         sweep=[spec for spec, _ in trained_list] if whole else [], ranks=ranks)
+
+
+def _run_experiments(res: dict[str, Any], ctx: RunContext, profile: Profile, dicts: _Dictionaries, tools: Any) -> None:
+    """Each asked-for experiment as a stage: a failure is recorded and the next one runs."""
+    seed, out, progress, exps = ctx.seed, ctx.out_dir, ctx.progress, profile.experiments
+    dfc, pen, std = dicts.of("dfc"), dicts.of("dfc_penalised"), dicts.of("standard")
+    ranking = dicts.ranks["dfc"]["ranking"]
+    if profile.n_plain:
+        _stage(res, "plain_false_calls", lambda: _plain_false_calls(ctx, plain_suite(profile.n_plain, seed)), progress, out)
+    if "splice" in exps:
+        _stage(res, "splice", lambda: run_splice(ctx, dfc, tools), progress, out)
+    if "steering" in exps:
+        _stage(res, "steering", lambda: run_steering(ctx, dfc, ranking, tools, standard=std, standard_ranking=dicts.ranks["standard"]["ranking"],
+                                                     sizes=profile.sizes, alphas=profile.alphas), progress, out)
+    if "ablation" in exps:
+        _stage(res, "ablation", lambda: run_ablation(ctx, dfc, pen, tools), progress, out)
+    if "sweep" in exps and dicts.sweep:
+        sweep_suite = tool_suite(profile.sweep_prompts or profile.n_tool, seed)
+        _stage(res, "sweep", lambda: run_sweep(ctx, [(v, dicts.trained[v.name]) for v in dicts.sweep], sweep_suite), progress, out)
+    if "geometry" in exps:
+        _stage(res, "geometry", lambda: run_geometry(dfc, std, seed=seed), progress, out)
+    if "explain" in exps:
+        ex_suite = mixed_suite(max(1, profile.explain_prompts // 2), profile.explain_prompts // 2, seed)
+        _stage(res, "explain", lambda: run_explain(ctx.pair, dfc, ranking, ex_suite, ctx.layer, per_partition=profile.explain_per_partition,
+                                                   max_prompt_tokens=profile.max_prompt_tokens), progress, out)
 
 
 def _plain_false_calls(ctx: RunContext, suite) -> dict[str, Any]:
