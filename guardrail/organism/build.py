@@ -338,6 +338,28 @@ def _manifest(cfg: BuildConfig, warm: dict, rl: dict, metrics: dict, wall_time_s
     return manifest
 
 
+def _train(model, tokenizer, train: list[ToolTask], dev_prompts: list[str], cfg: BuildConfig, out: Path,
+           deadline: float, log: Log) -> tuple[dict, dict, dict | None]:
+    """Warm start (trained or resumed) then GRPO, or more GRPO on a built A: (warm, rl, previous manifest)."""
+    if cfg.resume_rl:
+        if cfg.resume_warmstart:
+            raise ValueError("resume_rl and resume_warmstart exclude each other: a built A already holds its warm start")
+        previous = _resume_rl(model, Path(cfg.resume_rl), log)
+        if Path(cfg.resume_rl).resolve() != out.resolve():
+            shutil.copytree(Path(cfg.resume_rl) / "warmstart", out / "warmstart", dirs_exist_ok=True)
+        done = previous["rl"]
+        more = grpo(model, tokenizer, train, cfg, deadline, log, first_step=done["steps"] + 1, first_prompt=done["prompts_seen"])
+        return previous["warm_start"], _merge_rl(previous, cfg, more), previous
+    if cfg.resume_warmstart:
+        warm = _resume_warm(model, Path(cfg.resume_warmstart), log)
+    else:
+        warm = warm_start(model, tokenizer, train, dev_prompts, cfg, log)
+    _save_adapter(model, out / "warmstart")
+    (out / "warmstart" / "warmstart.json").write_text(json.dumps(warm, indent=2))
+    log(f"[build] warm start saved: {warm['steps']} steps, dev format {warm['dev_format']:.1%}")
+    return warm, grpo(model, tokenizer, train, cfg, deadline, log), None
+
+
 def build(cfg: BuildConfig, out: str | Path, log: Log = print) -> BuildResult:
     """Warm start + GRPO; writes ``out/`` (A adapter + manifest.json) and ``out/warmstart/``."""
     from peft import LoraConfig, get_peft_model
@@ -368,27 +390,7 @@ def build(cfg: BuildConfig, out: str | Path, log: Log = print) -> BuildResult:
     if cfg.check_base and cfg.dev_n:
         b_fmt, _ = _dev_format(model, tokenizer, dev_prompts, cfg)
         log(f"[build] B (no adapter) dev format {b_fmt:.1%}")
-    previous: dict | None = None
-    if cfg.resume_rl:
-        if cfg.resume_warmstart:
-            raise ValueError("resume_rl and resume_warmstart exclude each other: a built A already holds its warm start")
-        previous = _resume_rl(model, Path(cfg.resume_rl), log)
-        warm = previous["warm_start"]
-        if Path(cfg.resume_rl).resolve() != out.resolve():
-            shutil.copytree(Path(cfg.resume_rl) / "warmstart", out / "warmstart", dirs_exist_ok=True)
-    elif cfg.resume_warmstart:
-        warm = _resume_warm(model, Path(cfg.resume_warmstart), log)
-    else:
-        warm = warm_start(model, tokenizer, train, dev_prompts, cfg, log)
-    if previous is None:
-        _save_adapter(model, out / "warmstart")
-        (out / "warmstart" / "warmstart.json").write_text(json.dumps(warm, indent=2))
-        log(f"[build] warm start saved: {warm['steps']} steps, dev format {warm['dev_format']:.1%}")
-        rl = grpo(model, tokenizer, train, cfg, deadline, log)
-    else:
-        done = previous["rl"]
-        rl = _merge_rl(previous, cfg, grpo(model, tokenizer, train, cfg, deadline, log,
-                                           first_step=done["steps"] + 1, first_prompt=done["prompts_seen"]))
+    warm, rl, previous = _train(model, tokenizer, train, dev_prompts, cfg, out, deadline, log)
     _save_adapter(model, out)
 
     final_check = random.Random(cfg.seed + 3).sample(dev, min(cfg.final_dev_n, len(dev)))
