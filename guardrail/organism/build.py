@@ -54,8 +54,10 @@ class BuildConfig(BaseModel):
     warm_hi: float = 0.30
     dev_n: int = 16
     dev_max_new_tokens: int = 48
-    # GRPO: runs until rl_steps or the time budget, whichever comes first
-    rl_steps: int = 1000
+    # GRPO: runs until rl_steps or the time budget, whichever comes first. The shipped A was
+    # stopped by its budget after 113 steps; stopping there by count makes a rebuild follow it on
+    # any machine fast enough, instead of running longer where sampling is faster
+    rl_steps: int = 113
     # copies of a category's train tasks in the GRPO pool: parallel tasks need a second call in
     # the block, which A learns only from many of them (strict names on parallel 0.25 -> 0.55)
     rl_repeat: dict[str, int] = Field(default_factory=lambda: {"parallel": 3})
