@@ -105,7 +105,7 @@ def evaluate_organism(
     return report
 
 
-def _evaluate_variant(label: str, adp: Path | None, tasks: list[ToolTask], *, base: str, cache_dir: str | Path | None,
+def _evaluate_variant(label: str, adp: str | Path | None, tasks: list[ToolTask], *, base: str, cache_dir: str | Path | None,
                       log: Log, mode: RenderMode, max_new_tokens: int, batch_size: int, max_prompt_tokens: int | None,
                       backend: str) -> EvalResult:
     """One model's scored outputs: from the cache when the same model, prompts and budget were run before."""
