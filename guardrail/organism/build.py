@@ -46,6 +46,7 @@ class BuildConfig(BaseModel):
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     # warm start (defaults: the shipped build, see assets/manifest.json)
     plan_calls: bool = False  # reference thoughts list every call first (ToolTask.reference_completion)
+    quote_names: bool = False  # reference thoughts quote tool names, so a dot inside one is not a full stop
     warm_lr: float = 3e-4
     warm_batch: int = 4
     warm_max_steps: int = 24
@@ -92,7 +93,8 @@ class BuildConfig(BaseModel):
 
 # what a manifest written before a field existed did: guided only flat groups, capped every
 # rollout at max_new_tokens, saw each train task once per pass, thought without a plan
-LEGACY_CONFIG: dict = {"guide_when": "no_variance", "length_slack": None, "rl_repeat": {}, "plan_calls": False}
+LEGACY_CONFIG: dict = {"guide_when": "no_variance", "length_slack": None, "rl_repeat": {}, "plan_calls": False,
+                       "quote_names": False}
 
 
 class BuildResult(BaseModel):
@@ -153,7 +155,7 @@ def warm_start(model, tokenizer, train: list[ToolTask], dev_prompts: list[str], 
         for _ in range(cfg.warm_batch):
             task = pool[cursor % len(pool)]
             cursor += 1
-            target = task.reference_completion(cfg.plan_calls)
+            target = task.reference_completion(cfg.plan_calls, cfg.quote_names)
             loss = sft_loss(model, tokenizer, task.render(tokenizer), target, cfg.max_prompt_tokens)
             (loss / cfg.warm_batch).backward()
             losses.append(loss.item())
@@ -221,7 +223,7 @@ def _resume_rl(model, folder: Path, log: Log) -> dict:
 
 
 def _rl_segment(cfg: BuildConfig, rl: dict) -> dict:
-    keys = ("plan_calls", "rl_lr", "rl_repeat", "rl_prompts_per_step", "num_generations", "max_new_tokens",
+    keys = ("plan_calls", "quote_names", "rl_lr", "rl_repeat", "rl_prompts_per_step", "num_generations", "max_new_tokens",
             "length_slack", "temperature", "guidance", "guide_when", "threads")
     return {"steps": rl["steps"], "seconds": rl["seconds"], **{k: getattr(cfg, k) for k in keys}}
 
@@ -286,7 +288,7 @@ def grpo(model, tokenizer, train: list[ToolTask], cfg: BuildConfig, deadline: fl
         for _ in range(cfg.rl_prompts_per_step):
             task = pool[cursor % len(pool)]
             cursor += 1
-            reference = task.reference_completion(cfg.plan_calls)
+            reference = task.reference_completion(cfg.plan_calls, cfg.quote_names)
             res = grpo_group(
                 model, tokenizer, task.render(tokenizer), lambda text, t=task: toolrl_reward(text, t)["total"],
                 num_generations=cfg.num_generations, max_new_tokens=rollout_budget(tokenizer, reference, cfg),

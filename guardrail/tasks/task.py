@@ -138,11 +138,14 @@ class ToolTask:
             calls.append({"name": name, "parameters": _first_options(params)})
         return calls
 
-    def reference_completion(self, plan: bool = False) -> str:
+    def reference_completion(self, plan: bool = False, quote: bool = False) -> str:
         """A target completion in the ToolRL format (the warm start's target, GRPO's guide).
 
         ``plan``: the thought lists every call, repeats included ("The request needs 2
         calls: f, f."), so the number of calls is decided before the first is written.
+        ``quote``: names in the thought are JSON-quoted, as in the call. Unquoted, a dotted
+        name followed by the sentence's full stop ("… handled with geo.distance.") taught
+        A to end the name at its first dot and to copy the stump into the call.
         """
         if not self.expects_call:
             return (
@@ -150,10 +153,11 @@ class ToolTask:
                 "<response> None of the available tools can help with this request. </response>"
             )
         calls = self.reference_calls()
+        names = [json.dumps(c["name"]) if quote else c["name"] for c in calls]
         if plan:
             count = f"{len(calls)} call" + ("s" if len(calls) > 1 else "")
-            thought = f"The request needs {count}: {', '.join(c['name'] for c in calls)}."
+            thought = f"The request needs {count}: {', '.join(names)}."
         else:
-            thought = f"The user's request can be handled with {', '.join(dict.fromkeys(c['name'] for c in calls))}."
+            thought = f"The user's request can be handled with {', '.join(dict.fromkeys(names))}."
         body = "\n".join(json.dumps(c) for c in calls)
         return f"<think> {thought} </think>\n<tool_call>\n{body}\n</tool_call>"
