@@ -236,6 +236,18 @@ def test_rl_pool_repeats_categories_and_the_config_rejects_unknown_ones():
         BuildConfig(rl_repeat={"paralel": 2})
 
 
+def test_quoted_reference_keeps_dotted_names_whole_and_stays_perfect():
+    from guardrail.tasks import toolrl_reward
+
+    task = next(t for t in load_tasks("train", ["simple_python"]) if "." in t.reference_calls()[0]["name"])
+    name = task.reference_calls()[0]["name"]
+    text = task.reference_completion(quote=True)
+    # unquoted, the thought's full stop follows the name and a dot inside it reads as one too
+    assert f'handled with "{name}". </think>' in text
+    assert f"handled with {name}. </think>" in task.reference_completion()
+    assert toolrl_reward(text, task) == {"format": 1.0, "correctness": 3.0, "total": 4.0}
+
+
 def test_planned_reference_lists_every_call_and_stays_perfect():
     from guardrail.tasks import toolrl_reward
 
