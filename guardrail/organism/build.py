@@ -92,7 +92,7 @@ class BuildConfig(BaseModel):
 
 
 # what a manifest written before a field existed did: guided only flat groups, capped every
-# rollout at max_new_tokens, saw each train task once per pass, thought without a plan
+# rollout at max_new_tokens, saw each train task once per pass, thought without a plan or quotes
 LEGACY_CONFIG: dict = {"guide_when": "no_variance", "length_slack": None, "rl_repeat": {}, "plan_calls": False,
                        "quote_names": False}
 
