@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from guardrail.organism.generation import generate
 from guardrail.organism.rl import GuideWhen, grpo_group, sft_loss
@@ -90,6 +90,16 @@ class BuildConfig(BaseModel):
             raise ValueError(f"rl_repeat names unknown BFCL categories {sorted(unknown)}; choose from {CATEGORIES}")
         return repeat
 
+    @model_validator(mode="after")
+    def _one_resume(self) -> "BuildConfig":
+        if self.resume_rl and self.resume_warmstart:
+            raise ValueError("resume_rl and resume_warmstart exclude each other: a built A already holds its warm start")
+        return self
+
+    def reference(self, task: ToolTask) -> str:
+        """The task's reference completion in this recipe's thought style (warm-start target, GRPO guide)."""
+        return task.reference_completion(self.plan_calls, self.quote_names)
+
 
 # what a manifest written before a field existed did: guided only flat groups, capped every
 # rollout at max_new_tokens, saw each train task once per pass, thought without a plan or quotes
@@ -155,7 +165,7 @@ def warm_start(model, tokenizer, train: list[ToolTask], dev_prompts: list[str], 
         for _ in range(cfg.warm_batch):
             task = pool[cursor % len(pool)]
             cursor += 1
-            target = task.reference_completion(cfg.plan_calls, cfg.quote_names)
+            target = cfg.reference(task)
             loss = sft_loss(model, tokenizer, task.render(tokenizer), target, cfg.max_prompt_tokens)
             (loss / cfg.warm_batch).backward()
             losses.append(loss.item())
@@ -288,7 +298,7 @@ def grpo(model, tokenizer, train: list[ToolTask], cfg: BuildConfig, deadline: fl
         for _ in range(cfg.rl_prompts_per_step):
             task = pool[cursor % len(pool)]
             cursor += 1
-            reference = task.reference_completion(cfg.plan_calls, cfg.quote_names)
+            reference = cfg.reference(task)
             res = grpo_group(
                 model, tokenizer, task.render(tokenizer), lambda text, t=task: toolrl_reward(text, t)["total"],
                 num_generations=cfg.num_generations, max_new_tokens=rollout_budget(tokenizer, reference, cfg),
@@ -346,8 +356,6 @@ def _train(model, tokenizer, train: list[ToolTask], dev_prompts: list[str], cfg:
            deadline: float, log: Log) -> tuple[dict, dict, dict | None]:
     """Warm start (trained or resumed) then GRPO, or more GRPO on a built A: (warm, rl, previous manifest)."""
     if cfg.resume_rl:
-        if cfg.resume_warmstart:
-            raise ValueError("resume_rl and resume_warmstart exclude each other: a built A already holds its warm start")
         previous = _resume_rl(model, Path(cfg.resume_rl), log)
         if Path(cfg.resume_rl).resolve() != out.resolve():
             shutil.copytree(Path(cfg.resume_rl) / "warmstart", out / "warmstart", dirs_exist_ok=True)
