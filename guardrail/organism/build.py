@@ -46,7 +46,7 @@ class BuildConfig(BaseModel):
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     # warm start (defaults: the shipped build, see assets/manifest.json)
     plan_calls: bool = False  # reference thoughts list every call first (ToolTask.reference_completion)
-    quote_names: bool = False  # reference thoughts quote tool names, so a dot inside one is not a full stop
+    quote_names: bool = False  # thoughts quote tool names: fewer cut at a dot, more wrong tools (ToolTask.reference_completion)
     warm_lr: float = 3e-4
     warm_batch: int = 4
     warm_max_steps: int = 24

@@ -146,7 +146,8 @@ class ToolTask:
         ``quote``: names in the thought are JSON-quoted, as in the call. Unquoted, a dotted
         name followed by the sentence's full stop ("… handled with geo.distance.") taught
         A to end the name at its first dot and to copy the stump into the call (7 test tasks;
-        2 when quoted, docs/organism.md).
+        2 and 4 when quoted, in two seeds). Off by default: both quoted builds picked the wrong
+        tool on twice as many ``multiple`` tasks (29, 28 against 16; docs/organism.md).
         """
         if not self.expects_call:
             return (
