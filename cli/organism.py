@@ -46,8 +46,9 @@ def build_cmd(
 def eval_cmd(
     adapter: Optional[Path] = typer.Option(None, help="A's adapter folder (default: the shipped one)."),
     warmstart: Optional[Path] = typer.Option(None, help="Warm-start adapter (default: the shipped one, if any)."),
-    n: Optional[int] = typer.Option(None, help="Answered test prompts, stratified over categories (default: the whole test split)."),
-    n_irrelevance: Optional[int] = typer.Option(None, help="BFCL irrelevance test prompts for the false-call rate (default: all in the test split)."),
+    n: Optional[int] = typer.Option(None, help="Answered prompts, stratified over categories (default: the whole split)."),
+    n_irrelevance: Optional[int] = typer.Option(None, help="BFCL irrelevance prompts for the false-call rate (default: all in the split)."),
+    split: str = typer.Option("test", help="test (report) or dev (choose between builds without touching test)."),
     mode: str = typer.Option("chat", help="chat (chat template) or raw (the paper's system + newline + user)."),
     max_new_tokens: int = typer.Option(
         256, help="New tokens per answer; parallel answers need ~150-250 (generation also ends at </tool_call> or </response>)."),
@@ -59,7 +60,7 @@ def eval_cmd(
     threads: Optional[int] = typer.Option(None, help="torch intra-op threads."),
     backend: str = typer.Option("auto", help="Generation backend: auto (vLLM when installed), vllm or transformers."),
 ) -> None:
-    """Greedy evaluation of B, the warm start and A on the same held-out BFCL test prompts."""
+    """Greedy evaluation of B, the warm start and A on the same held-out BFCL prompts."""
     from guardrail.organism.assets import MissingAssetError, shipped_adapter, shipped_warmstart
     from guardrail.organism.report import evaluate_organism, summary_table, write_report
 
@@ -77,7 +78,9 @@ def eval_cmd(
             warmstart = shipped_warmstart()
         except MissingAssetError:
             warmstart = None
-    report = evaluate_organism(adapter, warmstart, n=n, n_irrelevance=n_irrelevance, mode=mode,  # type: ignore[arg-type]
+    if split not in ("dev", "test"):
+        raise typer.BadParameter(f"split must be dev or test, not {split!r}")
+    report = evaluate_organism(adapter, warmstart, n=n, n_irrelevance=n_irrelevance, split=split, mode=mode,  # type: ignore[arg-type]
                                max_new_tokens=max_new_tokens, examples_out=examples, batch_size=batch_size,
                                only=wanted if models else None,
                                cache_dir=cache_dir, backend=backend, log=_log)

@@ -201,6 +201,10 @@ def test_evaluate_organism_on_tiny_pair_and_reuses_cache(smoke_build, tmp_path):
     assert len(whole) == len(load_tasks("test")) and len({t.id for t in whole}) == len(whole)
     with pytest.raises(ValueError, match="unknown models"):
         evaluate_organism(out, None, only=["C"], **kw)
+    dev = evaluate_organism(out, None, only=["B"], split="dev", **kw)
+    assert dev["split"] == "dev" and not set(dev["task_ids"]) & {t.id for t in whole}
+    with pytest.raises(ValueError, match="not 'train'"):
+        evaluate_organism(out, None, split="train", **kw)
 
 
 @pytest.mark.vllm

@@ -8,6 +8,7 @@ import random
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 from guardrail.fileio import sha256_file
 from guardrail.organism.evaluate import EvalResult, evaluate, examples_markdown, score_outputs
@@ -62,6 +63,7 @@ def evaluate_organism(
     base: str = "smollm2",
     n: int | None = None,
     n_irrelevance: int | None = None,
+    split: Literal["dev", "test"] = "test",
     mode: RenderMode = "chat",
     max_new_tokens: int = 256,
     batch_size: int = 16,
@@ -72,13 +74,18 @@ def evaluate_organism(
     backend: str = "auto",
     log: Log = print,
 ) -> dict:
-    """Metrics of B, warm start (if given) and A on the same test prompts, as one dict.
+    """Metrics of B, warm start (if given) and A on the same held-out prompts, as one dict.
+
+    ``split="dev"`` is for choosing between builds, so that the test split stays a
+    measurement of the one that was chosen and not part of the choice.
 
     ``only`` restricts the models (labels "B", "warm start", "A"). With ``cache_dir``,
     each model's outputs are stored there and reused when the same prompts, rendering
     and token budget are asked for again (so B can be evaluated while A is still training).
     """
-    tasks = pick_tasks(n, n_irrelevance)
+    if split not in ("dev", "test"):
+        raise ValueError(f"evaluate on the held-out 'dev' or 'test' split, not {split!r} (A was trained on 'train')")
+    tasks = pick_tasks(n, n_irrelevance, split=split)
     gen = dict(mode=mode, max_new_tokens=max_new_tokens, batch_size=batch_size, max_prompt_tokens=max_prompt_tokens, backend=backend)
     results: list[EvalResult] = []
     for label, adp in _variants(adapter, warmstart, only):
@@ -87,7 +94,7 @@ def evaluate_organism(
         results.append(res)
     by = {r.model: r.metrics for r in results}
     report = {
-        "split": "test",
+        "split": split,
         "split_hash": split_hash(),
         "mode": mode,
         "greedy": True,
