@@ -9,6 +9,8 @@ from typing import Optional
 
 import typer
 
+from guardrail.tasks import HeldOutSplit, RenderMode
+
 organism_app = typer.Typer(help="The embedded model pair: B = SmolLM2-135M-Instruct, A = B + tool-use RL LoRA.",
                            no_args_is_help=True)
 
@@ -48,8 +50,8 @@ def eval_cmd(
     warmstart: Optional[Path] = typer.Option(None, help="Warm-start adapter (default: the shipped one, if any)."),
     n: Optional[int] = typer.Option(None, help="Answered prompts, stratified over categories (default: the whole split)."),
     n_irrelevance: Optional[int] = typer.Option(None, help="BFCL irrelevance prompts for the false-call rate (default: all in the split)."),
-    split: str = typer.Option("test", help="test (report) or dev (choose between builds without touching test)."),
-    mode: str = typer.Option("chat", help="chat (chat template) or raw (the paper's system + newline + user)."),
+    split: HeldOutSplit = typer.Option("test", help="test (report) or dev (choose between builds without touching test)."),
+    mode: RenderMode = typer.Option("chat", help="chat (chat template) or raw (the paper's system + newline + user)."),
     max_new_tokens: int = typer.Option(
         256, help="New tokens per answer; parallel answers need ~150-250 (generation also ends at </tool_call> or </response>)."),
     out: Path = typer.Option(Path("runs/organism-eval.json"), help="Where to write the JSON report."),
@@ -68,8 +70,6 @@ def eval_cmd(
         import torch
 
         torch.set_num_threads(threads)
-    if mode not in ("chat", "raw"):
-        raise typer.BadParameter(f"mode must be chat or raw, not {mode!r}")
     wanted = [m.strip() for m in models.split(",")] if models else ["B", "warm start", "A"]
     if adapter is None and "A" in wanted:
         adapter = shipped_adapter()
@@ -78,9 +78,7 @@ def eval_cmd(
             warmstart = shipped_warmstart()
         except MissingAssetError:
             warmstart = None
-    if split not in ("dev", "test"):
-        raise typer.BadParameter(f"split must be dev or test, not {split!r}")
-    report = evaluate_organism(adapter, warmstart, n=n, n_irrelevance=n_irrelevance, split=split, mode=mode,  # type: ignore[arg-type]
+    report = evaluate_organism(adapter, warmstart, n=n, n_irrelevance=n_irrelevance, split=split, mode=mode,
                                max_new_tokens=max_new_tokens, examples_out=examples, batch_size=batch_size,
                                only=wanted if models else None,
                                cache_dir=cache_dir, backend=backend, log=_log)

@@ -8,11 +8,11 @@ import random
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import get_args
 
 from guardrail.fileio import sha256_file
 from guardrail.organism.evaluate import EvalResult, evaluate, examples_markdown, score_outputs
-from guardrail.tasks import ANSWERED_CATEGORIES, load_tasks, split_hash
+from guardrail.tasks import ANSWERED_CATEGORIES, HeldOutSplit, load_tasks, split_hash
 from guardrail.tasks.task import RenderMode, ToolTask
 
 Log = Callable[[str], None]
@@ -63,7 +63,7 @@ def evaluate_organism(
     base: str = "smollm2",
     n: int | None = None,
     n_irrelevance: int | None = None,
-    split: Literal["dev", "test"] = "test",
+    split: HeldOutSplit = "test",
     mode: RenderMode = "chat",
     max_new_tokens: int = 256,
     batch_size: int = 16,
@@ -83,7 +83,7 @@ def evaluate_organism(
     each model's outputs are stored there and reused when the same prompts, rendering
     and token budget are asked for again (so B can be evaluated while A is still training).
     """
-    if split not in ("dev", "test"):
+    if split not in get_args(HeldOutSplit):
         raise ValueError(f"evaluate on the held-out 'dev' or 'test' split, not {split!r} (A was trained on 'train')")
     tasks = pick_tasks(n, n_irrelevance, split=split)
     gen = dict(mode=mode, max_new_tokens=max_new_tokens, batch_size=batch_size, max_prompt_tokens=max_prompt_tokens, backend=backend)

@@ -10,6 +10,7 @@ from guardrail.tasks.data import (
     CATEGORIES,
     SPLITS,
     DataNotFoundError,
+    HeldOutSplit,
     PlainPrompt,
     data_dir,
     load_category,
@@ -33,7 +34,7 @@ from guardrail.tasks.scoring import (
 from guardrail.tasks.task import RenderMode, ToolTask, format_tools
 
 __all__ = [
-    "ANSWERED_CATEGORIES", "CATEGORIES", "SPLITS", "DataNotFoundError", "PlainPrompt", "RenderMode", "ToolTask",
+    "ANSWERED_CATEGORIES", "CATEGORIES", "SPLITS", "DataNotFoundError", "HeldOutSplit", "PlainPrompt", "RenderMode", "ToolTask",
     "called_name", "correctness_reward", "data_dir", "format_accuracy", "format_reward", "format_tools",
     "is_tool_call", "load_category", "load_tasks", "match_score", "overall_score", "parse_tool_calls",
     "plain_prompts", "split_hash", "split_of", "strict_metrics", "tool_correctness", "tool_names_from_prompt",

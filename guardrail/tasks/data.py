@@ -19,6 +19,7 @@ from typing import Literal
 from guardrail.tasks.task import ToolTask
 
 Split = Literal["train", "dev", "test"]
+HeldOutSplit = Literal["dev", "test"]  # never trained on: dev chooses between builds, test reports
 SPLITS: tuple[str, ...] = ("train", "dev", "test")
 # Share of ids per split (train, dev, test); cumulative thresholds on the id hash.
 SPLIT_FRACTIONS = (0.6, 0.1, 0.3)
