@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from guardrail.organism.generation import generate
 from guardrail.organism.rl import GuideWhen, grpo_group, sft_loss
 from guardrail.tasks import ANSWERED_CATEGORIES, CATEGORIES, format_accuracy, load_tasks, split_hash, toolrl_reward
-from guardrail.tasks.task import ToolTask
+from guardrail.tasks.task import ToolTask, UserTurn
 
 Log = Callable[[str], None]
 
@@ -44,6 +44,8 @@ class BuildConfig(BaseModel):
     lora_r: int = 16
     lora_alpha: int = 32
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    # prompts: the user turn A is trained (and evaluated) on, see guardrail.tasks.task
+    user_turn: UserTurn = "toolrl"
     # warm start (defaults: the shipped build, see assets/manifest.json)
     plan_calls: bool = False  # reference thoughts list every call first (ToolTask.reference_completion)
     quote_names: bool = False  # thoughts quote tool names: fewer cut at a dot, more wrong tools (ToolTask.reference_completion)
@@ -104,7 +106,7 @@ class BuildConfig(BaseModel):
 # what a manifest written before a field existed did: guided only flat groups, capped every
 # rollout at max_new_tokens, saw each train task once per pass, thought without a plan or quotes
 LEGACY_CONFIG: dict = {"guide_when": "no_variance", "length_slack": None, "rl_repeat": {}, "plan_calls": False,
-                       "quote_names": False}
+                       "quote_names": False, "user_turn": "toolrl"}
 
 
 class BuildResult(BaseModel):
@@ -166,7 +168,7 @@ def warm_start(model, tokenizer, train: list[ToolTask], dev_prompts: list[str], 
             task = pool[cursor % len(pool)]
             cursor += 1
             target = cfg.reference(task)
-            loss = sft_loss(model, tokenizer, task.render(tokenizer), target, cfg.max_prompt_tokens)
+            loss = sft_loss(model, tokenizer, task.render(tokenizer, turn=cfg.user_turn), target, cfg.max_prompt_tokens)
             (loss / cfg.warm_batch).backward()
             losses.append(loss.item())
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -233,7 +235,7 @@ def _resume_rl(model, folder: Path, log: Log) -> dict:
 
 
 def _rl_segment(cfg: BuildConfig, rl: dict) -> dict:
-    keys = ("plan_calls", "quote_names", "rl_lr", "rl_repeat", "rl_prompts_per_step", "num_generations", "max_new_tokens",
+    keys = ("user_turn", "plan_calls", "quote_names", "rl_lr", "rl_repeat", "rl_prompts_per_step", "num_generations", "max_new_tokens",
             "length_slack", "temperature", "guidance", "guide_when", "threads")
     return {"steps": rl["steps"], "seconds": rl["seconds"], **{k: getattr(cfg, k) for k in keys}}
 
@@ -300,7 +302,7 @@ def grpo(model, tokenizer, train: list[ToolTask], cfg: BuildConfig, deadline: fl
             cursor += 1
             reference = cfg.reference(task)
             res = grpo_group(
-                model, tokenizer, task.render(tokenizer), lambda text, t=task: toolrl_reward(text, t)["total"],
+                model, tokenizer, task.render(tokenizer, turn=cfg.user_turn), lambda text, t=task: toolrl_reward(text, t)["total"],
                 num_generations=cfg.num_generations, max_new_tokens=rollout_budget(tokenizer, reference, cfg),
                 temperature=cfg.temperature,
                 loss_scale=1.0 / cfg.rl_prompts_per_step, max_prompt_tokens=cfg.max_prompt_tokens,
@@ -395,7 +397,7 @@ def build(cfg: BuildConfig, out: str | Path, log: Log = print) -> BuildResult:
     dev = load_tasks("dev", cfg.categories)
     dev_rng = random.Random(cfg.seed + 2)
     dev_check = dev_rng.sample(dev, min(cfg.dev_n, len(dev)))
-    dev_prompts = [t.render(tokenizer) for t in dev_check]
+    dev_prompts = [t.render(tokenizer, turn=cfg.user_turn) for t in dev_check]
     log(f"[build] base={cfg.base} train={len(train)} dev={len(dev)} seed={cfg.seed}")
 
     b_fmt: float | None = None
@@ -406,7 +408,7 @@ def build(cfg: BuildConfig, out: str | Path, log: Log = print) -> BuildResult:
     _save_adapter(model, out)
 
     final_check = random.Random(cfg.seed + 3).sample(dev, min(cfg.final_dev_n, len(dev)))
-    final_prompts = [t.render(tokenizer) for t in final_check]
+    final_prompts = [t.render(tokenizer, turn=cfg.user_turn) for t in final_check]
     a_fmt: float | None = None
     if cfg.final_dev_n:
         a_fmt, _ = _dev_format(model, tokenizer, final_prompts, cfg)

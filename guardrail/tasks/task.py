@@ -2,8 +2,15 @@
 
 The system text is the one ToolRL's BFCL handler uses (numbered ``N. Name: …`` tool
 lines with description and JSON parameters, then the ``<think>`` / ``<tool_call>`` /
-``<response>`` output format); the user text wraps the question in ``<user> … </user>``
-with the same instruction. Two renderings:
+``<response>`` output format). The user turn comes in two styles (``UserTurn``):
+
+* ``toolrl``: ToolRL's multi-turn wrapper, ``**Dialogue Records History**`` then the
+  question and instruction inside ``<user> … </user>`` — what the paper's A was trained on;
+* ``plain``: the question and the same instruction, nothing else. A base model echoes the
+  wrapper's tags and so writes the call format by accident (SmolLM2: 12.4 % of test prompts
+  against 3.4 % with the plain turn), which flatters B.
+
+Two renderings:
 
 * ``chat``: system + user turns through the model's chat template (how A was trained);
 * ``raw``: system text + "\\n" + user text with no template — the paper's evaluation
@@ -17,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 RenderMode = Literal["chat", "raw"]
+UserTurn = Literal["toolrl", "plain"]
 
 TOOL_CALL_EXAMPLE = (
     '{"name": "Tool name", "parameters": {"Parameter name": "Parameter content", "... ...": "... ..."}}\n'
@@ -111,21 +119,25 @@ class ToolTask:
     def system_text(self) -> str:
         return SYSTEM_TEMPLATE.format(tools=format_tools(self.functions), json_string=TOOL_CALL_EXAMPLE)
 
-    def user_text(self) -> str:
+    def user_text(self, turn: UserTurn = "toolrl") -> str:
+        if turn == "plain":
+            return f"{self.user.strip()}\n{USER_SUFFIX}"
+        if turn != "toolrl":
+            raise ValueError(f"unknown user turn {turn!r}; choose 'toolrl' or 'plain'")
         return f"**Dialogue Records History**\n<user> {self.user.strip()}\n{USER_SUFFIX} </user>"
 
-    def messages(self) -> list[dict[str, str]]:
-        return [{"role": "system", "content": self.system_text()}, {"role": "user", "content": self.user_text()}]
+    def messages(self, turn: UserTurn = "toolrl") -> list[dict[str, str]]:
+        return [{"role": "system", "content": self.system_text()}, {"role": "user", "content": self.user_text(turn)}]
 
-    def render(self, tokenizer: Any = None, mode: RenderMode = "chat") -> str:
+    def render(self, tokenizer: Any = None, mode: RenderMode = "chat", turn: UserTurn = "toolrl") -> str:
         """The prompt string: chat template (``chat``) or system + "\\n" + user (``raw``)."""
         if mode == "raw":
-            return self.system_text() + "\n" + self.user_text()
+            return self.system_text() + "\n" + self.user_text(turn)
         if mode != "chat":
             raise ValueError(f"unknown render mode {mode!r}; choose 'chat' or 'raw'")
         if tokenizer is None:
             raise ValueError("chat rendering needs a tokenizer")
-        return tokenizer.apply_chat_template(self.messages(), tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(self.messages(turn), tokenize=False, add_generation_prompt=True)
 
     def reference_calls(self) -> list[dict]:
         """One concrete correct answer: the first accepted value of each parameter.
