@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from guardrail.tasks import HeldOutSplit, RenderMode
+from guardrail.tasks import HeldOutSplit, RenderMode, UserTurn
 
 organism_app = typer.Typer(help="The embedded model pair: B = SmolLM2-135M-Instruct, A = B + tool-use RL LoRA.",
                            no_args_is_help=True)
@@ -52,6 +52,8 @@ def eval_cmd(
     n_irrelevance: Optional[int] = typer.Option(None, help="BFCL irrelevance prompts for the false-call rate (default: all in the split)."),
     split: HeldOutSplit = typer.Option("test", help="test (report) or dev (choose between builds without touching test)."),
     mode: RenderMode = typer.Option("chat", help="chat (chat template) or raw (the paper's system + newline + user)."),
+    turn: Optional[UserTurn] = typer.Option(
+        None, help="User turn: toolrl (the question inside ToolRL's dialogue wrapper) or plain (default: the turn A was trained on)."),
     max_new_tokens: int = typer.Option(
         256, help="New tokens per answer; parallel answers need ~150-250 (generation also ends at </tool_call> or </response>)."),
     out: Path = typer.Option(Path("runs/organism-eval.json"), help="Where to write the JSON report."),
@@ -79,7 +81,7 @@ def eval_cmd(
         except MissingAssetError:
             warmstart = None
     report = evaluate_organism(adapter, warmstart, n=n, n_irrelevance=n_irrelevance, split=split, mode=mode,
-                               max_new_tokens=max_new_tokens, examples_out=examples, batch_size=batch_size,
+                               turn=turn, max_new_tokens=max_new_tokens, examples_out=examples, batch_size=batch_size,
                                only=wanted if models else None,
                                cache_dir=cache_dir, backend=backend, log=_log)
     write_report(report, out)

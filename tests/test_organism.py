@@ -141,6 +141,18 @@ def test_rollout_budget_follows_the_reference_length():
     assert rollout_budget(tok, simple, cfg.model_copy(update={"length_slack": None})) == 10_000
 
 
+def test_trained_turn_reads_the_build_manifest(tmp_path):
+    from guardrail.organism.assets import trained_turn
+
+    build_dir = tmp_path / "org"
+    (build_dir / "warmstart").mkdir(parents=True)
+    (build_dir / "warmstart" / "warmstart.json").write_text("{}")
+    assert trained_turn(build_dir) == "toolrl"  # no manifest: ToolRL's turn, as every adapter before the field
+    (build_dir / "manifest.json").write_text(json.dumps({"config": {"user_turn": "plain"}}))
+    assert trained_turn(build_dir) == trained_turn(build_dir / "warmstart") == "plain"
+    assert trained_turn(tmp_path) == "toolrl"
+
+
 def test_build_config_rejects_typos():
     with pytest.raises(ValueError, match="rl_step"):
         BuildConfig(rl_step=3)
@@ -195,6 +207,10 @@ def test_evaluate_organism_on_tiny_pair_and_reuses_cache(smoke_build, tmp_path):
     assert (tmp_path / "ex.md").read_text().startswith("# Organism examples")
     again = evaluate_organism(out, out / "warmstart", only=["A"], **kw)
     assert any("reusing cached" in m for m in logs) and again["metrics"]["A"] == report["metrics"]["A"]
+    assert report["user_turn"] == again["user_turn"] == "toolrl"  # the turn the smoke build trained on
+    logs.clear()
+    plain = evaluate_organism(out, None, only=["B"], turn="plain", **kw)
+    assert plain["user_turn"] == "plain" and not any("reusing cached" in m for m in logs)
     tasks = pick_tasks(8, 2)
     assert len({t.category for t in tasks[:8]}) == 4 and all(t.category == "irrelevance" for t in tasks[8:])
     whole = pick_tasks(None, None)

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from guardrail.models.tiny import tiny_tokenizer
+from guardrail.tasks.task import USER_SUFFIX
 from guardrail.tasks import (
     CATEGORIES,
     DataNotFoundError,
@@ -50,6 +51,16 @@ def test_raw_render_is_system_newline_user_and_lists_tools():
     assert tool_names_from_prompt(raw) == task.tool_names
     assert "1. Name: " in raw and "Description: " in raw and "Parameters: {" in raw
     assert task.user in raw
+
+
+def test_plain_user_turn_drops_only_the_toolrl_wrapper():
+    task = load_tasks("all", categories=["simple_python"])[0]
+    toolrl, plain = task.user_text(), task.user_text("plain")
+    assert toolrl.startswith("**Dialogue Records History**\n<user> ") and toolrl.endswith(" </user>")
+    assert plain == task.user.strip() + "\n" + USER_SUFFIX and "<user>" not in plain
+    assert task.render(mode="raw", turn="plain") == task.system_text() + "\n" + plain
+    with pytest.raises(ValueError, match="user turn"):
+        task.user_text("chatml")  # type: ignore[arg-type]
 
 
 def test_chat_render_uses_the_template():

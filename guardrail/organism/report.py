@@ -13,7 +13,7 @@ from typing import get_args
 from guardrail.fileio import sha256_file
 from guardrail.organism.evaluate import EvalResult, evaluate, examples_markdown, score_outputs
 from guardrail.tasks import ANSWERED_CATEGORIES, HeldOutSplit, load_tasks, split_hash
-from guardrail.tasks.task import RenderMode, ToolTask
+from guardrail.tasks.task import RenderMode, ToolTask, UserTurn
 
 Log = Callable[[str], None]
 
@@ -65,6 +65,7 @@ def evaluate_organism(
     n_irrelevance: int | None = None,
     split: HeldOutSplit = "test",
     mode: RenderMode = "chat",
+    turn: UserTurn | None = None,
     max_new_tokens: int = 256,
     batch_size: int = 16,
     max_prompt_tokens: int | None = None,
@@ -79,14 +80,21 @@ def evaluate_organism(
     ``split="dev"`` is for choosing between builds, so that the test split stays a
     measurement of the one that was chosen and not part of the choice.
 
+    ``turn`` is the user turn of every prompt; by default the one A was trained on (read
+    from its build manifest; the shipped A's when no adapter is given), so that A is
+    measured where it was trained and B on exactly the same prompts.
+
     ``only`` restricts the models (labels "B", "warm start", "A"). With ``cache_dir``,
     each model's outputs are stored there and reused when the same prompts, rendering
     and token budget are asked for again (so B can be evaluated while A is still training).
     """
     if split not in get_args(HeldOutSplit):
         raise ValueError(f"evaluate on the held-out 'dev' or 'test' split, not {split!r} (A was trained on 'train')")
+    from guardrail.organism.assets import trained_turn
+
     tasks = pick_tasks(n, n_irrelevance, split=split)
-    gen = dict(mode=mode, max_new_tokens=max_new_tokens, batch_size=batch_size, max_prompt_tokens=max_prompt_tokens, backend=backend)
+    turn = trained_turn(adapter) if turn is None else turn
+    gen = dict(mode=mode, turn=turn, max_new_tokens=max_new_tokens, batch_size=batch_size, max_prompt_tokens=max_prompt_tokens, backend=backend)
     results: list[EvalResult] = []
     for label, adp in _variants(adapter, warmstart, only):
         res = _evaluate_variant(label, adp, tasks, base=base, cache_dir=cache_dir, log=log, **gen)
@@ -97,6 +105,7 @@ def evaluate_organism(
         "split": split,
         "split_hash": split_hash(),
         "mode": mode,
+        "user_turn": turn,
         "greedy": True,
         "max_new_tokens": max_new_tokens,
         "task_ids": [t.id for t in tasks],
@@ -108,17 +117,17 @@ def evaluate_organism(
         report["format_gain_A_over_warmstart_pp"] = 100 * (by["A"]["format_accuracy"] - by["warm start"]["format_accuracy"])
     if examples_out is not None:
         Path(examples_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(examples_out).write_text(examples_markdown(tasks, results, n=3, mode=mode))
+        Path(examples_out).write_text(examples_markdown(tasks, results, n=3, mode=mode, turn=turn))
     return report
 
 
 def _evaluate_variant(label: str, adp: str | Path | None, tasks: list[ToolTask], *, base: str, cache_dir: str | Path | None,
-                      log: Log, mode: RenderMode, max_new_tokens: int, batch_size: int, max_prompt_tokens: int | None,
+                      log: Log, mode: RenderMode, turn: UserTurn, max_new_tokens: int, batch_size: int, max_prompt_tokens: int | None,
                       backend: str) -> EvalResult:
     """One model's scored outputs: from the cache when the same model, prompts and budget were run before."""
     from guardrail.models import load_model
 
-    key = {"model": label, "base": base, "adapter": _adapter_digest(adp), "mode": mode,
+    key = {"model": label, "base": base, "adapter": _adapter_digest(adp), "mode": mode, "turn": turn,
            "max_new_tokens": max_new_tokens, "task_ids": [t.id for t in tasks], "backend": backend}
     cached = _cached(cache_dir, key)
     if cached is not None:
@@ -132,7 +141,7 @@ def _evaluate_variant(label: str, adp: str | Path | None, tasks: list[ToolTask],
         loaded.spec = f"{base}+{label.replace(' ', '-')}@{key['adapter'][:12]}"
     t0 = time.time()
     res = evaluate(
-        loaded, tasks, name=label, mode=mode, max_new_tokens=max_new_tokens,
+        loaded, tasks, name=label, mode=mode, turn=turn, max_new_tokens=max_new_tokens,
         batch_size=batch_size, max_prompt_tokens=max_prompt_tokens, backend=backend,
         progress=lambda d, tot, s: log(f"[eval] {label}: {d}/{tot} prompts ({s:.0f}s)"),
     )

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from guardrail.tasks.task import UserTurn
+
 ASSETS = Path(__file__).resolve().parent
 
 
@@ -48,3 +50,19 @@ def shipped_eval() -> dict | None:
     """The last full evaluation written next to the adapter, if any."""
     path = ASSETS / "eval.json"
     return json.loads(path.read_text()) if path.exists() else None
+
+
+def trained_turn(adapter: str | Path | None = None) -> UserTurn:
+    """The user turn an adapter was trained on (``None``: the shipped A's).
+
+    Read from the build manifest beside the adapter (a warm start's is its build's, one
+    folder up). Adapters without a manifest, and builds from before the field existed,
+    were trained on ToolRL's turn.
+    """
+    folder = ASSETS if adapter is None else Path(adapter)
+    manifest = folder / "manifest.json"
+    if not manifest.exists() and (folder / "warmstart.json").exists():
+        manifest = folder.parent / "manifest.json"
+    if not manifest.exists():
+        return "toolrl"
+    return json.loads(manifest.read_text()).get("config", {}).get("user_turn", "toolrl")
