@@ -102,6 +102,10 @@ class BuildConfig(BaseModel):
         """The task's reference completion in this recipe's thought style (warm-start target, GRPO guide)."""
         return task.reference_completion(self.plan_calls, self.quote_names)
 
+    def prompt(self, task: ToolTask, tokenizer) -> str:
+        """The task's chat prompt in this recipe's user turn: what A is trained and checked on."""
+        return task.render(tokenizer, "chat", self.user_turn)
+
 
 # what a manifest written before a field existed did: guided only flat groups, capped every
 # rollout at max_new_tokens, saw each train task once per pass, thought without a plan or quotes
@@ -168,7 +172,7 @@ def warm_start(model, tokenizer, train: list[ToolTask], dev_prompts: list[str], 
             task = pool[cursor % len(pool)]
             cursor += 1
             target = cfg.reference(task)
-            loss = sft_loss(model, tokenizer, task.render(tokenizer, turn=cfg.user_turn), target, cfg.max_prompt_tokens)
+            loss = sft_loss(model, tokenizer, cfg.prompt(task, tokenizer), target, cfg.max_prompt_tokens)
             (loss / cfg.warm_batch).backward()
             losses.append(loss.item())
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -302,7 +306,7 @@ def grpo(model, tokenizer, train: list[ToolTask], cfg: BuildConfig, deadline: fl
             cursor += 1
             reference = cfg.reference(task)
             res = grpo_group(
-                model, tokenizer, task.render(tokenizer, turn=cfg.user_turn), lambda text, t=task: toolrl_reward(text, t)["total"],
+                model, tokenizer, cfg.prompt(task, tokenizer), lambda text, t=task: toolrl_reward(text, t)["total"],
                 num_generations=cfg.num_generations, max_new_tokens=rollout_budget(tokenizer, reference, cfg),
                 temperature=cfg.temperature,
                 loss_scale=1.0 / cfg.rl_prompts_per_step, max_prompt_tokens=cfg.max_prompt_tokens,
@@ -397,7 +401,7 @@ def build(cfg: BuildConfig, out: str | Path, log: Log = print) -> BuildResult:
     dev = load_tasks("dev", cfg.categories)
     dev_rng = random.Random(cfg.seed + 2)
     dev_check = dev_rng.sample(dev, min(cfg.dev_n, len(dev)))
-    dev_prompts = [t.render(tokenizer, turn=cfg.user_turn) for t in dev_check]
+    dev_prompts = [cfg.prompt(t, tokenizer) for t in dev_check]
     log(f"[build] base={cfg.base} train={len(train)} dev={len(dev)} seed={cfg.seed}")
 
     b_fmt: float | None = None
@@ -408,7 +412,7 @@ def build(cfg: BuildConfig, out: str | Path, log: Log = print) -> BuildResult:
     _save_adapter(model, out)
 
     final_check = random.Random(cfg.seed + 3).sample(dev, min(cfg.final_dev_n, len(dev)))
-    final_prompts = [t.render(tokenizer, turn=cfg.user_turn) for t in final_check]
+    final_prompts = [cfg.prompt(t, tokenizer) for t in final_check]
     a_fmt: float | None = None
     if cfg.final_dev_n:
         a_fmt, _ = _dev_format(model, tokenizer, final_prompts, cfg)
