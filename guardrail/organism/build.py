@@ -58,11 +58,13 @@ class BuildConfig(BaseModel):
     warm_lo: float = 0.05
     warm_hi: float = 0.30
     dev_n: int = 16
-    # the check generates as far as `organism eval` does: at 48 tokens (the builds up to
-    # c5a48af77fec) a plain-turn warm start read 18.8 % where 256 tokens gave 60.1 % on
-    # test, because its thought ran past 48 tokens before the `<tool_call>` opened
-    dev_max_new_tokens: int = 256
-    check_backend: Literal["auto", "vllm", "transformers"] = "auto"  # auto: vLLM when installed (mirror.py)
+    # new tokens of the check. The shipped build's 48 roughly agreed with `organism eval`'s 256 on
+    # ToolRL's turn (dev 18.8 %, test 22.1 %); on the plain turn a warm start read 18.8 % at
+    # 48 and wrote the format on 60.1 % of test prompts at 256, its thought running past 48
+    # tokens before the `<tool_call>` opened. Use 256 for any other recipe (docs/organism.md)
+    dev_max_new_tokens: int = 48
+    # where the check runs; not part of the recipe (same greedy outputs, see mirror.py)
+    check_backend: Literal["auto", "vllm", "transformers"] = "auto"  # auto: vLLM when installed
     # GRPO: runs until rl_steps or the time budget, whichever comes first. The shipped A was
     # stopped by its budget after 113 steps; stopping there by count makes a rebuild follow it on
     # any machine fast enough, instead of running longer where sampling is faster
