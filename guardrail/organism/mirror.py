@@ -65,13 +65,16 @@ class MirrorEngine:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # apply_model must reach the module
         from vllm import LLM
 
-        from guardrail.eval.backends import model_folder
+        from guardrail.eval.backends import kv_bytes_per_token, model_folder
         from guardrail.residual.vllm_guard import engine_kwargs
 
         self.tokenizer = loaded.tokenizer
         self.max_prompt_tokens = max_prompt_tokens
         max_len = getattr(loaded.model.config, "max_position_embeddings", 4096)
-        self.llm = LLM(model=model_folder(loaded), max_model_len=max_len, **engine_kwargs(kv_cache_memory_bytes=kv_cache_bytes))
+        # vLLM refuses a cache that cannot hold one sequence of max_len; beyond that, fewer
+        # rows decode at once (512 MiB held ~11k tokens of SmolLM2: a check of 32 in 108 s)
+        kv = max(kv_cache_bytes, int(1.1 * kv_bytes_per_token(loaded) * max_len))
+        self.llm = LLM(model=model_folder(loaded), max_model_len=max_len, **engine_kwargs(kv_cache_memory_bytes=kv))
 
     def sync(self, model) -> None:
         """Load ``model``'s current weights (LoRA merged) into the engine."""
