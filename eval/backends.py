@@ -274,8 +274,6 @@ class VLLMBackend:
 
     def generate(self, loaded: Any, prompts: Sequence[str], settings: GenerationSettings, *, layer: int | None = None,
                  patches: Sequence[Patch] | None = None) -> list[str]:
-        from vllm import SamplingParams
-
         llm = self._engine(loaded)
         key = (model_folder(loaded), -1 if layer is None else layer)
         if patches is not None and any(p is not None for p in patches):
@@ -284,16 +282,25 @@ class VLLMBackend:
             if key not in self._hooked:
                 llm.collective_rpc(_install_patch_hook, args=(layer,))
                 self._hooked.add(key)
-        tok = loaded.tokenizer
-        enc = [_tokenize(tok, [p], settings.max_prompt_tokens)["input_ids"][0].tolist() for p in prompts]
-        params = []
-        for i in range(len(prompts)):
-            extra = {PATCH_KEY: patches[i].float().tolist()} if patches is not None and patches[i] is not None else None
-            params.append(SamplingParams(temperature=0.0, max_tokens=settings.max_new_tokens, extra_args=extra, skip_special_tokens=False,
-                                         stop=list(settings.stop) or None, include_stop_str_in_output=True))
-        outs = llm.generate([{"prompt_token_ids": ids} for ids in enc], params, use_tqdm=False)
-        eos = _eos_ids(loaded)
-        return [trim_at_stop(_decode(tok, list(o.outputs[0].token_ids), eos), settings.stop) for o in outs]
+        extras = [{PATCH_KEY: p.float().tolist()} if p is not None else None for p in patches] if patches is not None else None
+        return vllm_greedy(llm, loaded, prompts, settings, extras)
+
+
+def vllm_greedy(llm: Any, loaded: Any, prompts: Sequence[str], settings: GenerationSettings,
+                extras: Sequence[dict | None] | None = None) -> list[str]:
+    """Greedy outputs of ``prompts`` on a vLLM engine serving ``loaded``'s weights, decoded and
+    cut as the transformers backend does (added tokens such as ``<tool_call>`` kept).
+    ``extras[i]``: ``SamplingParams.extra_args`` of prompt i (the patch hook reads them)."""
+    from vllm import SamplingParams
+
+    tok = loaded.tokenizer
+    enc = [_tokenize(tok, [p], settings.max_prompt_tokens)["input_ids"][0].tolist() for p in prompts]
+    params = [SamplingParams(temperature=0.0, max_tokens=settings.max_new_tokens, extra_args=extras[i] if extras else None,
+                             skip_special_tokens=False, stop=list(settings.stop) or None, include_stop_str_in_output=True)
+              for i in range(len(prompts))]
+    outs = llm.generate([{"prompt_token_ids": ids} for ids in enc], params, use_tqdm=False)
+    eos = _eos_ids(loaded)
+    return [trim_at_stop(_decode(tok, list(o.outputs[0].token_ids), eos), settings.stop) for o in outs]
 
 
 PREFIX_TOKENS = 48_000  # default CPU KV cache: ~65 tool prompts of ~700 tokens held for reuse

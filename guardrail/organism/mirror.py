@@ -3,7 +3,7 @@
 The warm start checks format accuracy the way ``organism eval`` scores it: greedy, up to
 256 new tokens. Most rows of a weak model never close a tool call and run to the cap, and
 transformers' padded batch decoding paid ~1.4 s a step for 16 such rows here (363 s per
-check); the same check on vLLM takes about a minute. The engine loads the base once;
+check); on vLLM a check of 32 such rows took 108 s. The engine loads the base once;
 :meth:`MirrorEngine.sync` copies the LoRA-merged projection weights into it before each
 check.
 """
@@ -42,7 +42,7 @@ def _set_linear(linear: torch.nn.Module, weight: torch.Tensor) -> None:
         linear.weight.copy_(weight.to(linear.weight.dtype))
 
 
-def _push(vllm_model: Any, state: dict[str, torch.Tensor]) -> int:
+def _push(vllm_model: Any, state: dict[str, torch.Tensor]) -> None:
     """Copy a HF Llama/Qwen2 state into vLLM's fused projections (qkv, o, gate_up, down)."""
     for i, layer in enumerate(vllm_model.model.layers):
         p = f"model.layers.{i}."
@@ -51,7 +51,6 @@ def _push(vllm_model: Any, state: dict[str, torch.Tensor]) -> int:
         _set_linear(attn.o_proj, state[p + "self_attn.o_proj.weight"])
         _set_linear(mlp.gate_up_proj, torch.cat([state[p + "mlp.gate_proj.weight"], state[p + "mlp.up_proj.weight"]]))
         _set_linear(mlp.down_proj, state[p + "mlp.down_proj.weight"])
-    return len(vllm_model.model.layers)
 
 
 class MirrorEngine:
@@ -68,7 +67,7 @@ class MirrorEngine:
         from guardrail.eval.backends import kv_bytes_per_token, model_folder
         from guardrail.residual.vllm_guard import engine_kwargs
 
-        self.tokenizer = loaded.tokenizer
+        self.loaded = loaded
         self.max_prompt_tokens = max_prompt_tokens
         max_len = getattr(loaded.model.config, "max_position_embeddings", 4096)
         # vLLM refuses a cache that cannot hold one sequence of max_len; beyond that, fewer
@@ -82,18 +81,14 @@ class MirrorEngine:
         self.llm.apply_model(lambda m: _push(m, state))
 
     def generate(self, prompts: Sequence[str], max_new_tokens: int, stop: Sequence[str]) -> list[str]:
-        """Greedy completions, cut after the first stop string (as ``generation.generate``)."""
-        from vllm import SamplingParams
+        """Greedy completions, decoded and cut at the first stop string as ``organism eval``'s are."""
+        from guardrail.eval.backends import GenerationSettings, vllm_greedy
 
-        from guardrail.eval.backends import _tokenize, trim_at_stop
-
-        ids = [_tokenize(self.tokenizer, [p], self.max_prompt_tokens)["input_ids"][0].tolist() for p in prompts]
-        params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, stop=list(stop) or None, include_stop_str_in_output=True)
-        outs = self.llm.generate([{"prompt_token_ids": i} for i in ids], params, use_tqdm=False)
-        return [trim_at_stop(o.outputs[0].text, stop) for o in outs]
+        settings = GenerationSettings(max_new_tokens=max_new_tokens, max_prompt_tokens=self.max_prompt_tokens, stop=tuple(stop))
+        return vllm_greedy(self.llm, self.loaded, prompts, settings)
 
     def close(self) -> None:
-        """Free the engine (its KV cache and weights) before the memory-hungry GRPO phase."""
+        """Free the engine (its KV cache and weights) once the build's checks are done."""
         import gc
 
         del self.llm
