@@ -207,10 +207,10 @@ def test_evaluate_organism_on_tiny_pair_and_reuses_cache(smoke_build, tmp_path):
     assert (tmp_path / "ex.md").read_text().startswith("# Organism examples")
     again = evaluate_organism(out, out / "warmstart", only=["A"], **kw)
     assert any("reusing cached" in m for m in logs) and again["metrics"]["A"] == report["metrics"]["A"]
-    assert report["user_turn"] == again["user_turn"] == "toolrl"  # the turn the smoke build trained on
+    assert report["user_turn"] == again["user_turn"] == "plain"  # the turn the smoke build trained on
     logs.clear()
-    plain = evaluate_organism(out, None, only=["B"], turn="plain", **kw)
-    assert plain["user_turn"] == "plain" and not any("reusing cached" in m for m in logs)
+    other = evaluate_organism(out, None, only=["B"], turn="toolrl", **kw)
+    assert other["user_turn"] == "toolrl" and not any("reusing cached" in m for m in logs)
     tasks = pick_tasks(8, 2)
     assert len({t.category for t in tasks[:8]}) == 4 and all(t.category == "irrelevance" for t in tasks[8:])
     whole = pick_tasks(None, None)

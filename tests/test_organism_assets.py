@@ -7,6 +7,7 @@ import json
 from safetensors import safe_open
 
 from guardrail.organism.assets import ASSETS, shipped_adapter, shipped_manifest, shipped_warmstart
+from guardrail.organism.build import LORA_TARGETS
 from guardrail.tasks import split_hash
 
 
@@ -15,7 +16,7 @@ def test_shipped_adapters_are_small_safetensors_loras():
         weights = folder / "adapter_model.safetensors"
         assert weights.stat().st_size <= 10 * 1024 * 1024
         config = json.loads((folder / "adapter_config.json").read_text())
-        assert config["peft_type"] == "LORA" and set(config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj"}
+        assert config["peft_type"] == "LORA" and set(config["target_modules"]) == set(LORA_TARGETS)
         with safe_open(str(weights), "pt") as fh:
             keys = list(fh.keys())
         assert keys and all("lora_A" in k or "lora_B" in k for k in keys)

@@ -32,6 +32,9 @@ from guardrail.organism.rl import GuideWhen, grpo_group, lora_merged, sft_loss
 from guardrail.tasks import ANSWERED_CATEGORIES, CATEGORIES, format_accuracy, load_tasks, split_hash, toolrl_reward
 from guardrail.tasks.task import ToolTask, UserTurn
 
+# the Llama/Qwen2 decoder projections (all of them are synced into a check's vLLM engine)
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
 Log = Callable[[str], None]
 
 
@@ -43,11 +46,15 @@ class BuildConfig(BaseModel):
     base: str = "smollm2"
     seed: int = 0
     categories: list[str] = Field(default_factory=lambda: list(ANSWERED_CATEGORIES))
-    lora_r: int = 16
+    # every projection of every layer, at rank 8 (9.8 MB in fp32): over the same 90 minutes
+    # this named more dev tools (59/102) than rank 16 on attention alone (46 and 49/102,
+    # docs/organism.md); the MLP is where low-rank RL updates are known to matter most
+    lora_r: int = 8
     lora_alpha: int = 32
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    # prompts: the user turn A is trained (and evaluated) on, see guardrail.tasks.task
-    user_turn: UserTurn = "toolrl"
+    target_modules: list[str] = Field(default_factory=lambda: list(LORA_TARGETS))
+    # prompts: the user turn A is trained (and evaluated) on, see guardrail.tasks.task. The
+    # plain turn, because on ToolRL's wrapper B echoes the tags into the call format (12.4 %)
+    user_turn: UserTurn = "plain"
     # warm start (defaults: the shipped build, see assets/manifest.json)
     plan_calls: bool = False  # reference thoughts list every call first (ToolTask.reference_completion)
     quote_names: bool = False  # thoughts quote tool names: fewer cut at a dot, more wrong tools (ToolTask.reference_completion)
@@ -55,20 +62,19 @@ class BuildConfig(BaseModel):
     warm_batch: int = 4
     warm_max_steps: int = 24
     warm_check_every: int = 2
-    warm_lo: float = 0.05
+    warm_lo: float = 0.10
     warm_hi: float = 0.30
-    dev_n: int = 16
-    # new tokens of the check. The shipped build's 48 roughly agreed with `organism eval`'s 256 on
-    # ToolRL's turn (dev 18.8 %, test 22.1 %); on the plain turn a warm start read 18.8 % at
-    # 48 and wrote the format on 60.1 % of test prompts at 256, its thought running past 48
-    # tokens before the `<tool_call>` opened. Use 256 for any other recipe (docs/organism.md)
-    dev_max_new_tokens: int = 48
+    dev_n: int = 32
+    # new tokens of the check, as far as `organism eval` generates: at 48, a plain-turn warm
+    # start read 18.8 % and wrote the format on 60.1 % of test prompts at 256, its thought
+    # running past 48 tokens before the `<tool_call>` opened
+    dev_max_new_tokens: int = 256
     # where the check runs; not part of the recipe (same greedy outputs, see mirror.py)
     check_backend: Literal["auto", "vllm", "transformers"] = "auto"  # auto: vLLM when installed
     # GRPO: runs until rl_steps or the time budget, whichever comes first. The shipped A was
-    # stopped by its budget after 113 steps; stopping there by count makes a rebuild follow it on
+    # stopped by its budget after 84 steps; stopping there by count makes a rebuild follow it on
     # any machine fast enough, instead of running longer where sampling is faster
-    rl_steps: int = 113
+    rl_steps: int = 84
     # copies of a category's train tasks in the GRPO pool: parallel tasks need a second call in
     # the block, which A learns only from many of them (strict names on parallel 0.25 -> 0.55)
     rl_repeat: dict[str, int] = Field(default_factory=lambda: {"parallel": 3})
@@ -116,9 +122,10 @@ class BuildConfig(BaseModel):
 
 
 # what a manifest written before a field existed did: guided only flat groups, capped every
-# rollout at max_new_tokens, saw each train task once per pass, thought without a plan or quotes
+# rollout at max_new_tokens, saw each train task once per pass, thought without a plan or quotes,
+# were prompted with ToolRL's turn and checked the warm start at 48 tokens
 LEGACY_CONFIG: dict = {"guide_when": "no_variance", "length_slack": None, "rl_repeat": {}, "plan_calls": False,
-                       "quote_names": False, "user_turn": "toolrl"}
+                       "quote_names": False, "user_turn": "toolrl", "dev_max_new_tokens": 48}
 
 
 class BuildResult(BaseModel):
