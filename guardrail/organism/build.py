@@ -48,7 +48,8 @@ class BuildConfig(BaseModel):
     categories: list[str] = Field(default_factory=lambda: list(ANSWERED_CATEGORIES))
     # every projection of every layer, at rank 8 (9.8 MB in fp32): over the same 90 minutes
     # this named more dev tools (59/102) than rank 16 on attention alone (46 and 49/102,
-    # docs/organism.md); the MLP is where low-rank RL updates are known to matter most
+    # docs/organism.md). Attention-only LoRA is known to lag LoRA that includes the MLP
+    # (Schulman et al. 2025, "LoRA Without Regret"); one build per recipe does not prove it here
     lora_r: int = 8
     lora_alpha: int = 32
     target_modules: list[str] = Field(default_factory=lambda: list(LORA_TARGETS))
