@@ -11,6 +11,7 @@ from peft import LoraConfig, get_peft_model
 from guardrail.models import load_model
 from guardrail.organism.build import BuildConfig, build
 from guardrail.organism.evaluate import examples_markdown, score_outputs
+from guardrail.organism.generation import encode_prompts
 from guardrail.organism.rl import completion_logprobs, completion_mask, grpo_group
 from guardrail.tasks import load_tasks
 
@@ -314,5 +315,26 @@ def test_mirror_engine_follows_the_lora_under_training():
                 want = generate(model, tok, prompts, max_new_tokens=6, max_prompt_tokens=64, stop_strings=())
             base = generate(loaded.model, tok, prompts, max_new_tokens=6, max_prompt_tokens=64, stop_strings=())
             assert got == want and got != base
+            # GRPO's groups, drawn at temperature 0 (vLLM floors a temperature above 0 at 0.01, and
+            # this random model's top logits lie closer than that): the greedy tokens of the synced
+            # weights, so a prompt prefix cached under the previous weights would show here
+            ids = [encode_prompts(tok, [p], 64)["input_ids"][0].tolist() for p in prompts]
+            groups = mirror.sample(ids, 1, [6, 6, 6], 0.0, stop=())
+            for (comp, mask, texts), want_text in zip(groups, want):
+                assert comp.shape == (1, 7) and texts == [want_text]
+                assert mask[:, -1].sum() == 0  # ran out of tokens: the closing EOS is not trained
     finally:
         mirror.close()
+
+
+def test_close_rollouts_ends_each_turn_once():
+    """Rows of different lengths: EOS-ended, stop-string-ended and truncated rows get the mask
+    sample_group gives them (the ending EOS trained, a truncated row's closing EOS not)."""
+    from guardrail.organism.rl import close_rollouts
+
+    _, tok = _tiny_lora()
+    eos = tok.eos_token_id
+    comp, mask, texts = close_rollouts(tok, [[50, 60, eos], [50, 60, 70, 80], [50]], [False, False, True])
+    assert comp.tolist() == [[50, 60, eos, eos, eos], [50, 60, 70, 80, eos], [50, eos, eos, eos, eos]]
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
+    assert texts == [tok.decode([50, 60]), tok.decode([50, 60, 70, 80]), tok.decode([50])]

@@ -7,7 +7,8 @@ completion with the LoRA unmerged and back-propagates through all ~700 prompt to
 every completion. That leaves ~20–40 RL steps in the 90-minute build budget. This loop
 does the same GRPO update with three savings:
 
-1. sampling runs with the LoRA merged into the weights (no adapter matmuls per token);
+1. sampling runs with the LoRA merged into the weights (no adapter matmuls per token),
+   here or on a vLLM engine holding the merged weights (``MirrorEngine.sample``);
 2. each prompt is prefilled once per group (no gradient) and its key/value cache is
    shared by the group's completions;
 3. the gradient flows through the completion tokens only: the prompt's cached keys and
@@ -132,6 +133,10 @@ def _needs_guide(rewards: torch.Tensor, guide_reward: float, when: GuideWhen) ->
     raise ValueError(f"unknown guide_when {when!r}; choose 'no_variance' or 'below_reference'")
 
 
+# one prompt's sampled group: token ids [n, C], their loss mask [n, C], decoded texts
+Rollouts = tuple[torch.Tensor, torch.Tensor, list[str]]
+
+
 @dataclass
 class GroupResult:
     """One GRPO group: the completions of one prompt, their rewards and the loss term."""
@@ -164,7 +169,7 @@ def lora_merged(model):
 
 @torch.no_grad()
 def sample_group(model, tokenizer, prompt_ids: torch.Tensor, n: int, max_new_tokens: int, temperature: float,
-                 stop_strings: Sequence[str] = STOP_STRINGS) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+                 stop_strings: Sequence[str] = STOP_STRINGS) -> Rollouts:
     """``n`` sampled completions of one prompt: token ids ``[n, C]``, their mask, and texts.
 
     The prompt is prefilled once and its cache shared by the ``n`` rows (``generate``
@@ -194,11 +199,24 @@ def sample_group(model, tokenizer, prompt_ids: torch.Tensor, n: int, max_new_tok
                 break
     model.train(was_training)
     comp = torch.cat(rows, dim=1)
-    stopped = torch.full((n, 1), eos, dtype=comp.dtype)
-    comp = torch.cat([comp, stopped], dim=1)  # rows closed by a stop string end their turn
+    truncated = ~(comp == eos).any(dim=1) & ~torch.tensor([any(st in t for st in stop_strings) for t in texts])
+    return close_rollouts(tokenizer, comp.tolist(), truncated.tolist())
+
+
+def close_rollouts(tokenizer, rows: Sequence[Sequence[int]], truncated: Sequence[bool]) -> Rollouts:
+    """Sampled token rows as GRPO trains on them: ``[n, C+1]`` ids, their mask, and texts.
+
+    Every row is padded with EOS and closed by one more: a row that stopped on a stop string
+    thereby ends its turn there, and the mask covers it up to and including its first EOS.
+    A ``truncated`` row ran out of tokens without ending its turn: its closing EOS is masked.
+    """
+    eos = tokenizer.eos_token_id
+    width = max(len(r) for r in rows) + 1
+    comp = torch.tensor([list(r) + [eos] * (width - len(r)) for r in rows], dtype=torch.long)
     mask = completion_mask(comp, eos)
-    truncated = ~(comp[:, :-1] == eos).any(dim=1) & ~torch.tensor([any(st in t for st in stop_strings) for t in texts])
-    mask[truncated, -1] = 0.0  # ran out of tokens: no end of turn was produced
+    for i, (row, cut) in enumerate(zip(rows, truncated)):
+        if cut:
+            mask[i, len(row):] = 0.0
     texts = [tokenizer.decode(row[: int(m.sum())], skip_special_tokens=True) for row, m in zip(comp, mask)]
     return comp, mask, texts
 
@@ -218,7 +236,29 @@ def grpo_group(
     guide: str | None = None,
     guide_when: GuideWhen = "below_reference",
 ) -> GroupResult:
-    """Sample a group, score it, and accumulate ``loss_scale ×`` its GRPO loss gradient.
+    """Sample a group with ``model`` itself, then :func:`grpo_update` on it."""
+    prompt_ids = encode_prompts(tokenizer, [prompt], max_prompt_tokens)["input_ids"]
+    rollouts = sample_group(model, tokenizer, prompt_ids, num_generations, max_new_tokens, temperature, stop_strings)
+    return grpo_update(model, tokenizer, prompt_ids, rollouts, reward_fn, temperature=temperature, loss_scale=loss_scale,
+                       guide=guide, guide_when=guide_when)
+
+
+def grpo_update(
+    model,
+    tokenizer,
+    prompt_ids: torch.Tensor,
+    rollouts: Rollouts,
+    reward_fn: Callable[[str], float],
+    *,
+    temperature: float,
+    loss_scale: float,
+    guide: str | None = None,
+    guide_when: GuideWhen = "below_reference",
+) -> GroupResult:
+    """Score a sampled group and accumulate ``loss_scale ×`` its GRPO loss gradient.
+
+    The rollouts may come from ``model`` (:func:`sample_group`) or from a vLLM engine holding
+    its merged weights (``MirrorEngine.sample``): the update needs only their tokens.
 
     ``guide``: a reference completion mixed into the group, in the spirit of off-policy
     guidance for GRPO (LUFFY, Yan et al. 2025). ``guide_when="no_variance"`` adds it only
@@ -228,10 +268,9 @@ def grpo_group(
     ``<tool_call>`` block for BFCL's parallel tasks. Once the policy's best sample is as
     good as the reference, the group is purely on-policy.
     """
-    prompt_ids = encode_prompts(tokenizer, [prompt], max_prompt_tokens)["input_ids"]
-    comp, mask, texts = sample_group(model, tokenizer, prompt_ids, num_generations, max_new_tokens, temperature, stop_strings)
+    comp, mask, texts = rollouts
     rewards = torch.tensor([reward_fn(t) for t in texts], dtype=torch.float32)
-    std = rewards.std() if num_generations > 1 else torch.tensor(0.0)
+    std = rewards.std() if len(texts) > 1 else torch.tensor(0.0)
     guided = False
     if guide is not None:
         g_reward = reward_fn(guide)
