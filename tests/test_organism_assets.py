@@ -49,8 +49,8 @@ def test_build_defaults_reproduce_the_shipped_build():
     # the shipped build asked for up to 1000 GRPO steps and its time budget stopped it: the
     # recipe is the steps it ran
     shipped = LEGACY_CONFIG | manifest["config"] | {"rl_steps": manifest["rl"]["steps"]}
-    # how many cores this machine lends torch, which engine runs the greedy format check and
-    # which one draws GRPO's samples (from the same distribution) are not part of the recipe
-    machine = {"threads", "check_backend", "rollout_backend"}
+    # how many cores this machine lends torch, and which engine runs the greedy format
+    # check, are not part of the recipe (the engine that draws GRPO's samples is)
+    machine = {"threads", "check_backend"}
     assert {k: v for k, v in BuildConfig().model_dump().items() if k not in machine} == \
         {k: v for k, v in shipped.items() if k not in machine}

@@ -72,9 +72,10 @@ class BuildConfig(BaseModel):
     dev_max_new_tokens: int = 256
     # where the check runs; not part of the recipe (same greedy outputs, see mirror.py)
     check_backend: Literal["auto", "vllm", "transformers"] = "auto"  # auto: vLLM when installed
-    # where GRPO draws its groups (auto: vLLM when installed): the same distribution, other draws.
-    # vLLM's groups are ~3x faster, so more steps fit the budget than when transformers draws them
-    rollout_backend: Literal["auto", "vllm", "transformers"] = "auto"
+    # where GRPO draws its groups (auto: vLLM when installed). vLLM fitted 142 steps in the budget
+    # where transformers fitted 84, but its draws differ, so a rebuild of the shipped A (drawn by
+    # transformers) needs transformers; "vllm" is the faster recipe (docs/organism.md)
+    rollout_backend: Literal["auto", "vllm", "transformers"] = "transformers"
     # GRPO: runs until rl_steps or the time budget, whichever comes first. The shipped A was
     # stopped by its budget after 84 steps; stopping there by count makes a rebuild follow it on
     # any machine fast enough, instead of running longer where sampling is faster
@@ -289,7 +290,7 @@ def _resume_rl(model, folder: Path, log: Log) -> dict:
 
 def _rl_segment(cfg: BuildConfig, rl: dict) -> dict:
     keys = ("user_turn", "plan_calls", "quote_names", "rl_lr", "rl_repeat", "rl_prompts_per_step", "num_generations", "max_new_tokens",
-            "length_slack", "temperature", "guidance", "guide_when", "threads")
+            "length_slack", "temperature", "guidance", "guide_when", "rollout_backend", "threads")
     return {"steps": rl["steps"], "seconds": rl["seconds"], **{k: getattr(cfg, k) for k in keys}}
 
 
