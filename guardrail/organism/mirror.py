@@ -3,12 +3,16 @@
 The warm start checks format accuracy the way ``organism eval`` scores it: greedy, up to
 256 new tokens. Most rows of a weak model never close a tool call and run to the cap, and
 transformers' padded batch decoding paid ~1.4 s a step for 16 such rows here (363 s per
-check); on vLLM a check of 32 such rows took 108 s. GRPO draws its groups here too (as
-TRL's ``use_vllm`` does): two groups of 8 in one call, the prompt prefilled once per group
-by the prefix cache, decoded ×2.8 the tokens per second of transformers drawing them
-group by group (``benchmarks/bench_grpo_rollouts.py``: 45.6 s against 131.9 s for 4 steps). The engine loads the base once;
-:meth:`MirrorEngine.sync` copies the LoRA-merged projection weights into it and drops the
-prefix cache, whose keys and values the old weights computed.
+check); on vLLM a check of 32 such rows took 108 s.
+
+GRPO can draw its groups here too (``rollout_backend="vllm"``, as TRL's ``use_vllm``): a
+step's groups of 8 go in one call, each prompt prefilled once for its rows by the prefix
+cache. That decoded ×2.8 the tokens per second of transformers drawing them group by
+group (``benchmarks/bench_grpo_rollouts.py``: 45.6 s against 131.9 s for 4 steps).
+
+The engine loads the base once; :meth:`MirrorEngine.sync` copies the LoRA-merged
+projection weights into it and drops the prefix cache, whose keys and values the old
+weights computed.
 """
 
 from __future__ import annotations
