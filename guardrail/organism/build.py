@@ -157,22 +157,24 @@ def _dev_format(model, tokenizer, prompts: list[str], cfg: BuildConfig, mirror: 
     return sum(map(format_accuracy, texts)) / max(len(texts), 1), texts
 
 
-def _mirror(loaded, cfg: BuildConfig, log: Log) -> MirrorEngine | None:
-    """The vLLM engine for the build's format checks and GRPO rollouts, or None for transformers."""
+def _engines(loaded, cfg: BuildConfig, log: Log) -> tuple[MirrorEngine | None, MirrorEngine | None]:
+    """The vLLM engine for the build's format checks and for GRPO's rollouts (one engine
+    serves both), each None where transformers does that job."""
     from guardrail.eval.backends import vllm_available
 
     warm_checks = cfg.dev_n and (cfg.check_base or not (cfg.resume_rl or cfg.resume_warmstart))
-    wanted = {"checks": cfg.check_backend != "transformers" and (warm_checks or cfg.final_dev_n),
+    wanted = {"checks": cfg.check_backend != "transformers" and bool(warm_checks or cfg.final_dev_n),
               "rollouts": cfg.rollout_backend != "transformers" and cfg.rl_steps > 0}
     uses = [use for use, yes in wanted.items() if yes]
     if not uses:
-        return None
+        return None, None
     if not vllm_available():
         if "vllm" in (cfg.check_backend, cfg.rollout_backend):
             raise RuntimeError("check_backend or rollout_backend is 'vllm' but vLLM is not installed: `pip install guardrail[vllm]`")
-        return None
+        return None, None
     log(f"[build] {' and '.join(uses)} on vLLM (synced with the LoRA before each use)")
-    return MirrorEngine(loaded, cfg.max_prompt_tokens)
+    engine = MirrorEngine(loaded, cfg.max_prompt_tokens)
+    return (engine if wanted["checks"] else None), (engine if wanted["rollouts"] else None)
 
 
 def _lora_state(model) -> dict[str, torch.Tensor]:
@@ -472,9 +474,7 @@ def build(cfg: BuildConfig, out: str | Path, log: Log = print) -> BuildResult:
     dev_prompts = [cfg.prompt(t, tokenizer) for t in dev_check]
     log(f"[build] base={cfg.base} train={len(train)} dev={len(dev)} seed={cfg.seed}")
 
-    mirror = _mirror(loaded, cfg, log)
-    checks = mirror if cfg.check_backend != "transformers" else None
-    rollouts = mirror if cfg.rollout_backend != "transformers" else None
+    checks, rollouts = _engines(loaded, cfg, log)
     b_fmt: float | None = None
     if cfg.check_base and cfg.dev_n:
         b_fmt, _ = _dev_format(model, tokenizer, dev_prompts, cfg, checks)
@@ -488,8 +488,8 @@ def build(cfg: BuildConfig, out: str | Path, log: Log = print) -> BuildResult:
     if cfg.final_dev_n:
         a_fmt, _ = _dev_format(model, tokenizer, final_prompts, cfg, checks)
         log(f"[build] A dev format {a_fmt:.1%}")
-    if mirror is not None:
-        mirror.close()
+    if checks or rollouts:
+        (checks or rollouts).close()
     metrics = {"dev_format_B": b_fmt, "dev_format_warmstart": warm["dev_format"], "dev_format_A": a_fmt,
                "dev_n": len(dev_prompts), "final_dev_n": len(final_prompts)}
     manifest = _manifest(cfg, warm, rl, metrics, time.time() - t_start, previous)
