@@ -130,6 +130,22 @@ def test_resume_rl_continues_history_and_keeps_the_warm_start(smoke_build, tmp_p
         build(BuildConfig(**(TINY | {"resume_rl": str(out), "resume_warmstart": str(out / "warmstart")})), tmp_path / "x", log=lambda m: None)
 
 
+def test_selection_keeps_the_adapter_of_the_best_dev_check(smoke_build, tmp_path):
+    from safetensors.torch import load_file
+
+    out, _ = smoke_build
+    base = TINY | {"check_base": False, "final_dev_n": 0, "dev_max_new_tokens": 4}
+    picked = build(BuildConfig(**(base | {"select_every": 1})), tmp_path / "picked", log=lambda m: None).manifest["rl"]
+    # the random pair names no tool: every check ties at 0 and the first (step 1) is kept
+    assert [h["step"] for h in picked["selected"]["history"]] == [1, 2] and picked["selected"]["step"] == 1
+    assert picked["steps"] == 2 and picked["selected"]["n"] == len([t for t in load_tasks("dev") if t.possible_answer])
+    one_step = build(BuildConfig(**(base | {"rl_steps": 1})), tmp_path / "one", log=lambda m: None)
+    weights = lambda folder: load_file(str(folder / "adapter_model.safetensors"))  # noqa: E731
+    kept, after_one, after_two = weights(tmp_path / "picked"), weights(tmp_path / "one"), weights(out)
+    assert all(torch.equal(kept[k], after_one[k]) for k in kept)
+    assert any(not torch.equal(kept[k], after_two[k]) for k in kept)
+
+
 def test_rollout_budget_follows_the_reference_length():
     from guardrail.organism.build import rollout_budget
 

@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from guardrail.organism.generation import STOP_STRINGS, encode_prompts, generate
 from guardrail.organism.mirror import MirrorEngine
 from guardrail.organism.rl import GuideWhen, Rollouts, grpo_update, lora_merged, sample_group, sft_loss
-from guardrail.tasks import ANSWERED_CATEGORIES, CATEGORIES, format_accuracy, load_tasks, split_hash, toolrl_reward
+from guardrail.tasks import ANSWERED_CATEGORIES, CATEGORIES, format_accuracy, load_tasks, split_hash, strict_metrics, toolrl_reward
 from guardrail.tasks.task import ToolTask, UserTurn
 
 # the Llama/Qwen2 decoder projections (all of them are synced into a check's vLLM engine)
@@ -80,6 +80,12 @@ class BuildConfig(BaseModel):
     # stopped by its budget after 84 steps; stopping there by count makes a rebuild follow it on
     # any machine fast enough, instead of running longer where sampling is faster
     rl_steps: int = 84
+    # every this many GRPO steps (from select_from on) and after the last one, measure strict
+    # tool-name accuracy on every answered dev task (greedy, 256 tokens, as `organism eval`) and
+    # keep the adapter of the best check (the first, on ties): a longer run may learn to loop its
+    # calls (docs/organism.md), and dev, not the step count, then says where to stop. 0: the last step
+    select_every: int = 0
+    select_from: int = 0
     # copies of a category's train tasks in the GRPO pool: parallel tasks need a second call in
     # the block, which A learns only from many of them (strict names on parallel 0.25 -> 0.55)
     rl_repeat: dict[str, int] = Field(default_factory=lambda: {"parallel": 3})
@@ -128,9 +134,11 @@ class BuildConfig(BaseModel):
 
 # what a manifest written before a field existed did: guided only flat groups, capped every
 # rollout at max_new_tokens, saw each train task once per pass, thought without a plan or quotes,
-# were prompted with ToolRL's turn, checked the warm start at 48 tokens and sampled GRPO's groups in transformers
+# were prompted with ToolRL's turn, checked the warm start at 48 tokens, sampled GRPO's groups in transformers
+# and kept the last step's adapter
 LEGACY_CONFIG: dict = {"guide_when": "no_variance", "length_slack": None, "rl_repeat": {}, "plan_calls": False,
-                       "quote_names": False, "user_turn": "toolrl", "dev_max_new_tokens": 48, "rollout_backend": "transformers"}
+                       "quote_names": False, "user_turn": "toolrl", "dev_max_new_tokens": 48, "rollout_backend": "transformers",
+                       "select_every": 0, "select_from": 0}
 
 
 class BuildResult(BaseModel):
@@ -140,21 +148,72 @@ class BuildResult(BaseModel):
     manifest: dict
 
 
-def _dev_format(model, tokenizer, prompts: list[str], cfg: BuildConfig, mirror: MirrorEngine | None = None) -> tuple[float, list[str]]:
-    """Greedy format accuracy on ``prompts``, as ``organism eval`` would score it at this length.
+def _greedy(model, tokenizer, prompts: list[str], cfg: BuildConfig, mirror: MirrorEngine | None,
+            stop_when: Callable[[str], bool] | None = None) -> list[str]:
+    """Greedy completions of the model's current weights, cut as ``organism eval`` cuts them.
 
-    With a ``mirror`` (vLLM) the model's current weights are synced into it first. Without,
-    transformers generates with the LoRA merged, and a row stops once it is in the format
-    (the verdict cannot change after that).
+    With a ``mirror`` (vLLM) the weights are synced into it first. Without, transformers
+    generates with the LoRA merged, and a row stops early once ``stop_when`` holds.
     """
     if mirror is not None:
         mirror.sync(model)
-        texts = mirror.generate(prompts, cfg.dev_max_new_tokens, STOP_STRINGS)
-    else:
-        with lora_merged(model):
-            texts = generate(model, tokenizer, prompts, max_new_tokens=cfg.dev_max_new_tokens, batch_size=cfg.gen_batch,
-                             max_prompt_tokens=cfg.max_prompt_tokens, stop_when=format_accuracy)
+        return mirror.generate(prompts, cfg.dev_max_new_tokens, STOP_STRINGS)
+    with lora_merged(model):
+        return generate(model, tokenizer, prompts, max_new_tokens=cfg.dev_max_new_tokens, batch_size=cfg.gen_batch,
+                        max_prompt_tokens=cfg.max_prompt_tokens, stop_when=stop_when)
+
+
+def _dev_format(model, tokenizer, prompts: list[str], cfg: BuildConfig, mirror: MirrorEngine | None = None) -> tuple[float, list[str]]:
+    """Greedy format accuracy on ``prompts``, as ``organism eval`` would score it at this length
+    (a row's verdict cannot change once it is in the format, so transformers stops it there)."""
+    texts = _greedy(model, tokenizer, prompts, cfg, mirror, stop_when=format_accuracy)
     return sum(map(format_accuracy, texts)) / max(len(texts), 1), texts
+
+
+class Selection:
+    """Dev checks during GRPO that keep the LoRA state of the best one (``select_every``).
+
+    The score is ``organism eval``'s strict tool-name accuracy on every answered dev task,
+    so the chosen step is the one the dev split itself would pick; the test split stays unseen.
+    """
+
+    def __init__(self, model, tokenizer, dev: list[ToolTask], cfg: BuildConfig, log: Log,
+                 mirror: MirrorEngine | None = None) -> None:
+        self.model, self.cfg, self.log, self.mirror = model, cfg, log, mirror
+        self.tasks = [t for t in dev if t.possible_answer]
+        self.prompts = [cfg.prompt(t, tokenizer) for t in self.tasks]
+        self.tokenizer = tokenizer
+        self.history: list[dict] = []
+        self.best: dict | None = None
+        self._state: dict[str, torch.Tensor] | None = None
+
+    def due(self, step: int) -> bool:
+        return step >= self.cfg.select_from and step % self.cfg.select_every == 0
+
+    @property
+    def reserve_s(self) -> float:
+        """Time the check after the last step will take (as long as the latest check did)."""
+        return self.history[-1]["seconds"] if self.history else 0.0
+
+    def check(self, step: int) -> None:
+        t0 = time.time()
+        texts = _greedy(self.model, self.tokenizer, self.prompts, self.cfg, self.mirror)
+        names = sum(strict_metrics(x, t.possible_answer)["name_correct"] for x, t in zip(texts, self.tasks))
+        rec = {"step": step, "dev_names": names, "n": len(self.tasks), "seconds": time.time() - t0}
+        self.history.append(rec)
+        if self.best is None or names > self.best["dev_names"]:
+            self.best, self._state = rec, _lora_state(self.model)
+        self.log(f"[select] step {step}: dev strict names {names}/{len(self.tasks)} "
+                 f"(best {self.best['dev_names']} at step {self.best['step']}, {rec['seconds']:.0f}s)")
+
+    def finish(self, last_step: int) -> dict:
+        """Check the last step (unless just checked), load the best state; the record for the manifest."""
+        if not self.history or self.history[-1]["step"] != last_step:
+            self.check(last_step)
+        _load_lora_state(self.model, self._state)
+        self.log(f"[select] adapter of step {self.best['step']} kept ({self.best['dev_names']}/{self.best['n']} dev names)")
+        return {"metric": "strict tool-name accuracy, answered dev tasks, greedy", "step": self.best["step"],
+                "dev_names": self.best["dev_names"], "n": self.best["n"], "history": self.history}
 
 
 def _engines(loaded, cfg: BuildConfig, log: Log) -> tuple[MirrorEngine | None, MirrorEngine | None]:
@@ -163,7 +222,7 @@ def _engines(loaded, cfg: BuildConfig, log: Log) -> tuple[MirrorEngine | None, M
     from guardrail.eval.backends import vllm_available
 
     warm_checks = cfg.dev_n and (cfg.check_base or not (cfg.resume_rl or cfg.resume_warmstart))
-    wanted = {"checks": cfg.check_backend != "transformers" and bool(warm_checks or cfg.final_dev_n),
+    wanted = {"checks": cfg.check_backend != "transformers" and bool(warm_checks or cfg.final_dev_n or cfg.select_every),
               "rollouts": cfg.rollout_backend != "transformers" and cfg.rl_steps > 0}
     uses = [use for use, yes in wanted.items() if yes]
     if not uses:
@@ -292,7 +351,7 @@ def _resume_rl(model, folder: Path, log: Log) -> dict:
 
 def _rl_segment(cfg: BuildConfig, rl: dict) -> dict:
     keys = ("user_turn", "plan_calls", "quote_names", "rl_lr", "rl_repeat", "rl_prompts_per_step", "num_generations", "max_new_tokens",
-            "length_slack", "temperature", "guidance", "guide_when", "rollout_backend", "threads")
+            "length_slack", "temperature", "guidance", "guide_when", "rollout_backend", "select_every", "select_from", "threads")
     return {"steps": rl["steps"], "seconds": rl["seconds"], **{k: getattr(cfg, k) for k in keys}}
 
 
@@ -310,7 +369,7 @@ def _merge_rl(previous: dict, cfg: BuildConfig, rl: dict) -> dict:
         "history": old["history"] + rl["history"],
         "seconds": old["seconds"] + rl["seconds"],
         "segments": segments + [_rl_segment(cfg, rl) | {"resumed_from": cfg.resume_rl, "adam_restarted": True}],
-    }
+    } | ({"selected": rl["selected"]} if "selected" in rl else {})
 
 
 def rollout_budget(tokenizer, reference: str, cfg: BuildConfig) -> int:
@@ -347,10 +406,13 @@ def _rollouts(model, tokenizer, tasks: list[ToolTask], cfg: BuildConfig,
 
 
 def grpo(model, tokenizer, train: list[ToolTask], cfg: BuildConfig, deadline: float, log: Log, *,
-         first_step: int = 1, first_prompt: int = 0, mirror: MirrorEngine | None = None) -> dict:
+         first_step: int = 1, first_prompt: int = 0, mirror: MirrorEngine | None = None,
+         selection: Selection | None = None) -> dict:
     """GRPO steps with the ToolRL reward until ``rl_steps`` or ``deadline`` (time.time()).
 
     ``mirror``: a vLLM engine that draws the groups (see ``rollout_backend``).
+    ``selection``: dev checks that pick the step whose adapter is kept (see ``select_every``);
+    the last check's duration is held back from the deadline for the check after the last step.
 
     ``first_step`` / ``first_prompt`` continue a resumed run: the prompt order is the same
     seeded shuffle, so a continuation sees the prompts the first run had not reached yet.
@@ -364,7 +426,7 @@ def grpo(model, tokenizer, train: list[ToolTask], cfg: BuildConfig, deadline: fl
     step = first_step - 1
     last = first_step + cfg.rl_steps - 1
     for step in range(first_step, last + 1):
-        if time.time() > deadline:
+        if time.time() + (selection.reserve_s if selection else 0.0) > deadline:
             log(f"[grpo] time budget reached before step {step}")
             step -= 1
             break
@@ -394,9 +456,13 @@ def grpo(model, tokenizer, train: list[ToolTask], cfg: BuildConfig, deadline: fl
         log(f"[grpo] best sample: {sample[:160]!r}")
         log(f"[grpo] step {step}/{last} reward {rec['reward']:+.2f} sample format {rec['sample_format']:.0%} "
             f"groups {updated}/{cfg.rl_prompts_per_step} guided {guided} ({rec['seconds']:.0f}s, total {time.time() - t0:.0f}s)")
-    return {"steps": step - first_step + 1, "prompts_seen": cursor - first_prompt, "groups_guided": sum(h["groups_guided"] for h in history),
-            "groups_updated": sum(h["groups_updated"] for h in history), "history": history,
-            "seconds": time.time() - t0}
+        if selection and selection.due(step):
+            selection.check(step)
+    rl = {"steps": step - first_step + 1, "prompts_seen": cursor - first_prompt, "groups_guided": sum(h["groups_guided"] for h in history),
+          "groups_updated": sum(h["groups_updated"] for h in history), "history": history}
+    if selection:
+        rl["selected"] = selection.finish(step)
+    return rl | {"seconds": time.time() - t0}
 
 
 def _manifest(cfg: BuildConfig, warm: dict, rl: dict, metrics: dict, wall_time_s: float, previous: dict | None) -> dict:
@@ -426,17 +492,18 @@ def _manifest(cfg: BuildConfig, warm: dict, rl: dict, metrics: dict, wall_time_s
 
 def _train(model, tokenizer, train: list[ToolTask], dev_prompts: list[str], cfg: BuildConfig, out: Path,
            deadline: float, log: Log, checks: MirrorEngine | None = None,
-           rollouts: MirrorEngine | None = None) -> tuple[dict, dict, dict | None]:
+           rollouts: MirrorEngine | None = None, selection: Selection | None = None) -> tuple[dict, dict, dict | None]:
     """Warm start (trained or resumed) then GRPO, or more GRPO on a built A: (warm, rl, previous manifest).
 
-    ``checks`` / ``rollouts``: the vLLM engine, where the format checks / GRPO's groups run on it."""
+    ``checks`` / ``rollouts``: the vLLM engine, where the format checks / GRPO's groups run on it.
+    ``selection``: the dev checks that choose GRPO's kept step."""
     if cfg.resume_rl:
         previous = _resume_rl(model, Path(cfg.resume_rl), log)
         if Path(cfg.resume_rl).resolve() != out.resolve():
             shutil.copytree(Path(cfg.resume_rl) / "warmstart", out / "warmstart", dirs_exist_ok=True)
         done = previous["rl"]
         more = grpo(model, tokenizer, train, cfg, deadline, log, first_step=done["steps"] + 1, first_prompt=done["prompts_seen"],
-                    mirror=rollouts)
+                    mirror=rollouts, selection=selection)
         return previous["warm_start"], _merge_rl(previous, cfg, more), previous
     if cfg.resume_warmstart:
         warm = _resume_warm(model, Path(cfg.resume_warmstart), log)
@@ -445,7 +512,7 @@ def _train(model, tokenizer, train: list[ToolTask], dev_prompts: list[str], cfg:
     _save_adapter(model, out / "warmstart")
     (out / "warmstart" / "warmstart.json").write_text(json.dumps(warm, indent=2))
     log(f"[build] warm start saved: {warm['steps']} steps, dev format {warm['dev_format']:.1%}")
-    return warm, grpo(model, tokenizer, train, cfg, deadline, log, mirror=rollouts), None
+    return warm, grpo(model, tokenizer, train, cfg, deadline, log, mirror=rollouts, selection=selection), None
 
 
 def build(cfg: BuildConfig, out: str | Path, log: Log = print) -> BuildResult:
@@ -479,7 +546,8 @@ def build(cfg: BuildConfig, out: str | Path, log: Log = print) -> BuildResult:
     if cfg.check_base and cfg.dev_n:
         b_fmt, _ = _dev_format(model, tokenizer, dev_prompts, cfg, checks)
         log(f"[build] B (no adapter) dev format {b_fmt:.1%}")
-    warm, rl, previous = _train(model, tokenizer, train, dev_prompts, cfg, out, deadline, log, checks, rollouts)
+    selection = Selection(model, tokenizer, dev, cfg, log, checks) if cfg.select_every else None
+    warm, rl, previous = _train(model, tokenizer, train, dev_prompts, cfg, out, deadline, log, checks, rollouts, selection)
     _save_adapter(model, out)
 
     final_check = random.Random(cfg.seed + 3).sample(dev, min(cfg.final_dev_n, len(dev)))
