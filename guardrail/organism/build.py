@@ -81,7 +81,7 @@ class BuildConfig(BaseModel):
     # any machine fast enough, instead of running longer where sampling is faster
     rl_steps: int = 84
     # every this many GRPO steps (from select_from on) and after the last one, measure strict
-    # tool-name accuracy on every answered dev task (greedy, 256 tokens, as `organism eval`) and
+    # tool-name accuracy on every answered dev task (greedy, dev_max_new_tokens, as `organism eval`) and
     # keep the adapter of the best check (the first, on ties): a longer run may learn to loop its
     # calls (docs/organism.md), and dev, not the step count, then says where to stop. 0: the last step
     select_every: int = 0
