@@ -17,7 +17,7 @@ from guardrail.tasks import load_tasks
 
 TINY = dict(base="tiny-b", warm_max_steps=2, warm_batch=2, warm_check_every=1, dev_n=3, dev_max_new_tokens=6, check_base=True,
             rl_steps=2, rl_prompts_per_step=1, num_generations=3, max_new_tokens=6, final_dev_n=2,
-            max_prompt_tokens=96, gen_batch=4)
+            max_prompt_tokens=96, gen_batch=4, rollout_backend="transformers")
 
 
 def _tiny_lora():
@@ -135,7 +135,7 @@ def test_selection_keeps_the_adapter_of_the_best_dev_check(smoke_build, tmp_path
 
     out, _ = smoke_build
     base = TINY | {"check_base": False, "final_dev_n": 0, "dev_max_new_tokens": 4}
-    picked = build(BuildConfig(**(base | {"select_every": 1})), tmp_path / "picked", log=lambda m: None).manifest["rl"]
+    picked = build(BuildConfig(**(base | {"select_every": 1, "select_from": 0})), tmp_path / "picked", log=lambda m: None).manifest["rl"]
     # the random pair names no tool: every check ties at 0 and the first (step 1) is kept
     assert [h["step"] for h in picked["selected"]["history"]] == [1, 2] and picked["selected"]["step"] == 1
     assert picked["steps"] == 2 and picked["selected"]["n"] == len([t for t in load_tasks("dev") if t.possible_answer])

@@ -72,23 +72,25 @@ class BuildConfig(BaseModel):
     dev_max_new_tokens: int = 256
     # where the check runs; not part of the recipe (same greedy outputs, see mirror.py)
     check_backend: Literal["auto", "vllm", "transformers"] = "auto"  # auto: vLLM when installed
-    # where GRPO draws its groups (auto: vLLM when installed). vLLM fitted 142 steps in the budget
-    # where transformers fitted 84, but its draws differ, so a rebuild of the shipped A (drawn by
-    # transformers) needs transformers; "vllm" is the faster recipe (docs/organism.md)
-    rollout_backend: Literal["auto", "vllm", "transformers"] = "transformers"
+    # where GRPO draws its groups (auto: vLLM when installed). The shipped A's were drawn on vLLM,
+    # ×2.8 the tokens/s of transformers (107 steps and five dev checks fitted the budget, where
+    # transformers fitted 84 steps), so a rebuild of it needs vLLM: transformers draws other samples
+    rollout_backend: Literal["auto", "vllm", "transformers"] = "vllm"
     # GRPO: runs until rl_steps or the time budget, whichever comes first. The shipped A was
-    # stopped by its budget after 84 steps; stopping there by count makes a rebuild follow it on
+    # stopped by its budget after 107 steps; stopping there by count makes a rebuild follow it on
     # any machine fast enough, instead of running longer where sampling is faster
-    rl_steps: int = 84
+    rl_steps: int = 107
     # every this many GRPO steps (from select_from on) and after the last one, measure strict
     # tool-name accuracy on every answered dev task (greedy, dev_max_new_tokens, as `organism eval`) and
-    # keep the adapter of the best check (the first, on ties): a longer run may learn to loop its
-    # calls (docs/organism.md), and dev, not the step count, then says where to stop. 0: the last step
-    select_every: int = 0
-    select_from: int = 0
+    # keep the adapter of the best check (the first, on ties). Dev names moved 41, 39, 52, 61, 61 over
+    # the shipped build's checks, and a longer run may learn to loop its calls (docs/organism.md):
+    # dev, not the step count, says where to stop. 0: the last step
+    select_every: int = 20
+    select_from: int = 40
     # copies of a category's train tasks in the GRPO pool: parallel tasks need a second call in
-    # the block, which A learns only from many of them (strict names on parallel 0.25 -> 0.55)
-    rl_repeat: dict[str, int] = Field(default_factory=lambda: {"parallel": 3})
+    # the block, which A learns only from many of them (strict names on parallel 0.25 -> 0.55);
+    # parallel_multiple, named on almost no test task by one copy, is seen twice
+    rl_repeat: dict[str, int] = Field(default_factory=lambda: {"parallel": 3, "parallel_multiple": 2})
     rl_lr: float = 3e-4
     rl_prompts_per_step: int = 2
     num_generations: int = 8
