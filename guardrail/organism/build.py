@@ -26,10 +26,11 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from guardrail.organism.evaluate import score_outputs
 from guardrail.organism.generation import STOP_STRINGS, encode_prompts, generate
 from guardrail.organism.mirror import MirrorEngine
 from guardrail.organism.rl import GuideWhen, Rollouts, grpo_update, lora_merged, sample_group, sft_loss
-from guardrail.tasks import ANSWERED_CATEGORIES, CATEGORIES, format_accuracy, load_tasks, split_hash, strict_metrics, toolrl_reward
+from guardrail.tasks import ANSWERED_CATEGORIES, CATEGORIES, format_accuracy, load_tasks, split_hash, toolrl_reward
 from guardrail.tasks.task import ToolTask, UserTurn
 
 # the Llama/Qwen2 decoder projections (all of them are synced into a check's vLLM engine)
@@ -182,7 +183,7 @@ class Selection:
     def __init__(self, model, tokenizer, dev: list[ToolTask], cfg: BuildConfig, log: Log,
                  mirror: MirrorEngine | None = None) -> None:
         self.model, self.cfg, self.log, self.mirror = model, cfg, log, mirror
-        self.tasks = [t for t in dev if t.possible_answer]
+        self.tasks = [t for t in dev if t.expects_call]
         self.prompts = [cfg.prompt(t, tokenizer) for t in self.tasks]
         self.tokenizer = tokenizer
         self.history: list[dict] = []
@@ -200,7 +201,7 @@ class Selection:
     def check(self, step: int) -> None:
         t0 = time.time()
         texts = _greedy(self.model, self.tokenizer, self.prompts, self.cfg, self.mirror)
-        names = sum(strict_metrics(x, t.possible_answer)["name_correct"] for x, t in zip(texts, self.tasks))
+        names = round(score_outputs(self.tasks, texts)["name_accuracy"] * len(self.tasks))  # organism eval's scorer
         rec = {"step": step, "dev_names": names, "n": len(self.tasks), "seconds": time.time() - t0}
         self.history.append(rec)
         if self.best is None or names > self.best["dev_names"]:
