@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import gzip
 import json
+from pathlib import Path
 
 import pytest
+
+import guardrail
 
 from guardrail.models.tiny import tiny_tokenizer
 from guardrail.tasks.task import USER_SUFFIX
@@ -72,6 +76,23 @@ def test_chat_render_uses_the_template():
         task.render(tok, mode="html")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="tokenizer"):
         task.render(None, mode="chat")
+
+
+def test_data_dir_defaults_to_the_package(monkeypatch):
+    monkeypatch.delenv("GUARDRAIL_DATA", raising=False)
+    assert data_dir() == Path(guardrail.__file__).parent / "data"
+    assert (data_dir() / "general" / "prompts.jsonl.gz").is_file()
+
+
+def test_plain_and_gzipped_prompts_read_alike(monkeypatch, tmp_path):
+    """``$GUARDRAIL_DATA`` may hold the plain ``prompts.jsonl`` (as upstream) or the packed copy."""
+    monkeypatch.delenv("GUARDRAIL_DATA", raising=False)
+    packed = plain_prompts(40, "test")
+    (tmp_path / "general").mkdir()
+    with gzip.open(data_dir() / "general" / "prompts.jsonl.gz", "rb") as src:
+        (tmp_path / "general" / "prompts.jsonl").write_bytes(src.read())
+    monkeypatch.setenv("GUARDRAIL_DATA", str(tmp_path))
+    assert plain_prompts(40, "test") == packed
 
 
 def test_data_dir_env_override(monkeypatch, tmp_path):

@@ -1,4 +1,4 @@
-"""Where the shared data lives, BFCL loading, deterministic splits, ordinary prompts.
+"""Where the data lives, BFCL loading, deterministic splits, ordinary prompts.
 
 Splits are decided by a hash of each record's id, so they never depend on file order,
 on which categories are loaded together, or on a random state: an id is in exactly one
@@ -7,12 +7,14 @@ of train / dev / test, forever.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
 import random
 from collections import defaultdict
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Literal
 
@@ -28,27 +30,24 @@ ANSWERED_CATEGORIES: tuple[str, ...] = CATEGORIES[:4]
 
 
 class DataNotFoundError(FileNotFoundError):
-    """The shared data folder (BFCL, general prompts) could not be found."""
+    """The data folder (BFCL, general prompts) or one of its files could not be found."""
+
+
+def packaged_data_dir() -> Path:
+    """The copy of the data that ships inside the package (``guardrail/data``)."""
+    return Path(str(resources.files("guardrail") / "data"))
 
 
 def data_dir() -> Path:
-    """``$GUARDRAIL_DATA``, else ``../shared/data`` next to the repository root."""
+    """``$GUARDRAIL_DATA`` if set, else the package's own copy: a fresh clone or an installed
+    wheel needs nothing beside it."""
     env = os.environ.get("GUARDRAIL_DATA")
-    if env:
-        path = Path(env).expanduser()
-        if not path.is_dir():
-            raise DataNotFoundError(f"GUARDRAIL_DATA={env!r} is not a directory")
-        return path
-    here = Path(__file__).resolve()
-    for parent in here.parents:
-        if (parent / "pyproject.toml").exists():
-            candidate = parent.parent / "shared" / "data"
-            if candidate.is_dir():
-                return candidate
-    raise DataNotFoundError(
-        "cannot find the data folder: set GUARDRAIL_DATA to the folder holding bfcl/ and general/ "
-        f"(looked for ../shared/data next to the repository root above {here.parent})"
-    )
+    if not env:
+        return packaged_data_dir()
+    path = Path(env).expanduser()
+    if not path.is_dir():
+        raise DataNotFoundError(f"GUARDRAIL_DATA={env!r} is not a directory (unset it to use the data shipped in the package)")
+    return path
 
 
 def split_of(record_id: str) -> Split:
@@ -62,9 +61,15 @@ def split_of(record_id: str) -> Split:
 
 
 def _read_jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        raise DataNotFoundError(f"missing data file {path}")
-    with path.open(encoding="utf-8") as fh:
+    """JSON Lines from ``path``, or from ``path.gz`` when only the compressed copy exists."""
+    packed = path.with_name(path.name + ".gz")
+    if path.exists():
+        fh = path.open(encoding="utf-8")
+    elif packed.exists():
+        fh = gzip.open(packed, "rt", encoding="utf-8")
+    else:
+        raise DataNotFoundError(f"missing data file {path} (nor {packed.name})")
+    with fh:
         return [json.loads(line) for line in fh if line.strip()]
 
 
