@@ -72,10 +72,11 @@ def test_paired_gain_hand_computed():
     assert (g.gained, g.lost) == (3, 0)
     assert g.gain == pytest.approx(0.3)
     assert g.low < 0.3 < g.high
-    # Newcombe (1998) method 10 by hand: Wilson 5/10 = [.2366, .7634], 2/10 = [.0567, .5098],
-    # phi = (2*5 - 3*0) / sqrt(5*5*2*8) = 0.5.
-    assert g.low == pytest.approx(0.0106, abs=1e-3)
-    assert g.high == pytest.approx(0.5284, abs=1e-3)
+    # Newcombe (1998) method 10 by hand: Wilson 5/10 = [.2366, .7634], 2/10 = [.0567, .5098];
+    # A = 2*5 - 3*0 = 10 > n/2 is shrunk to 10 - 5, so phi = 5 / sqrt(5*5*2*8) = 0.25;
+    # low = .3 - sqrt(.2634^2 - 2*.25*.2634*.3098 + .3098^2), high = .3 + sqrt(.2634^2 - 2*.25*.2634*.1433 + .1433^2).
+    assert g.low == pytest.approx(-0.0530, abs=1e-3)
+    assert g.high == pytest.approx(0.5665, abs=1e-3)
 
 
 def test_floor_decides_inconclusive():
