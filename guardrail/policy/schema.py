@@ -178,13 +178,13 @@ class Policy(_Strict):
     # ------------------------------------------------------------------ loading
     @classmethod
     def load(cls, path: str | Path) -> "Policy":
-        """Read and validate a YAML policy file; raises :class:`PolicyError` naming field + line."""
+        """Read and validate a YAML policy file; raises :class:`PolicyError` naming field + line.
+
+        Files over ``MAX_POLICY_BYTES`` are refused unparsed, and YAML anchors/aliases are
+        refused (see :class:`PolicyYAMLLoader`).
+        """
         path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise PolicyError(str(path), [("<file>", None, f"cannot read: {exc}")]) from exc
-        policy = cls.from_yaml(text, source=str(path))
+        policy = cls.from_yaml(read_policy_text(path), source=str(path))
         policy._source = str(path.resolve())
         return policy
 
@@ -228,25 +228,102 @@ def schema_text() -> str:
 
 
 # --------------------------------------------------------------------------- YAML with lines
+# Limits on what the loader reads. The largest policy the schema allows is far smaller than
+# any of them; they exist so that a hostile file costs at most its own bytes to refuse.
+MAX_POLICY_BYTES = 64 * 1024
+MAX_YAML_DEPTH = 32  # nested collections; a policy needs 5
+MAX_YAML_NODES = 20_000  # scalars + collections; a rule of 4096 indices is 4100
+
+
 class _DuplicateKey(ValueError):
     pass
 
 
+class PolicyYAMLRefused(yaml.MarkedYAMLError):
+    """A construct policies never need (an anchor, an alias, too deep, too many nodes)."""
+
+
+class PolicyYAMLLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, composing one policy document within fixed bounds.
+
+    Anchors and aliases are refused at the composer, before any node is built: expanding
+    aliases is what makes a nine-line "billion laughs" file cost gigabytes, and no policy
+    needs them. Flow collections (``[[[…``) are bounded in the scanner, whose bookkeeping
+    grows with the square of their depth; block nesting and the node count are bounded in
+    the composer. Each refusal carries the mark (line) where it happened.
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+        self._nodes = 0
+
+    # scanner: bound flow nesting before its cost grows
+    def fetch_flow_collection_start(self, TokenClass):  # noqa: N803 - PyYAML's signature
+        if self.flow_level >= MAX_YAML_DEPTH:
+            raise PolicyYAMLRefused(None, None, f"collections nested deeper than {MAX_YAML_DEPTH} levels", self.get_mark())
+        super().fetch_flow_collection_start(TokenClass)
+
+    # composer: no anchors, no aliases, bounded depth and size
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            raise PolicyYAMLRefused(None, None, f"alias *{event.anchor}: policies do not use YAML anchors or aliases", event.start_mark)
+        if getattr(event, "anchor", None) is not None:
+            raise PolicyYAMLRefused(None, None, f"anchor &{event.anchor}: policies do not use YAML anchors or aliases", event.start_mark)
+        self._nodes += 1
+        if self._nodes > MAX_YAML_NODES:
+            raise PolicyYAMLRefused(None, None, f"more than {MAX_YAML_NODES} YAML nodes", event.start_mark)
+        if self._depth >= MAX_YAML_DEPTH:
+            raise PolicyYAMLRefused(None, None, f"collections nested deeper than {MAX_YAML_DEPTH} levels", event.start_mark)
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def _too_large(source: str, size: int | str) -> PolicyError:
+    return PolicyError(source, [("<file>", None, f"policy file larger than {MAX_POLICY_BYTES} bytes ({size}); policies are small, this is not one")])
+
+
+def read_policy_text(path: Path) -> str:
+    """The file's text, reading at most ``MAX_POLICY_BYTES + 1`` bytes (a pipe or device may never end)."""
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read(MAX_POLICY_BYTES + 1)
+    except OSError as exc:
+        raise PolicyError(str(path), [("<file>", None, f"cannot read: {exc}")]) from exc
+    if len(raw) > MAX_POLICY_BYTES:
+        raise _too_large(str(path), "at least " + str(len(raw)) + " bytes")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PolicyError(str(path), [("<file>", None, f"not UTF-8 text: {exc}")]) from exc
+
+
 def parse_yaml_with_lines(text: str, source: str) -> tuple[Any, dict[tuple, int]]:
     """Parse YAML safely and map every path (tuple of keys/indices) to its 1-based line."""
+    if len(text) > MAX_POLICY_BYTES or len(text.encode("utf-8", errors="surrogatepass")) > MAX_POLICY_BYTES:
+        raise _too_large(source, f"{len(text)} characters")
+    loader = None
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        loader = PolicyYAMLLoader(text)  # the reader refuses control characters here
+        node = loader.get_single_node()
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
         raise PolicyError(source, [("<yaml>", line, str(getattr(exc, "problem", None) or exc))]) from None
-    except (ValueError, TypeError, RecursionError) as exc:  # e.g. malformed unicode escapes, deep nesting
+    except (ValueError, TypeError, RecursionError) as exc:  # e.g. malformed unicode escapes
         raise PolicyError(source, [("<yaml>", None, str(exc))]) from None
+    finally:
+        if loader is not None:
+            loader.dispose()
     if node is None:
         raise PolicyError(source, [("<root>", 1, "empty policy file")])
     lines: dict[tuple, int] = {}
     try:
-        data = _construct(node, (), lines)
+        data = _construct(node, (), lines, yaml.constructor.SafeConstructor())
     except _DuplicateKey as exc:
         path, line = exc.args
         raise PolicyError(source, [(_fmt(path), line, "duplicate key")]) from None
@@ -257,22 +334,22 @@ def parse_yaml_with_lines(text: str, source: str) -> tuple[Any, dict[tuple, int]
     return data, lines
 
 
-def _construct(node: yaml.Node, path: tuple, lines: dict[tuple, int]) -> Any:
+def _construct(node: yaml.Node, path: tuple, lines: dict[tuple, int], constructor: yaml.constructor.SafeConstructor) -> Any:
+    """Plain data from a composed node tree (no aliases: every node is visited once)."""
     lines[path] = node.start_mark.line + 1
     if isinstance(node, yaml.MappingNode):
         out: dict[Any, Any] = {}
         for key_node, value_node in node.value:
-            key = yaml.SafeLoader(" ").construct_object(key_node) if isinstance(key_node, yaml.ScalarNode) else None
+            key = constructor.construct_object(key_node) if isinstance(key_node, yaml.ScalarNode) else None
             if not isinstance(key, (str, int, float, bool)) or key is None:
                 raise ValueError(f"line {key_node.start_mark.line + 1}: mapping keys must be plain scalars")
             if key in out:
                 raise _DuplicateKey(path + (key,), key_node.start_mark.line + 1)
-            out[key] = _construct(value_node, path + (key,), lines)
+            out[key] = _construct(value_node, path + (key,), lines, constructor)
         return out
     if isinstance(node, yaml.SequenceNode):
-        return [_construct(child, path + (i,), lines) for i, child in enumerate(node.value)]
-    loader = yaml.SafeLoader(" ")
-    return loader.construct_object(node, deep=True)
+        return [_construct(child, path + (i,), lines, constructor) for i, child in enumerate(node.value)]
+    return constructor.construct_object(node, deep=True)
 
 
 _TAGS = {"steer", "amplify", "clamp", "splice", "alert", "abort"}
