@@ -108,3 +108,51 @@ def test_invalid_reload_keeps_old_policy_and_unknown_policy_aborts(setup, tmp_pa
     assert "mix" in handle.summary()["policies"]
     out = llm.generate(PROMPTS[:1], [_params("no-such-policy", 40)], use_tqdm=False)
     assert "unknown guardrail policy" in out[0].outputs[0].text
+
+
+def test_hot_reload_runs_off_the_forward_path(setup, tmp_path, monkeypatch):
+    """A watched file's reload (parse, validate, compile) runs on the watcher thread; while
+    it is stuck, requests are served under the old policy; then the new one takes over."""
+    import threading
+
+    import yaml
+
+    from guardrail.residual import vllm_guard
+
+    llm = setup["llm"]
+    path = tmp_path / "hot.yaml"
+    quiet = {"otel": False}
+    path.write_text(yaml.safe_dump({"name": "hot", "telemetry": quiet, "rules": [{"id": "look", "action": "alert", "select": {"partition": "a_exclusive"}, "threshold": 0.5}]}))
+    vllm_guard.install_guard(llm, setup["art"], {"hot": path}, capture=True, watch=True, watch_interval=0.05)
+    unguarded = [list(o.outputs[0].token_ids) for o in llm.generate(PROMPTS, [_params(None)] * len(PROMPTS), use_tqdm=False)]
+    assert [list(o.outputs[0].token_ids) for o in llm.generate(PROMPTS, [_params("hot")] * len(PROMPTS), use_tqdm=False)] == unguarded
+
+    entered, release, threads = threading.Event(), threading.Event(), []
+    real_compile = vllm_guard.compile_policy
+
+    def stuck_compile(*args, **kwargs):  # a slow disk or a large artifact
+        threads.append(threading.current_thread().name)
+        entered.set()
+        release.wait(timeout=300)
+        return real_compile(*args, **kwargs)
+
+    monkeypatch.setattr(vllm_guard, "compile_policy", stuck_compile)
+    reloads = setup["guard"].summary()["reloads"]
+    steer = {"id": "push", "action": "steer", "select": {"ranked": "tool", "top": 4}, "mode": "additive", "gain": 4.0, "positions": "all"}
+    path.write_text(yaml.safe_dump({"name": "hot", "telemetry": quiet, "rules": [steer]}))
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    try:
+        assert entered.wait(timeout=120), "the watcher never picked up the changed file"
+        during = llm.generate(PROMPTS, [_params("hot")] * len(PROMPTS), use_tqdm=False)
+        assert [list(o.outputs[0].token_ids) for o in during] == unguarded  # served at once, under the old policy
+    finally:
+        release.set()
+    for _ in range(600):
+        if setup["guard"].summary()["reloads"] > reloads:
+            break
+        threading.Event().wait(0.1)
+    assert setup["guard"].summary()["reloads"] == reloads + 1
+    after = llm.generate(PROMPTS, [_params("hot")] * len(PROMPTS), use_tqdm=False)
+    assert any(list(o.outputs[0].token_ids) != u for o, u in zip(after, unguarded)), "the reloaded steering policy acts"
+    assert threads == ["guardrail-policy-watch"]  # never the thread that runs the forward pass

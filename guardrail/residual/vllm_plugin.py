@@ -11,6 +11,7 @@ Environment:
     GUARDRAIL_DEFAULT_POLICY                policy for requests that name none (default: the first)
     GUARDRAIL_ALLOW_UNGUARDED=1             let a request opt out with guardrail_policy: "none"
     GUARDRAIL_WATCH=0                       disable hot reload of changed policy files
+    GUARDRAIL_WATCH_INTERVAL                seconds between checks of the policy files (default 2)
 
 Requests choose a policy through ``vllm_xargs`` / ``extra_args``: ``{"guardrail_policy": name}``.
 """
@@ -55,7 +56,7 @@ def _wrap_load_model(original, cfg):
             from guardrail.residual.vllm_guard import _install_on_worker
 
             specs = [(name, path, cfg["artifact"]) for name, path in cfg["policies"].items()]
-            names = _install_on_worker(self, specs, cfg["default"], cfg["allow_none"], False, cfg["watch"])
+            names = _install_on_worker(self, specs, cfg["default"], cfg["allow_none"], False, cfg["watch"], cfg["watch_interval"])
             log.warning("guardrail: installed policies %s (default %s)", names, cfg["default"])
         return result
 
