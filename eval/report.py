@@ -2,7 +2,9 @@
 
 Every number is printed with the number of prompts (or variants) behind it, and the
 headline numbers are set against the paper's in a "paper vs this run" table with a
-verdict per finding: ``reproduces``, ``opposite``, ``not significant``, ``not run``.
+verdict per finding from :mod:`guardrail.eval.verdicts` (one vocabulary, one rule per
+verdict) and the strict BFCL metrics beside the lenient ones. ``results.json`` is strict
+JSON: a NaN or infinity anywhere is an error, not a silent ``NaN`` token.
 """
 
 from __future__ import annotations
@@ -13,8 +15,14 @@ import io
 import json
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
+
+from guardrail.eval.verdicts import (
+    Judgement, Verdict, by_construction, directional, feature_count, interval_direction, new_measurement, null_correlation,
+    separation, stays_zero, pooled_sign, template_detectors,
+)
 
 # --------------------------------------------------------------------------- formatting
 
@@ -54,68 +62,72 @@ def pval(p: float | None) -> str:
 
 
 def delta_cell(d: dict[str, Any] | None) -> str:
-    """``+12.5 pp [t-CI] (boot [..]) n=40`` for a paired delta of a rate."""
+    """``+12.5 pp [lo, hi] newcombe, p = 0.01 (n=40)`` for a paired delta of a rate.
+
+    A delta whose interval does not exist says why instead of printing a zero-width one.
+    """
     if not d:
         return "–"
-    return f"{pp(d['delta'])} t-CI {ci_pp(d.get('t_ci'))} boot {ci_pp(d.get('bootstrap_ci'))} (n={d['n']})"
+    if d.get("ci") is None and "t_ci" in d:  # results written before Newcombe intervals
+        return f"{pp(d['delta'])} t-CI {ci_pp(d.get('t_ci'))} boot {ci_pp(d.get('bootstrap_ci'))} (n={d['n']})"
+    interval = ci_pp(d.get("ci")) or f"no interval ({d.get('undefined') or 'undefined'})"
+    test = f", {'McNemar' if d.get('method') == 'newcombe' else 't'} p = {pval(d.get('p'))}" if d.get("p") is not None else ""
+    return f"{pp(d['delta'])} {interval} {d.get('method', '')}{test} (n={d['n']})".replace("  ", " ")
+
+
+def strict_cell(deltas: dict[str, Any] | None) -> str:
+    """Strict BFCL metrics of the same comparison (exact name, exact arguments), beside the lenient one."""
+    if not deltas:
+        return "–"
+    parts = [f"{label} {pp(deltas[k]['delta'])} {ci_pp(deltas[k].get('ci'))}".strip()
+             for k, label in (("name_correct", "name"), ("args_correct", "args")) if deltas.get(k)]
+    return "; ".join(parts) or "–"
 
 
 # --------------------------------------------------------------------------- paper vs run
 
-
-def _verdict_ci(d: dict[str, Any] | None, want_positive: bool = True) -> str:
-    if not d or d.get("delta") is None:
-        return "not run"
-    lo, hi = (d.get("t_ci") or [None, None])
-    if lo is None or hi is None:
-        lo = hi = d["delta"]
-    if want_positive:
-        return "reproduces" if lo > 0 else ("opposite" if hi < 0 else "not significant")
-    return "reproduces" if hi < 0 else ("opposite" if lo > 0 else "not significant")
-
-
 PAPER_STEER_LOW = 0.48  # lower end of the paper's +65 pp [48, 82] single-feature steering gain
 
 
-def _steer_verdict(best: dict[str, Any]) -> str:
-    """Best single-feature cell: above zero is the paper's direction; its size is judged apart."""
-    if (best["bootstrap_ci"][0] or 0) <= 0:
-        return "not significant"
-    return "reproduces" if best["delta"] >= PAPER_STEER_LOW else "same direction, much smaller"
+@dataclass(frozen=True)
+class Finding:
+    """One row of the "paper vs this run" table: what was claimed, what was measured, the verdict and its rule."""
+
+    finding: str
+    paper: str
+    run: str
+    strict: str
+    verdict: Verdict
+    why: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"finding": self.finding, "paper": self.paper, "run": self.run, "strict": self.strict,
+                "verdict": self.verdict.value, "why": self.why}
 
 
-def _null_r_verdict(ci: list) -> str:
-    """The paper's claim is r ≈ 0: a CI around zero only supports it when it is narrow."""
-    if ci[0] is None or not ci[0] <= 0 <= ci[1]:
-        return "differs"
-    return "reproduces" if ci[1] - ci[0] <= 1.0 else "consistent, too few variants to tell"
+def _add(rows: list[Finding], finding: str, paper: str, run: str, judged: Judgement, strict: str = "") -> None:
+    rows.append(Finding(finding, paper, run, strict, judged.verdict, judged.why))
 
 
-Finding = dict[str, str]
-
-
-def _add(rows: list[Finding], finding: str, paper: str, run: str, verdict: str) -> None:
-    rows.append({"finding": finding, "paper": paper, "run": run, "verdict": verdict})
+def _rate_run(d: dict[str, Any] | None) -> str:
+    return f"{pct(d['pre'])} → {pct(d['post'])}, {delta_cell(d)}" if d else "–"
 
 
 def _splice_findings(res: dict[str, Any]) -> list[Finding]:
     """Rows for the splice: A's gain, spillover into B, and the artifact-only threat."""
     rows: list[Finding] = []
     sp = res.get("splice", {})
-    dA = sp.get("A_recon_joint_delta", {}).get("tool_correctness")
+    A, A1 = sp.get("A_recon_joint_delta", {}), sp.get("A_recon_single_delta", {})
+    B, B1 = sp.get("B_recon_joint_delta", {}), sp.get("B_recon_single_delta", {})
     _add(rows, "Splice raises A's tool correctness (joint encoding)", "19% → 50%, +31.1 ± 9.7 pp (n=100 per run, 47 runs)",
-        f"{pct(dA and dA['pre'])} → {pct(dA and dA['post'])}, {delta_cell(dA)}" if dA else "–", _verdict_ci(dA))
-    dA1 = sp.get("A_recon_single_delta", {}).get("tool_correctness")
-    _add(rows, "Splice of A from A alone (single-model encoding)", "not measured",
-        f"{pct(dA1 and dA1['pre'])} → {pct(dA1 and dA1['post'])}, {delta_cell(dA1)}" if dA1 else "–", _verdict_ci(dA1) if dA1 else "not run")
-    dB = sp.get("B_recon_joint_delta", {}).get("tool_correctness")
-    _add(rows, "Spillover: B's tool selection rises under splice (joint)", "+6.8 ± 5.0 pp", delta_cell(dB), _verdict_ci(dB))
-    dBf = sp.get("B_recon_joint_delta", {}).get("format_accuracy")
-    _add(rows, "Format accuracy never spills into B", "0 pp in 47/47 runs", delta_cell(dBf),
-        "not run" if not dBf else ("reproduces" if abs(dBf["delta"]) < 1e-12 else "differs"))
-    dB1 = sp.get("B_recon_single_delta", {}).get("tool_correctness")
-    _add(rows, "Artifact-only threat: B + crosscoder, no A (single-model encoding)", "not measured (confounded in the paper)", delta_cell(dB1),
-        "new measurement" if dB1 else "not run")
+         _rate_run(A.get("tool_correctness")), directional(A.get("tool_correctness")), strict_cell(A))
+    _add(rows, "Splice of A from A alone (single-model encoding)", "not measured", _rate_run(A1.get("tool_correctness")),
+         new_measurement(A1.get("tool_correctness")), strict_cell(A1))
+    _add(rows, "Spillover: B's tool selection rises under splice (joint)", "+6.8 ± 5.0 pp", _rate_run(B.get("tool_correctness")),
+         directional(B.get("tool_correctness")), strict_cell(B))
+    _add(rows, "Format accuracy never spills into B", "0 pp in 47/47 runs", _rate_run(B.get("format_accuracy")), stays_zero(B.get("format_accuracy")))
+    _add(rows, "Artifact-only threat: B + crosscoder, no A (single-model encoding)", "not measured (confounded in the paper)",
+         _rate_run(B1.get("tool_correctness")), new_measurement(B1.get("tool_correctness")), strict_cell(B1))
     return rows
 
 
@@ -126,24 +138,23 @@ def _steering_findings(res: dict[str, Any]) -> list[Finding]:
     n_st = res.get("steering", {}).get("n_prompts")
     one = st.get("a_exclusive_single_feature_best")
     _add(rows, "Steering one A-exclusive feature raises A's tool correctness", "+65 pp [48, 82] (n=40, best of grid)",
-        f"{pp(one['delta'])} boot {ci_pp(one['bootstrap_ci'])} at α={one['alpha']:g}, feature {one['features']} (n={one['n']}, best of {len(res.get('steering', {}).get('alphas', []))} α)" if one else "–",
-        "not run" if not one else _steer_verdict(one))
-    need = st.get("standard_features_to_match_single_a_exclusive")
-    sb = st.get("standard_best")
+         f"{delta_cell(one)} at α={one['alpha']:g}, feature {one['features']} (best of {len(res.get('steering', {}).get('alphas', []))} α)" if one else "–",
+         directional(one, paper_low=PAPER_STEER_LOW), strict_cell((one or {}).get("strict")))
+    need, sb = st.get("standard_features_to_match_single_a_exclusive"), st.get("standard_best")
     _add(rows, "The standard crosscoder needs many features for the same gain", "33 features for +70 pp",
-        (f"{need} features match the single A-exclusive gain" if need is not None else "no |S| matched it")
-        + (f"; best {pp(sb['delta'])} with {sb['n_features']} features at α={sb['alpha']:g} (n={n_st})" if sb else ""),
-        "not run" if not sb or not one else ("no A-exclusive gain to match" if one["delta"] <= 0
-                                             else ("reproduces" if need is None or need > 1 else "differs")))
+         (f"{need} features match the single A-exclusive gain" if need is not None else "no |S| matched it")
+         + (f"; best {pp(sb['delta'])} with {sb['n_features']} features at α={sb['alpha']:g} (n={n_st})" if sb else ""),
+         feature_count(need, one, sb))
     bc = st.get("b_exclusive_control")
     _add(rows, "B-exclusive control changes nothing in A", "exactly 0",
-        f"max ‖δ‖ = {num(bc['max_delta_norm'])}, rows changed {bc['rows_changed']}, max |Δ| {pp(bc['max_abs_gain'])} over {bc['n_cells']} cells" if bc else "–",
-        "not run" if not bc else ("reproduces" if bc["exactly_zero"] else "FAILS"))
+         f"max ‖δ‖ = {num(bc['max_delta_norm'])}, rows changed {bc['rows_changed']}, max |Δ| {pp(bc['max_abs_gain'])} over {bc['n_cells']} cells" if bc else "–",
+         by_construction(bc["exactly_zero"] if bc else None, what="B-exclusive features have no decoder row in A"))
     itf = st.get("interference")
+    test = (itf or {}).get("test") or ({"undefined": "no test of the sign over prompts"} if itf else None)
     _add(rows, "A-exclusive ∪ shared interferes (worse than A-exclusive alone)", "worse",
-        f"mean Δ(union) − Δ(A-excl) = {pp(itf['mean_union_minus_a_exclusive'])}; worse in {itf['cells_worse']}/{itf['n_cells']} cells, better in {itf['cells_better']}" if itf else "–",
-        "not run" if not itf else ("no effect in either" if itf["cells_worse"] == itf["cells_better"] == 0
-                                   else ("reproduces" if itf["mean_union_minus_a_exclusive"] < 0 else "not reproduced")))
+         (f"mean Δ(union) − Δ(A-excl) = {pp(itf['mean_union_minus_a_exclusive'])}; worse in {itf['cells_worse']}/{itf['n_cells']} cells, "
+          f"better in {itf['cells_better']}; permutation over prompts p = {pval((test or {}).get('p'))}") if itf else "–",
+         pooled_sign(test, positive=False))
     return rows
 
 
@@ -151,42 +162,40 @@ def _ablation_findings(res: dict[str, Any]) -> list[Finding]:
     """Rows for the exclusive-penalty ablation."""
     rows: list[Finding] = []
     ab = res.get("ablation")
-    if ab:
-        fr, pe, diff = ab["free"]["A_gain"]["tool_correctness"], ab["penalised"]["A_gain"]["tool_correctness"], ab["penalised_minus_free"]["tool_correctness"]
-        verdict = _verdict_ci(diff, want_positive=False)
-        if verdict == "not significant" and diff["delta"] < 0:
-            verdict = "same direction, not significant"
-        _add(rows, "Penalising exclusive features lowers A's splice gain", "+34.8 → +25.8 pp (5% share)",
-            f"{pp(fr['delta'])} (free) → {pp(pe['delta'])} (λ_excl={ab['settings']['lambda_excl'][1]:g}); difference {delta_cell(diff)}", verdict)
-    else:
-        _add(rows, "Penalising exclusive features lowers A's splice gain", "+34.8 → +25.8 pp (5% share)", "–", "not run")
+    claim, paper = "Penalising exclusive features lowers A's splice gain", "+34.8 → +25.8 pp (5% share)"
+    if not ab:
+        _add(rows, claim, paper, "–", directional(None))
+        return rows
+    fr, pe, diff = ab["free"]["A_gain"]["tool_correctness"], ab["penalised"]["A_gain"]["tool_correctness"], ab["penalised_minus_free"]["tool_correctness"]
+    _add(rows, claim, paper, f"{pp(fr['delta'])} (free) → {pp(pe['delta'])} (λ_excl={ab['settings']['lambda_excl'][1]:g}); difference {delta_cell(diff)}",
+         directional(diff, positive=False), strict_cell(ab["penalised_minus_free"]))
     return rows
 
 
 def _sweep_findings(res: dict[str, Any]) -> list[Finding]:
-    """Rows for the statistics across the sweep's variants."""
+    """Rows for the statistics across the sweep's variants (tests over the prompts they share)."""
     rows: list[Finding] = []
     sw = res.get("sweep", {}).get("statistics")
-    if sw:
-        s = sw["dA_tool_sign_test"]
-        _add(rows, "Splice gain is positive across the sweep (sign test)", "45/47 positive, p ≈ 8e-12",
-            f"{s['n_pos']}/{s['n']} positive ({s['n_ties']} ties), p = {pval(s['p'])}", "reproduces" if s["p"] < 0.05 else "not significant")
-        t = sw["dB_tool_one_sample_t"]
-        _add(rows, "Δ_B > 0 across runs (one-sample t)", "mean +6.7 pp, t = 9.6, p < 1e-12",
-            f"mean {pp(t['mean'])}, t = {num(t['t'])}, p = {pval(t['p'])} (n={t['n']} variants)",
-            "reproduces" if t["p"] is not None and t["p"] < 0.05 and (t["mean"] or 0) > 0 else "not significant")
-        w = sw["welch_dB_standard_vs_dfc"]
-        _add(rows, "Standard CC spills more into B than the DFC (Welch t)", "+8.9 vs +5.9 pp, t = 1.63, p = 0.12",
-            f"{pp(w.get('mean_x'))} vs {pp(w.get('mean_y'))}, t = {num(w.get('t'))}, p = {pval(w.get('p'))} (n={w['n']})",
-            "undefined (no spread in Δ_B)" if w.get("t") is None and min(w["n"]) >= 2 else
-            ("not run" if w.get("t") is None else ("same direction" if w["t"] > 0 else "opposite direction")))
-        r = sw["pearson_mse_vs_dA"]
-        _add(rows, "Reconstruction MSE does not predict the splice gain", "r = +0.08 [−0.21, +0.36] (n=47)",
-            f"r = {num(r['r'], '{:+.2f}')} [{num(r['ci'][0], '{:+.2f}')}, {num(r['ci'][1], '{:+.2f}')}] (n={r['n']})",
-            ("undefined (Δ_A or MSE constant)" if r["n"] >= 3 else "not run") if r["r"] is None
-            else _null_r_verdict(r["ci"]))
-    else:
-        _add(rows, "Splice gain is positive across the sweep (sign test)", "45/47 positive, p ≈ 8e-12", "–", "not run")
+    if not sw:
+        _add(rows, "Splice gain is positive across the sweep", "45/47 positive, p ≈ 8e-12", "–", pooled_sign(None, positive=True))
+        return rows
+    s, permA = sw["dA_tool_sign_test"], sw.get("dA_tool_permutation")
+    _add(rows, "Splice gain is positive across the sweep", "45/47 positive, p ≈ 8e-12 (sign test over runs)",
+         f"{s['n_pos']}/{s['n']} positive ({s['n_ties']} ties; no sign-test p: variants share prompts); "
+         f"permutation over prompts p = {pval((permA or {}).get('p'))}", pooled_sign(permA or {"undefined": "no per-prompt outcomes"}, positive=True))
+    permB = sw.get("dB_tool_permutation")
+    _add(rows, "Δ_B > 0 across runs", "mean +6.7 pp, t = 9.6, p < 1e-12 (one-sample t over runs)",
+         f"mean {pp(sw.get('dB_tool_mean'))} over {sw['n_variants']} variants; permutation over prompts p = {pval((permB or {}).get('p'))}",
+         pooled_sign(permB or {"undefined": "no per-prompt outcomes"}, positive=True))
+    w = sw["dB_standard_vs_dfc"]
+    _add(rows, "Standard CC spills more into B than the DFC", "+8.9 vs +5.9 pp, t = 1.63, p = 0.12 (Welch over runs)",
+         f"{pp(w.get('mean_standard'))} vs {pp(w.get('mean_dfc'))} (n={w['n']}); prompt-bootstrap interval of the difference "
+         f"{ci_pp((w.get('bootstrap') or {}).get('ci')) or '–'}", interval_direction(w.get("bootstrap"), positive=True))
+    r = sw["pearson_mse_vs_dA"]
+    boot = r.get("bootstrap") or {}
+    _add(rows, "Reconstruction MSE does not predict the splice gain", "r = +0.08 [−0.21, +0.36] (n=47)",
+         f"r = {num(r['r'], '{:+.2f}')} (n={r['n']}); prompt-bootstrap interval [{num((boot.get('ci') or [None])[0], '{:+.2f}')}, "
+         f"{num((boot.get('ci') or [None, None])[1], '{:+.2f}')}]", null_correlation(r.get("bootstrap") or ({"undefined": r.get("undefined")} if r.get("undefined") else None)))
     return rows
 
 
@@ -198,15 +207,17 @@ def _explain_findings(res: dict[str, Any]) -> list[Finding]:
         a_feats = [f for f in ex["features"] if f["partition"] == "a_exclusive" and f["template_share"] is not None]
         share = sum(f["template_share"] for f in a_feats) / len(a_feats) if a_feats else ex.get("mean_template_share")
         base = ex.get("template_token_fraction") or 0
+        ending = ex.get("prompt_end_markers")
         _add(rows, "Top features are structural-template detectors", "fire on `</tool_call> <response>`",
-            f"{pct(share)} of top activations on template tokens (base rate {pct(base)}; {len(a_feats) or len(ex['features'])} features, {ex['n_prompts']} prompts)",
-            "reproduces" if share is not None and share > 2 * base else "not reproduced")
+             f"{pct(share)} of top activations on template tokens (base rate {pct(base)}; {len(a_feats) or len(ex['features'])} features, {ex['n_prompts']} prompts"
+             + (f"; not counting {', '.join(ending)}, which ends every tool prompt)" if ending else ")"),
+             template_detectors(share, base, prompt_end_markers=ending))
     geo = res.get("geometry")
     if geo:
         rd, rc = geo["dfc"]["recovery"], geo.get("control", {}).get("recovery", {})
         _add(rows, "Decoder geometry separates partitions beyond a random-partition control", "partitions visually separable, not disjoint",
-            f"ARI {num(rd.get('ari'), '{:.2f}')} (DFC) vs {num(rc.get('ari'), '{:.2f}')} (standard CC, random matched partition); {geo['n_features']} features",
-            "reproduces" if rd.get("ari") is not None and rc.get("ari") is not None and rd["ari"] > rc["ari"] + 0.05 else "not reproduced")
+             f"ARI {num(rd.get('ari'), '{:.2f}')} (DFC) vs {num(rc.get('ari'), '{:.2f}')} (standard CC, random matched partition); {geo['n_features']} features",
+             separation(rd.get("ari"), rc.get("ari")))
     return rows
 
 
@@ -243,8 +254,9 @@ def saturation_figure(steering: dict[str, Any]):
         for alpha in steering["alphas"]:
             cells = [c for c in data["cells"] if c["alpha"] == alpha]
             y = [100 * c["delta"]["tool_correctness"]["delta"] for c in cells]
-            lo = [100 * (c["delta"]["tool_correctness"]["bootstrap_ci"][0] or 0) for c in cells]
-            hi = [100 * (c["delta"]["tool_correctness"]["bootstrap_ci"][1] or 0) for c in cells]
+            cis = [c["delta"]["tool_correctness"].get("ci") or [None, None] for c in cells]
+            lo = [100 * (ci[0] if ci[0] is not None else d / 100) for ci, d in zip(cis, y)]
+            hi = [100 * (ci[1] if ci[1] is not None else d / 100) for ci, d in zip(cis, y)]
             x = list(range(len(cells)))
             ax.errorbar(x, y, yerr=[[a - b for a, b in zip(y, lo)], [b - a for a, b in zip(y, hi)]], marker="o", ms=3, capsize=2, label=f"α={alpha:g}")
         ax.set_xticks(range(len(sizes)), sizes)
@@ -375,8 +387,10 @@ def _splice_section(res: dict[str, Any], figures: dict[str, str]) -> list[str]:
             a = sp[key]
             d = sp.get(f"{key}_delta", {})
             rows.append([key, pct(a["tool_correctness"]), pct(a["format_accuracy"]), num(a["overall_score"], "{:+.2f}"), pct(a["name_correct"]),
-                         pct(a["args_correct"]), delta_cell(d.get("tool_correctness")) if d else "", num((a.get("reconstruction") or {}).get("relative_l2"), "{:.3f}")])
-    out.append(_table(["condition", "tool corr.", "format", "overall", "strict name", "strict args", "Δ tool corr. vs clean", "rel. recon error"], rows))
+                         pct(a["args_correct"]), pct(a.get("call_cut")), delta_cell(d.get("tool_correctness")) if d else "",
+                         delta_cell(d.get("name_correct")) if d else "", num((a.get("reconstruction") or {}).get("relative_l2"), "{:.3f}")])
+    out.append(_table(["condition", "tool corr.", "format", "overall", "strict name", "strict args", "cut mid-call", "Δ tool corr. vs clean",
+                       "Δ strict name vs clean", "rel. recon error"], rows))
     out += _figure(figures, "splice")
     return out
 
@@ -415,6 +429,14 @@ def _ablation_section(res: dict[str, Any]) -> list[str]:
     return out
 
 
+def _boot_text(boot: dict[str, Any] | None, fmt: Callable[[list], str]) -> str:
+    """A prompt-bootstrap interval, or why there is none."""
+    if not boot:
+        return "–"
+    ci = boot.get("ci") or [None, None]
+    return fmt(ci) if ci[0] is not None else f"undefined ({boot.get('undefined')})"
+
+
 def _sweep_section(res: dict[str, Any], figures: dict[str, str]) -> list[str]:
     """Markdown lines for the sweep's variants and statistics; none if not measured."""
     sw = res.get("sweep")
@@ -426,11 +448,15 @@ def _sweep_section(res: dict[str, Any], figures: dict[str, str]) -> list[str]:
                         num(((r["dictionary"].get("training") or {}).get("partitions") or {}).get("a_exclusive", {}).get("dead_fraction"), "{:.2f}")]
                        for r in sw["variants"]]))
     s = sw["statistics"]
-    out += ["", f"- sign test Δ_A > 0: {s['dA_tool_sign_test']['n_pos']}/{s['dA_tool_sign_test']['n']}, p = {pval(s['dA_tool_sign_test']['p'])}",
-            f"- one-sample t Δ_B: mean {pp(s['dB_tool_one_sample_t']['mean'])}, t = {num(s['dB_tool_one_sample_t']['t'])}, p = {pval(s['dB_tool_one_sample_t']['p'])} (n={s['dB_tool_one_sample_t']['n']})",
-            f"- Welch t Δ_B standard vs DFC: t = {num(s['welch_dB_standard_vs_dfc'].get('t'))}, p = {pval(s['welch_dB_standard_vs_dfc'].get('p'))} (n={s['welch_dB_standard_vs_dfc']['n']})",
-            f"- Welch t Δ_A standard vs DFC: t = {num(s['welch_dA_standard_vs_dfc'].get('t'))}, p = {pval(s['welch_dA_standard_vs_dfc'].get('p'))}",
-            f"- Pearson MSE vs Δ_A: r = {num(s['pearson_mse_vs_dA']['r'], '{:+.3f}')} Fisher CI [{num(s['pearson_mse_vs_dA']['ci'][0], '{:+.2f}')}, {num(s['pearson_mse_vs_dA']['ci'][1], '{:+.2f}')}] (n={s['pearson_mse_vs_dA']['n']})"]
+    pa, pb = s.get("dA_tool_permutation") or {}, s.get("dB_tool_permutation") or {}
+    w, r = s["dB_standard_vs_dfc"], s["pearson_mse_vs_dA"]
+    out += ["", f"- {s.get('independence', '')}",
+            f"- Δ_A > 0: {s['dA_tool_sign_test']['n_pos']}/{s['dA_tool_sign_test']['n']} variants positive; mean {pp(s.get('dA_tool_mean'))}; "
+            f"clean-label permutation over {pa.get('n_prompts', '–')} prompts p = {pval(pa.get('p'))}",
+            f"- Δ_B > 0: mean {pp(s.get('dB_tool_mean'))}; clean-label permutation over prompts p = {pval(pb.get('p'))}",
+            f"- Δ_B standard − DFC: {pp(w.get('mean_standard'))} vs {pp(w.get('mean_dfc'))} (n={w['n']}); prompt bootstrap {_boot_text(w.get('bootstrap'), ci_pp)}",
+            f"- Pearson MSE vs Δ_A: r = {num(r['r'], '{:+.3f}')} (n={r['n']}{'; ' + r['undefined'] if r.get('undefined') else ''}); "
+            f"prompt bootstrap {_boot_text(r.get('bootstrap'), lambda ci: f'[{ci[0]:+.2f}, {ci[1]:+.2f}]')}"]
     out += _figure(figures, "sweep")
     return out
 
@@ -455,7 +481,9 @@ def _explain_section(res: dict[str, Any]) -> list[str]:
     ex = res.get("explain")
     if not (ex and ex.get("features")):
         return []
-    out = ["", f"## Feature explanations ({ex['n_prompts']} prompts, {ex['n_tokens']} tokens; template base rate {pct(ex['template_token_fraction'])})", ""]
+    ending = ex.get("prompt_end_markers")
+    out = ["", f"## Feature explanations ({ex['n_prompts']} prompts, {ex['n_tokens']} tokens; template base rate {pct(ex['template_token_fraction'])}"
+           + (f"; not counted as template: {', '.join(ending)}, which ends every tool prompt" if ending else "") + ")", ""]
     rows = []
     for f in ex["features"]:
         top = f["top_contexts"][0]["context"] if f["top_contexts"] else ""
@@ -476,6 +504,22 @@ def _ranking_section(res: dict[str, Any]) -> list[str]:
     return out
 
 
+def _truncation_lines(res: dict[str, Any]) -> list[str]:
+    """The share of outputs cut before a call closed, per clean model, at this run's token budget."""
+    sp = res.get("splice") or {}
+    budget = (res.get("meta") or {}).get("max_new_tokens")
+    cells = [f"{m} {pct(sp[f'{m}_clean'].get('call_cut'))}" for m in ("A", "B") if "call_cut" in (sp.get(f"{m}_clean") or {})]
+    if not cells:
+        return []
+    return ["", f"Outputs cut before a call closed (a `<tool_call>` opened and not closed within {budget} new tokens), clean, "
+            f"n = {sp.get('n_prompts')} tool prompts: {', '.join(cells)}; such outputs score 0 on every metric."]
+
+
+def strict_json(obj: Any, indent: int | None = 1) -> str:
+    """JSON that a strict parser accepts: NaN or ±inf anywhere raises instead of writing ``NaN``."""
+    return json.dumps(obj, indent=indent, default=str, allow_nan=False)
+
+
 def render_markdown(res: dict[str, Any], figures: dict[str, str] | None = None) -> str:
     """The whole report; ``figures`` maps a PNG name to how to reference it (path or data URI)."""
     meta = res.get("meta", {})
@@ -488,7 +532,13 @@ def render_markdown(res: dict[str, Any], figures: dict[str, str] | None = None) 
     for note in meta.get("notes", []):
         out.append(f"- {note}")
     out += ["", "## Paper vs this run", ""]
-    out.append(_table(["finding", "paper", "this run", "verdict"], [[r["finding"], r["paper"], r["run"], r["verdict"]] for r in res.get("paper_vs_run", [])]))
+    out.append(_table(["finding", "paper", "this run (lenient)", "strict (BFCL name / args)", "verdict", "rule"],
+                      [[r["finding"], r["paper"], r["run"], r.get("strict", ""), r["verdict"], r.get("why", "")] for r in res.get("paper_vs_run", [])]))
+    out += ["", "Verdicts: reproduces (interval excludes 0 in the paper's direction) · same direction, weaker · not reproduced · "
+            "no headroom (baseline at floor or ceiling) · sanity check (true by construction) · new (the paper did not measure it) · "
+            "undefined (the statistic does not exist here) · not run. Intervals of rates are Newcombe's paired score intervals with an "
+            "exact McNemar p; lenient tool correctness is the paper's (a named tool fuzzy-matches any listed tool), strict is BFCL's exact name and arguments."]
+    out += _truncation_lines(res)
     out += ["", "## Dictionaries behind the figures (per-partition dead fraction and fire rate)", "", dictionaries_section(res)]
     out += _splice_section(res, figures) + _steering_section(res, figures) + _ablation_section(res)
     out += _sweep_section(res, figures) + _geometry_section(res, figures) + _explain_section(res) + _ranking_section(res)
@@ -556,13 +606,13 @@ def write_report(res: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
     """results.json, report.md (PNG files beside it), report.html (PNGs embedded)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    res["paper_vs_run"] = paper_vs_run(res)
+    res["paper_vs_run"] = [f.as_dict() for f in paper_vs_run(res)]
     images = make_figures(res)
     for name, data in images.items():
         (out / name).write_bytes(data)
     if res.get("geometry"):
-        (out / "geometry.json").write_text(json.dumps(res["geometry"]))
-    (out / "results.json").write_text(json.dumps(_slim(res), indent=1, default=str))
+        (out / "geometry.json").write_text(strict_json(res["geometry"], indent=None))
+    (out / "results.json").write_text(strict_json(_slim(res)))
     md = render_markdown(res, {n: n for n in images})
     (out / "report.md").write_text(md)
     (out / "report.html").write_text(render_html(md, images))

@@ -63,11 +63,9 @@ def _checkpoint(res: dict[str, Any], out: Path | None) -> None:
     """Write what is measured so far (results.partial.json): a long run shows progress and loses nothing."""
     if out is None:
         return
-    import json
+    from guardrail.eval.report import _slim, strict_json
 
-    from guardrail.eval.report import _slim
-
-    (out / "results.partial.json").write_text(json.dumps(_slim(res), indent=1, default=str))
+    (out / "results.partial.json").write_text(strict_json(_slim(res)))
 
 
 def _stage(res: dict[str, Any], key: str, fn: Callable[[], Any], progress: bool, out: Path | None = None) -> Any:

@@ -19,14 +19,25 @@ from guardrail.tasks import format_accuracy, is_tool_call, overall_score, strict
 
 PAPER_METRICS = ("format_accuracy", "tool_correctness", "overall_score")
 STRICT_METRICS = ("valid_json", "name_correct", "args_correct")
-BINARY_METRICS = ("format_accuracy", "tool_correctness", "valid_json", "name_correct", "args_correct", "tool_call")
+BINARY_METRICS = ("format_accuracy", "tool_correctness", "valid_json", "name_correct", "args_correct", "tool_call", "call_cut")
+
+
+def call_cut(text: str) -> bool:
+    """The output opens a ``<tool_call>`` and never closes it: decoding stopped mid-call.
+
+    Under greedy decoding with a token budget this is almost always the budget cutting the
+    call off; a report shows its share so a low score from truncation is not read as a model
+    that cannot call.
+    """
+    start = text.rfind("<tool_call>")
+    return start >= 0 and "</tool_call>" not in text[start:]
 
 
 def score_output(item: EvalItem, text: str) -> dict[str, Any]:
     """All metrics of one output (booleans as 0/1 ints so means are rates).
 
     ``tool_call`` (a named call other than 'None') is what counts as a false call on
-    ordinary prompts. Strict metrics compare against BFCL ground truth (absent for
+    ordinary prompts; ``call_cut`` flags a call opened and not closed (see :func:`call_cut`). Strict metrics compare against BFCL ground truth (absent for
     ordinary prompts, where name/args are 0 and ``no_call`` is the right behaviour).
     """
     names = prompt_tool_names(item)
@@ -41,6 +52,7 @@ def score_output(item: EvalItem, text: str) -> dict[str, Any]:
         "name_correct": int(strict["name_correct"]),
         "args_correct": int(strict["args_correct"]),
         "tool_call": int(is_tool_call(text)),
+        "call_cut": int(call_cut(text)),
     }
 
 

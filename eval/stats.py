@@ -313,6 +313,9 @@ def prompt_bootstrap(statistic: Callable[[np.ndarray], float | None], n_prompts:
     if full is None or ok.size <= n_boot / 2:
         out["undefined"] = "the statistic is undefined on the prompts" if full is None else f"undefined on {out['n_undefined']} of {n_boot} resamples"
         return out
+    if float(np.ptp(ok)) <= ATOL + RTOL * float(np.abs(ok).max()):
+        out["undefined"] = f"every resample gives {ok[0]:+.6g}: no prompt moves the statistic, so [x, x] would read as exact"
+        return out
     lo, hi = np.percentile(ok, [100 * (1 - conf) / 2, 100 * (1 + conf) / 2])
     out["ci"] = [float(lo), float(hi)]
     return out

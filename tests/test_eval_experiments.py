@@ -88,7 +88,7 @@ def test_resolve_sizes_and_union_subset():
 
 def _cell(size, alpha, delta, norm=1.0, rows=3):
     return {"size": size, "alpha": alpha, "n_features": size if size != "all" else 9, "features": [0], "rows_changed": rows, "max_delta_norm": norm,
-            "delta": {"tool_correctness": {"n": 10, "pre": 0.1, "post": 0.1 + delta, "delta": delta, "bootstrap_ci": [delta - 0.1, delta + 0.1], "t_ci": [delta - 0.1, delta + 0.1]}}}
+            "delta": {"tool_correctness": {"n": 10, "pre": 0.1, "post": 0.1 + delta, "delta": delta, "ci": [delta - 0.1, delta + 0.1], "method": "newcombe"}}}
 
 
 def test_steering_summary_by_hand():
@@ -104,17 +104,49 @@ def test_steering_summary_by_hand():
     assert s["interference"]["cells_worse"] == 1 and s["interference"]["cells_better"] == 1
     assert s["interference"]["mean_union_minus_a_exclusive"] == pytest.approx(((0.2 - 0.5) + (0.4 - 0.3)) / 2)
     assert s["standard_features_to_match_single_a_exclusive"] == 8
+    assert s["interference"]["test"]["p"] is None  # no per-prompt outcomes: the sign of the mean is not a test
     res["families"]["b_exclusive"]["cells"].append(_cell(2, 16.0, 0.0, 1e-3, 1))
     assert summarize(res)["b_exclusive_control"]["exactly_zero"] is False
+
+
+def test_interference_is_tested_over_prompts_not_cells():
+    """Union worse than A-exclusive on the same 10 prompts in both cells: the prompts flip together, so
+    the one-sided sign-flip p is that of 4 prompts all -1 among 10 (the others tie at 0): 2 * 1/16."""
+    a, u = _cell(1, 16.0, 0.5), _cell(1, 16.0, 0.2)
+    a3, u3 = _cell(3, 16.0, 0.3), _cell(3, 16.0, 0.0)
+    for c, by in ((a, [1] * 6 + [0] * 4), (u, [1] * 2 + [0] * 8), (a3, [1] * 6 + [0] * 4), (u3, [1] * 2 + [0] * 8)):
+        c["tool_correctness_by_prompt"] = by
+    s = summarize({"families": {"a_exclusive": {"cells": [a, a3]}, "a_exclusive+shared": {"cells": [u, u3]}}})
+    test = s["interference"]["test"]
+    assert test["mean_delta"] == pytest.approx(-0.4) and test["p"] == pytest.approx(2 / 16, abs=0.02)
 
 
 def test_sweep_statistics_by_hand():
     rows = [{"kind": "dfc" if i < 35 else "standard", "dA_tool_correctness": 0.3 if i < 45 else -0.1, "dB_tool_correctness": 0.05 + 0.01 * (i % 3),
              "dB_format_accuracy": 0.0, "mse": 0.02 + 0.001 * i} for i in range(47)]
     s = sweep_statistics(rows)
-    assert s["dA_tool_sign_test"]["p"] == pytest.approx(1129 / 2**47)
-    assert s["welch_dB_standard_vs_dfc"]["n"] == [12, 35]
+    # variants share prompts: the sign test gives counts, never the independent-samples p of 1129 / 2^47
+    assert (s["dA_tool_sign_test"]["n_pos"], s["dA_tool_sign_test"]["n_neg"]) == (45, 2) and s["dA_tool_sign_test"]["p"] is None
+    assert s["dA_tool_permutation"] is None  # no per-prompt outcomes, no test
+    assert s["dB_standard_vs_dfc"]["n"] == [12, 35]
     assert s["pearson_mse_vs_dA"]["n"] == 47 and s["pearson_mse_vs_dA"]["r"] < 0  # the two negatives sit at the largest MSE
+
+
+def test_sweep_statistics_over_shared_prompts():
+    """Six variants on 40 prompts where nothing changes (the committed quick-organism sweep): every
+    across-variant statistic is undefined or p = 1, never t = -1.6e16."""
+    from guardrail.eval.experiments.sweep import SweepOutcomes
+
+    rows = [{"kind": "dfc" if i < 4 else "standard", "dA_tool_correctness": -0.025, "dB_tool_correctness": 0.0, "dB_format_accuracy": 0.0,
+             "mse": 0.01 * (i + 1)} for i in range(6)]
+    clean_a = [1.0] + [0.0] * 39
+    out = SweepOutcomes(clean_a=clean_a, clean_b=[0.0] * 40, recon_a=[[0.0] * 40] * 6, recon_b=[[0.0] * 40] * 6)
+    s = sweep_statistics(rows, out, n_perm=2000, n_boot=200)
+    assert s["dA_tool_permutation"]["mean_delta"] == pytest.approx(-0.025) and s["dA_tool_permutation"]["p"] == 1.0
+    assert s["dB_tool_permutation"]["p"] == 1.0
+    assert s["dB_standard_vs_dfc"]["bootstrap"]["ci"] == [None, None]  # Δ_B is 0 in every resample
+    assert s["pearson_mse_vs_dA"]["r"] is None and "constant" in s["pearson_mse_vs_dA"]["undefined"]
+    json.dumps(s, allow_nan=False)
 
 
 def test_grids_scale_to_width_and_pick_the_main_trio():
@@ -182,7 +214,41 @@ def test_explain_points_at_the_tokens_where_each_feature_fires(tiny_pair, dfc):
             assert c["last_prompt_token"] == (c["position"] == ids.shape[1] - 1)
 
 
-def test_backend_patch_is_prefill_only_and_identity_is_exact(tiny_pair, tmp_path):
+def _inputs_of_layer(model, layer: int, record: list[torch.Tensor]):
+    """Record the residual entering decoder layer ``layer`` (the output of ``layer − 1``, patched or not) at every forward."""
+    from guardrail.residual.hf import decoder_layers
+
+    def pre(_module, args, kwargs):
+        record.append((args[0] if args else kwargs["hidden_states"]).detach().clone())
+
+    return decoder_layers(model)[layer].register_forward_pre_hook(pre, with_kwargs=True)
+
+
+def test_backend_patch_is_written_once_at_the_last_prompt_token_during_prefill(tiny_pair):
+    """The paper patches the last prompt token once, during prefill. Watch what the next layer receives
+    at every forward pass: the patch vector must appear in exactly one pass (the prefill, at the last
+    position) and in none of the decode steps, where writing it again would be a different intervention."""
+    suite = plain_suite(2, 0, mix={"general": 1.0})
+    acts = last_token_activations(tiny_pair, suite.texts, 0, max_prompt_tokens=200)
+    g = torch.Generator().manual_seed(0)
+    patches = [acts[i, 0] + 30 * torch.randn(D_MODEL, generator=g) for i in range(2)]
+    record: list[torch.Tensor] = []
+    handle = _inputs_of_layer(tiny_pair.a.model, 1, record)  # patch after layer 0, watch what layer 1 receives
+    try:
+        TransformersBackend().generate(tiny_pair.a, suite.texts, SETTINGS, layer=0, patches=patches)
+    finally:
+        handle.remove()
+    assert len(record) >= SETTINGS.max_new_tokens  # one prefill, then a pass per new token (the last token may stop early)
+    hits = []
+    for step, hidden in enumerate(record):
+        for row in range(hidden.shape[0]):
+            for pos in range(hidden.shape[1]):
+                if any(torch.allclose(hidden[row, pos].float(), p, atol=1e-4) for p in patches):
+                    hits.append((step, pos - hidden.shape[1]))
+    assert sorted(hits) == [(0, -1), (0, -1)], f"patch seen at (forward pass, position) {hits}"
+
+
+def test_backend_identity_patch_is_exact_and_batching_changes_nothing(tiny_pair, tmp_path):
     suite = plain_suite(3, 0, mix={"general": 1.0})
     be = TransformersBackend()
     clean = be.generate(tiny_pair.a, suite.texts, SETTINGS)
@@ -200,26 +266,45 @@ def test_backend_patch_is_prefill_only_and_identity_is_exact(tiny_pair, tmp_path
 
 
 def test_report_verdicts_and_rendering(tmp_path):
-    d = lambda delta, lo, hi, pre=0.2: {"n": 40, "pre": pre, "post": pre + delta, "delta": delta, "t_ci": [lo, hi], "bootstrap_ci": [lo, hi], "p": 0.01}  # noqa: E731
+    from guardrail.eval.report import write_report
+    from guardrail.eval.verdicts import Verdict
+
+    d = lambda delta, lo, hi, pre=0.2, up=0: {"n": 40, "pre": pre, "post": pre + delta, "delta": delta, "ci": [lo, hi], "method": "newcombe",  # noqa: E731
+                                          "p": 0.01, "n_improved": up, "n_worsened": 0}
     res = {
-        "meta": {"profile": "test", "pair": "tiny", "notes": []},
-        "splice": {"n_prompts": 40, "A_recon_joint_delta": {"tool_correctness": d(0.3, 0.1, 0.5)},
-                   "B_recon_joint_delta": {"tool_correctness": d(-0.1, -0.2, -0.01), "format_accuracy": d(0.0, 0.0, 0.0, pre=0.0)}},
+        "meta": {"profile": "test", "pair": "tiny", "notes": [], "max_new_tokens": 48},
+        "splice": {"n_prompts": 40, "A_clean": {"tool_correctness": 0.2, "format_accuracy": 0.3, "overall_score": -0.5, "name_correct": 0.1,
+                                              "args_correct": 0.0, "call_cut": 0.25},
+                   "A_recon_joint_delta": {"tool_correctness": d(0.3, 0.1, 0.5), "name_correct": d(0.1, 0.02, 0.2)},
+                   "A_recon_single_delta": {"tool_correctness": d(0.45, 0.29, 0.61)},
+                   "B_recon_joint_delta": {"tool_correctness": d(-0.1, -0.2, -0.01), "format_accuracy": d(0.0, -0.0876, 0.0876, pre=0.0)}},
         "steering": {"n_prompts": 40, "alphas": [16.0], "families": {}, "summary": {
-            "b_exclusive_control": {"max_delta_norm": 0.0, "max_abs_gain": 0.0, "rows_changed": 0, "exactly_zero": True, "n_cells": 2}}},
+            "b_exclusive_control": {"max_delta_norm": 0.0, "max_abs_gain": 0.0, "rows_changed": 0, "exactly_zero": True, "n_cells": 2},
+            "interference": {"n_cells": 6, "mean_union_minus_a_exclusive": -0.133, "cells_worse": 2, "cells_better": 1}}},
+        "explain": {"n_prompts": 24, "features": [{"partition": "a_exclusive", "template_share": 1.0}], "template_token_fraction": 0.121},
     }
-    rows = {r["finding"]: r["verdict"] for r in paper_vs_run(res)}
-    assert rows["Splice raises A's tool correctness (joint encoding)"] == "reproduces"
-    assert rows["Spillover: B's tool selection rises under splice (joint)"] == "opposite"
-    assert rows["Format accuracy never spills into B"] == "reproduces"
-    assert rows["B-exclusive control changes nothing in A"] == "reproduces"
-    assert rows["Penalising exclusive features lowers A's splice gain"] == "not run"
-    res["paper_vs_run"] = paper_vs_run(res)
-    md = render_markdown(res)
-    assert "| Splice raises A's tool correctness (joint encoding) |" in md and "(n=40)" in md
+    rows = {r.finding: r.verdict for r in paper_vs_run(res)}
+    assert rows["Splice raises A's tool correctness (joint encoding)"] is Verdict.REPRODUCES
+    assert rows["Splice of A from A alone (single-model encoding)"] is Verdict.NEW
+    assert rows["Spillover: B's tool selection rises under splice (joint)"] is Verdict.NOT_REPRODUCED
+    assert rows["Format accuracy never spills into B"] is Verdict.NO_HEADROOM  # B at 0% in both conditions
+    assert rows["B-exclusive control changes nothing in A"] is Verdict.SANITY_CHECK
+    assert rows["A-exclusive ∪ shared interferes (worse than A-exclusive alone)"] is Verdict.UNDEFINED  # a sign, no test
+    assert rows["Top features are structural-template detectors"] is Verdict.UNDEFINED  # share counted </user>
+    assert rows["Penalising exclusive features lowers A's splice gain"] is Verdict.NOT_RUN
+    strict = {r.finding: r.strict for r in paper_vs_run(res)}
+    assert strict["Splice raises A's tool correctness (joint encoding)"].startswith("name +10.0 pp [+2.0, +20.0]")
+    del res["explain"]  # its section needs the whole scan; its verdict is judged above
+    paths = write_report(res, tmp_path)
+    md = paths["markdown"].read_text()
+    assert "| Splice raises A's tool correctness (joint encoding) |" in md and "(n=40)" in md and "strict (BFCL name / args)" in md
+    assert "cut before a call closed" in md and "A 25.0%" in md
     page = render_html(md, {})
-    assert page.count("<table>") == md.count("\n|---") >= 3 and "reproduces" in page
-    json.dumps(res)
+    assert page.count("<table>") == md.count("\n|---") >= 1 and "no headroom" in page
+    assert json.loads(paths["results"].read_text())["paper_vs_run"][3]["verdict"] == "no headroom"
+    res["splice"]["A_recon_joint_delta"]["tool_correctness"]["delta"] = float("nan")
+    with pytest.raises(ValueError, match="not JSON compliant"):
+        write_report(res, tmp_path)  # strict JSON: a NaN is an error, never a NaN token in results.json
 
 
 @pytest.mark.vllm

@@ -100,12 +100,10 @@ def test_code_block_fence_outlasts_backticks_in_the_text():
     assert lines[0] == "````text" and lines[-1] == "````"
 
 
-def test_paper_verdicts_judge_size_and_width_not_only_sign():
-    from guardrail.eval.report import _null_r_verdict, _steer_verdict
+def test_call_cut_flags_a_call_opened_and_not_closed():
+    from guardrail.eval.scoring import call_cut
 
-    assert _steer_verdict({"delta": 0.65, "bootstrap_ci": [0.48, 0.82]}) == "reproduces"
-    assert _steer_verdict({"delta": 0.125, "bootstrap_ci": [0.025, 0.25]}) == "same direction, much smaller"
-    assert _steer_verdict({"delta": 0.1, "bootstrap_ci": [-0.05, 0.25]}) == "not significant"
-    assert _null_r_verdict([-0.21, 0.36]) == "reproduces"  # the paper's own interval
-    assert _null_r_verdict([-0.80, 0.82]) == "consistent, too few variants to tell"
-    assert _null_r_verdict([0.1, 0.6]) == "differs"
+    assert call_cut('<think>x</think> <tool_call> {"name": "f", "parameters": {"a"')
+    assert not call_cut('<tool_call> {"name": "f", "parameters": {}} </tool_call> <response> ok')
+    assert call_cut('<tool_call> {"name": "f"} </tool_call> <tool_call> {"name": "g"')  # the second call is cut
+    assert not call_cut("plain prose, no call")

@@ -229,5 +229,7 @@ def test_prompt_bootstrap_counts_undefined_resamples():
     x = np.array([0.0, 1.0])
     res = stats.prompt_bootstrap(lambda idx: float(x[idx].mean()), 2, n_boot=200)
     assert res["estimate"] == 0.5 and res["ci"] == [0.0, 1.0] and res["n_undefined"] == 0
+    flat = stats.prompt_bootstrap(lambda idx: 0.0, 5, n_boot=50)  # nothing moves it: [0, 0] would read as exact
+    assert flat["ci"] == [None, None] and "every resample" in flat["undefined"]
     never = stats.prompt_bootstrap(lambda idx: None, 5, n_boot=50)
     assert never["ci"] == [None, None] and "undefined on the prompts" in never["undefined"]

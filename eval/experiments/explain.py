@@ -6,6 +6,12 @@ strongest activations are kept with their surrounding text. The *template share*
 fraction of those top activations that sit on tokens of the tool-call output template
 (``<tool_call>``, ``</tool_call>``, ``<response>``, ``<think>``, …) — the paper found its top
 features to be structural-template detectors (firing on ``</tool_call> <response>``).
+
+A marker that every tool prompt ends with (``</user>`` in the raw ToolRL rendering) is not
+counted: ranking reads the last prompt token, so a top "tool-signed" feature firing there
+marks where a tool prompt ends — which ordinary prompts, bare text, never share — not the
+call template. :func:`prompt_end_markers` finds such markers and the share and its base
+rate are computed without them.
 """
 
 from __future__ import annotations
@@ -20,11 +26,21 @@ from guardrail.residual.hf import read_residual
 
 TEMPLATE_MARKERS = ("<tool_call>", "</tool_call>", "<response>", "</response>", "<think>", "</think>", "<obs>", "</obs>",
                     "<user>", "</user>", '"name"', '"parameters"')
-_MARKER_RE = re.compile("|".join(re.escape(m) for m in TEMPLATE_MARKERS))
 
 
-def template_spans(text: str) -> list[tuple[int, int]]:
-    return [(m.start(), m.end()) for m in _MARKER_RE.finditer(text)]
+def _marker_re(markers: Sequence[str]) -> re.Pattern[str] | None:
+    return re.compile("|".join(re.escape(m) for m in markers)) if markers else None
+
+
+def template_spans(text: str, markers: Sequence[str] = TEMPLATE_MARKERS) -> list[tuple[int, int]]:
+    """Character spans of the template markers in ``text``."""
+    rx = _marker_re(markers)
+    return [(m.start(), m.end()) for m in rx.finditer(text)] if rx else []
+
+
+def prompt_end_markers(texts: Sequence[str], markers: Sequence[str] = TEMPLATE_MARKERS) -> list[str]:
+    """Markers that every one of ``texts`` ends with (the token a last-prompt-token ranking reads)."""
+    return [m for m in markers if texts and all(t.rstrip().endswith(m) for t in texts)]
 
 
 def token_spans(tok: Any, text: str, ids: list[int]) -> list[tuple[int, int]]:
@@ -58,8 +74,10 @@ def run_explain(pair: Any, cc: Any, ranking: Any, suite: Suite, layer: int, *, p
     if not chosen:
         return {"features": [], "note": "no tool-signed feature to explain"}
     idx = torch.tensor([i for _, i in chosen])
+    ending = prompt_end_markers([text for item, text in zip(suite.items, suite.texts) if item.is_tool])
+    counted = [m for m in TEMPLATE_MARKERS if m not in ending]
     best_vals, best_loc, fire_counts, n_tokens = _scan(pair, cc, suite.texts, idx, layer, top_k, max_prompt_tokens, batch_size)
-    contexts_of = _Contexts(pair.tokenizer, suite, window, max_prompt_tokens)
+    contexts_of = _Contexts(pair.tokenizer, suite, window, max_prompt_tokens, counted)
     features = []
     for j, (part, fi) in enumerate(chosen):
         contexts = [contexts_of.at(p, t, v) for v, (p, t) in zip(best_vals[j].tolist(), best_loc[j].tolist()) if v > 0 and p >= 0]
@@ -70,9 +88,9 @@ def run_explain(pair: Any, cc: Any, ranking: Any, suite: Suite, layer: int, *, p
                          "last_token_share": sum(c["last_prompt_token"] for c in contexts) / n_pos if n_pos else None,
                          "top_contexts": contexts})
     shares = [f["template_share"] for f in features if f["template_share"] is not None]
-    return {"n_prompts": len(suite), "n_tokens": n_tokens, "markers": list(TEMPLATE_MARKERS), "features": features,
+    return {"n_prompts": len(suite), "n_tokens": n_tokens, "markers": counted, "prompt_end_markers": ending, "features": features,
             "mean_template_share": sum(shares) / len(shares) if shares else None,
-            "template_token_fraction": _template_fraction(pair.tokenizer, suite.texts, max_prompt_tokens)}
+            "template_token_fraction": _template_fraction(pair.tokenizer, suite.texts, max_prompt_tokens, counted)}
 
 
 def _scan(pair: Any, cc: Any, texts: Sequence[str], idx: torch.Tensor, layer: int, top_k: int,
@@ -112,8 +130,8 @@ def _scan(pair: Any, cc: Any, texts: Sequence[str], idx: torch.Tensor, layer: in
 class _Contexts:
     """Turns (prompt, token) locations into readable contexts; tokenises each prompt once."""
 
-    def __init__(self, tok: Any, suite: Suite, window: int, max_prompt_tokens: int | None):
-        self.tok, self.window, self.max_prompt_tokens = tok, window, max_prompt_tokens
+    def __init__(self, tok: Any, suite: Suite, window: int, max_prompt_tokens: int | None, markers: Sequence[str] = TEMPLATE_MARKERS):
+        self.tok, self.window, self.max_prompt_tokens, self.markers = tok, window, max_prompt_tokens, markers
         self.texts, self.items = suite.texts, suite.items
         self._tokens: dict[int, tuple[int, list[tuple[int, int]], list[tuple[int, int]]]] = {}
 
@@ -122,7 +140,7 @@ class _Contexts:
             text = self.texts[p]
             full = self.tok(text, add_special_tokens=False)["input_ids"]
             kept = min(len(full), self.max_prompt_tokens) if self.max_prompt_tokens else len(full)
-            self._tokens[p] = (kept, token_spans(self.tok, text, full), template_spans(text))
+            self._tokens[p] = (kept, token_spans(self.tok, text, full), template_spans(text, self.markers))
         return self._tokens[p]
 
     def at(self, p: int, t: int, value: float) -> dict[str, Any]:
@@ -135,7 +153,7 @@ class _Contexts:
                 "context": text[max(0, span[0] - w) : span[0]] + "[[" + text[span[0] : span[1]] + "]]" + text[span[1] : span[1] + w // 2]}
 
 
-def _template_fraction(tok: Any, texts: Sequence[str], max_prompt_tokens: int | None) -> float:
+def _template_fraction(tok: Any, texts: Sequence[str], max_prompt_tokens: int | None, markers: Sequence[str] = TEMPLATE_MARKERS) -> float:
     """Base rate: the share of all prompt tokens that are template tokens (what chance would give)."""
     total = hits = 0
     for text in texts:
@@ -143,7 +161,7 @@ def _template_fraction(tok: Any, texts: Sequence[str], max_prompt_tokens: int | 
         spans = token_spans(tok, text, ids)
         if max_prompt_tokens:
             spans = spans[-max_prompt_tokens:]
-        marks = template_spans(text)
+        marks = template_spans(text, markers)
         total += len(spans)
         hits += sum(on_template(s, marks) for s in spans)
     return hits / total if total else 0.0

@@ -19,7 +19,8 @@ from typing import Any, Sequence
 import torch
 
 from guardrail.eval.experiments.common import RunContext, compare, condition_summary, dictionary_health
-from guardrail.eval.scoring import score_all
+from guardrail.eval.scoring import metric_vector, score_all
+from guardrail.eval.stats import sign_flip_permutation
 from guardrail.eval.suites import Suite
 from guardrail.features import interventions as iv
 
@@ -126,6 +127,7 @@ def run_steering(ctx: RunContext, dfc: Any, dfc_ranking: Any, suite: Suite, *, s
                     "size": size, "n_features": len(idx), "alpha": alpha, "features": idx[:16],
                     "rows_changed": int((norms > 0).sum()), "max_delta_norm": float(norms.max()) if len(norms) else 0.0,
                     "steered": condition_summary(recs), "delta": compare(recs, clean, ctx.seed, ctx.n_boot),
+                    "tool_correctness_by_prompt": metric_vector(recs, "tool_correctness"),
                 })
         result["families"][fam] = {"selection": how, "n_candidates": len(order), "sizes": fam_sizes, "cells": cells}
     result["outputs"] = str(ctx.save(name, records).relative_to(ctx.out_dir))
@@ -135,6 +137,18 @@ def run_steering(ctx: RunContext, dfc: Any, dfc_ranking: Any, suite: Suite, *, s
 
 def _gain(cell: dict[str, Any], metric: str = "tool_correctness") -> float:
     return cell["delta"][metric]["delta"]
+
+
+def _interference_test(pairs: list[tuple[dict[str, Any], dict[str, Any]]]) -> dict[str, Any]:
+    """Sign-flip permutation over prompts of Δ(union) − Δ(A-exclusive), pooled over the matched cells.
+
+    The cells share their prompts, so a prompt's differences in every cell flip together;
+    the sign of the mean over a few cells alone is not a test.
+    """
+    if not all("tool_correctness_by_prompt" in c for pair in pairs for c in pair):
+        return {"test": "sign-flip permutation over prompts", "p": None, "mean_delta": None, "undefined": "no per-prompt outcomes saved"}
+    diffs = [[u - a for a, u in zip(ca["tool_correctness_by_prompt"], cu["tool_correctness_by_prompt"])] for ca, cu in pairs]
+    return sign_flip_permutation(diffs, alternative="two-sided")
 
 
 def summarize(result: dict[str, Any]) -> dict[str, Any]:
@@ -149,7 +163,8 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
     a1 = [c for c in cells("a_exclusive") if c["size"] == 1 or (c["size"] == "all" and c["n_features"] == 1)]
     if a1:
         best = max(a1, key=_gain)
-        out["a_exclusive_single_feature_best"] = {"alpha": best["alpha"], "features": best["features"], **best["delta"]["tool_correctness"]}
+        out["a_exclusive_single_feature_best"] = {"alpha": best["alpha"], "features": best["features"], **best["delta"]["tool_correctness"],
+                                                  "strict": {k: best["delta"][k] for k in ("name_correct", "args_correct") if k in best["delta"]}}
     if cells("a_exclusive"):
         best = max(cells("a_exclusive"), key=_gain)
         out["a_exclusive_best"] = {"size": best["size"], "alpha": best["alpha"], **best["delta"]["tool_correctness"]}
@@ -167,7 +182,8 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
     if pairs:
         diffs = [_gain(cu) - _gain(ca) for ca, cu in pairs]
         out["interference"] = {"n_cells": len(pairs), "mean_union_minus_a_exclusive": sum(diffs) / len(diffs),
-                               "cells_worse": sum(d < 0 for d in diffs), "cells_better": sum(d > 0 for d in diffs)}
+                               "cells_worse": sum(d < 0 for d in diffs), "cells_better": sum(d > 0 for d in diffs),
+                               "test": _interference_test(pairs)}
     std = cells("standard")
     if std:
         best = max(std, key=_gain)
