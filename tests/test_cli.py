@@ -49,11 +49,32 @@ def test_errors_are_one_line_with_a_hint_and_debug_shows_the_traceback(tmp_path)
 
 
 def test_result_exit_codes_reach_the_shell(tmp_path):
-    """A command's own exit code (audit verdicts, `policy validate`) survives the entry point."""
+    """A command's own exit code (`policy validate`; audit verdicts below) survives the entry point."""
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: p\nrules:\n  - id: r\n    action: clamp\n    select: {partition: a_exclusive}\n    valu: 0\n")
     res = _run("policy", "validate", str(bad))
     assert res.returncode == 1 and "valu" in res.stderr
+
+
+def test_audit_verdicts_are_the_exit_codes(tiny_pair, tmp_path):
+    """`guardrail audit` exits 0 PASS, 1 FAIL, 2 INCONCLUSIVE: what CI gates on (tiny pair, 12 prompts, 1 token)."""
+    from test_audit import _dfc, _leaky, _saved  # the audit's own constructed artifacts (tests/ is on sys.path)
+
+    policy = tmp_path / "audit.yaml"
+    policy.write_text("metric: tool_call_open\nprompts: 12\nmax_new_tokens: 1\nsteer_top: 2\nmax_artifact_only_gain_pp: 30\n"
+                      "calibration_prompts: 8\nmax_prompt_tokens: 96\n")  # 12 prompts bound a zero gain by 24.3 pp < 30
+    _leaky(tiny_pair, tmp_path)
+    _saved(_dfc(tiny_pair.d_model, seed=3), tmp_path, "random")
+    common = ("--pair", "tiny", "--artifact-only", "--backend", "transformers")
+    runs = {
+        "PASS": _run("audit", str(tmp_path / "random"), *common, "--policy", str(policy), "--out", str(tmp_path / "pass")),
+        "FAIL": _run("audit", str(tmp_path / "leaky"), *common, "--policy", str(policy), "--out", str(tmp_path / "fail")),
+        "INCONCLUSIVE": _run("audit", str(tmp_path / "random"), *common, "--policy", str(policy), "--prompts", "4", "--out", str(tmp_path / "small")),
+    }
+    for verdict, code in (("PASS", 0), ("FAIL", 1), ("INCONCLUSIVE", 2)):
+        res = runs[verdict]
+        assert res.returncode == code, f"{verdict}: exit {res.returncode}\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}"
+        assert verdict in res.stdout
 
 
 def test_committed_cli_reference_matches_the_cli(tmp_path):

@@ -40,4 +40,7 @@ def test_readme_tour_runs_on_the_tiny_pair(tmp_path, monkeypatch, capsys):
     exec(compile(code, "README.md (tour)", "exec"), scope)  # noqa: S102 - the project's own README
     assert (tmp_path / "runs" / "dfc" / "ranking.json").exists()
     assert isinstance(scope["out"].text, str) and isinstance(scope["out"].events, list)
-    assert scope["report"].verdict in set(Verdict) and "# guardrail audit" in capsys.readouterr().out
+    # 6 prompts cannot bound a gain by the default 2 pp (no change already gives ~39 pp): the audit must say so
+    report = scope["report"]
+    assert report.verdict == Verdict.INCONCLUSIVE and "6 prompts cannot certify" in report.reasons[-1]
+    assert "# guardrail audit" in capsys.readouterr().out

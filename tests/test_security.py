@@ -18,7 +18,6 @@ import struct
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -181,10 +180,8 @@ def test_absurd_dict_size_is_refused_before_allocation(tmp_path):
             block["dict_size"] = 10**12
 
     _resign(root, huge)
-    t0 = time.perf_counter()
     with pytest.raises(ArtifactError, match=r"dict_size=1000000000000 is outside 1\.\.16777216"):
         load_artifact(root)
-    assert time.perf_counter() - t0 < 5
 
 
 def test_manifest_declaring_a_huge_tensor_is_refused(tmp_path, monkeypatch):
