@@ -68,6 +68,7 @@ def generate(
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1, help="New tokens to generate."),
     raw: bool = typer.Option(False, "--raw", help="Use the prompt as is (the paper's protocol) instead of the chat template."),
     as_json: bool = typer.Option(False, "--json", help="Print the result and events as JSON."),
+    alert_log: Optional[Path] = typer.Option(None, "--alert-log", help="JSONL file for the events (default: telemetry.alert_log of the policy, under $GUARDRAIL_HOME)."),
 ) -> None:
     """Generate with model A under a policy (transformers engine) and show the fired rules."""
     from guardrail.cli.common import load_pair_from
@@ -75,6 +76,8 @@ def generate(
     from guardrail.residual.hf_guard import guard
 
     pol = Policy.load(policy)
+    if alert_log is not None:
+        pol = pol.with_alert_log(alert_log)
     models = load_pair_from(pair, model_a, model_b)
     with guard(models.a, artifact, pol, model_b=models.b if pol.encoding == "joint" else None) as g:
         result = g.generate(prompt, max_new_tokens=max_new_tokens, chat=not raw)
@@ -98,13 +101,14 @@ def serve(
     default: Optional[str] = typer.Option(None, "--default", help="Policy for requests that name none (default: the first)."),
     host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on."),
     port: int = typer.Option(8000, "--port", help="TCP port of the OpenAI-compatible server."),
-    max_model_len: int = typer.Option(2048, "--max-model-len", help="Longest prompt + completion vLLM accepts."),
+    max_model_len: Optional[int] = typer.Option(None, "--max-model-len", help="Longest prompt + completion vLLM accepts (default: what the model allows, at most 2048)."),
+    alert_log: Optional[Path] = typer.Option(None, "--alert-log", help="JSONL file for the events of every policy (default: telemetry.alert_log of each, under $GUARDRAIL_HOME)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the vllm command and environment, do not start."),
 ) -> None:
     """OpenAI-compatible HTTP server (vLLM) with the policies active."""
     from guardrail.residual.vllm_serve import serve as run, serve_command
 
-    kwargs = dict(artifact=artifact, host=host, port=port, default=default, max_model_len=max_model_len)
+    kwargs = dict(artifact=artifact, host=host, port=port, default=default, max_model_len=max_model_len, alert_log=alert_log)
     if dry_run:
         argv, env = serve_command(policy, model, **kwargs)
         guard_env = {k: v for k, v in env.items() if k.startswith("GUARDRAIL_")}

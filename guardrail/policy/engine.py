@@ -148,7 +148,7 @@ class CompiledPolicy:
             self.rules.append(CompiledRule(rule, idx, rule.on_error or policy.on_error))
         tcfg = policy.telemetry
         self.telemetry = telemetry or telemetry_for(
-            policy.resolve_path(tcfg.alert_log), otel=tcfg.otel, capture_content=tcfg.capture_content, queue_size=tcfg.queue_size
+            policy.alert_log_path(), otel=tcfg.otel, capture_content=tcfg.capture_content, queue_size=tcfg.queue_size
         )
         self.nan_reverted = 0
         self.errors = 0

@@ -138,7 +138,10 @@ Rule = Annotated[Union[SteerRule, ClampRule, SpliceRule, AlertRule, AbortRule], 
 class TelemetryConfig(_Strict):
     """Where events go. Content (prompt text, token ids) is never exported unless opted in."""
 
-    alert_log: str | None = Field(default=None, description="JSONL file for fired rules; relative to the policy file")
+    alert_log: str | None = Field(
+        default=None,
+        description="JSONL file for fired rules; a relative path is under $GUARDRAIL_HOME (not beside the policy file, which may sit in an installed package)",
+    )
     otel: bool = True
     capture_content: bool = False
     queue_size: int = Field(default=10000, ge=1, le=1_000_000)
@@ -210,6 +213,29 @@ class Policy(_Strict):
         if not p.is_absolute() and self.source:
             p = Path(self.source).parent / p
         return p
+
+    def alert_log_path(self) -> Path | None:
+        """Where this policy's JSONL alert log goes: absolute as written, else under ``$GUARDRAIL_HOME``.
+
+        Never relative to the policy file: the shipped policies live inside the installed
+        package, and telemetry must not be written into site-packages.
+        """
+        value = self.telemetry.alert_log
+        if value is None:
+            return None
+        p = Path(value).expanduser()
+        if p.is_absolute():
+            return p
+        from guardrail.paths import home
+
+        return home() / p
+
+    def with_alert_log(self, path: str | Path) -> "Policy":
+        """A copy whose alert log is ``path`` (a command line's ``--alert-log``), same source file."""
+        telemetry = self.telemetry.model_copy(update={"alert_log": str(Path(path).expanduser().resolve())})
+        copy = self.model_copy(update={"telemetry": telemetry})
+        copy._source = self._source
+        return copy
 
     def dump_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json", exclude_defaults=True), sort_keys=False)

@@ -33,7 +33,7 @@ import re
 import threading
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 
@@ -92,6 +92,27 @@ def batch_layout(runner: Any) -> tuple[list[str], list[int]]:
     return req_ids, [int(v) for v in qsl]
 
 
+def policy_choice_problem(extra_args: Any, names: Iterable[str], allow_none: bool) -> str | None:
+    """Why a request's choice of policy cannot be served, or None when it can.
+
+    ``guardrail serve`` asks this where the request arrives, so that a typo in a policy name
+    is an HTTP 400 naming the policy, not a completion whose text is an abort message. The
+    worker still stops such a request (in-process engines have no HTTP layer).
+    """
+    if not isinstance(extra_args, dict) or POLICY_KEY not in extra_args:
+        return None  # no choice: the server's default policy applies
+    name = extra_args[POLICY_KEY]
+    known = sorted(names)
+    if not isinstance(name, str):
+        return f"{POLICY_KEY} must be a policy name (a string), got {type(name).__name__}; this server has {known}"
+    if name == NO_POLICY:
+        return None if allow_none else f"{POLICY_KEY}: {NO_POLICY!r} (opting out of the guard) is not allowed on this server; policies: {known}"
+    if name not in known:
+        extra = f' or "{NO_POLICY}"' if allow_none else ""
+        return f"unknown guardrail policy {name!r}; this server has {known}{extra}"
+    return None
+
+
 class WorkerGuard:
     """Lives in the vLLM worker; owns the hooks, the policy store, events and captures."""
 
@@ -104,6 +125,7 @@ class WorkerGuard:
         capture: bool = False,
         keep_events: int = 100_000,
         watch_interval: float = DEFAULT_INTERVAL,
+        alert_log: str | None = None,
     ) -> None:
         self.runner = runner
         self.store = PolicyStore()
@@ -111,6 +133,7 @@ class WorkerGuard:
         self.allow_none = allow_none
         self.capture = capture
         self.keep_events = keep_events
+        self.alert_log = alert_log  # overrides every policy's telemetry.alert_log (`--alert-log`)
         self.events: list[dict[str, Any]] = []
         self.captured: list[dict[str, Any]] = []
         self.aborted: dict[str, str] = {}
@@ -133,7 +156,7 @@ class WorkerGuard:
         """
         src = str(policy) if isinstance(policy, (str, Path)) else None
         before = FileSignature.of(src) if src is not None else None  # taken first: a write during the load is seen
-        compiled = compile_policy(Policy.load(src) if src is not None else policy, artifact, engine="vllm")
+        compiled = compile_policy(self._policy(policy), artifact, engine="vllm")
         self._check_shape(compiled)
         self.store.set(name, compiled)
         self._install_hooks()
@@ -151,7 +174,7 @@ class WorkerGuard:
         """
         with self._reload_lock:
             try:
-                compiled = compile_policy(Policy.load(policy) if isinstance(policy, (str, Path)) else policy, artifact, engine="vllm")
+                compiled = compile_policy(self._policy(policy), artifact, engine="vllm")
                 self._check_shape(compiled)
             except (PolicyError, GuardError, ValueError, OSError) as exc:
                 self.stats["reload_errors"] += 1
@@ -164,6 +187,11 @@ class WorkerGuard:
             if compiled.layer not in self._handles:
                 self._hooks_stale = True
         return {"ok": True}
+
+    def _policy(self, policy: Policy | str | Path) -> Policy:
+        """The policy itself (read from its file if given one), with the guard's alert log if set."""
+        loaded = Policy.load(policy) if isinstance(policy, (str, Path)) else policy
+        return loaded.with_alert_log(self.alert_log) if self.alert_log else loaded
 
     def _check_shape(self, compiled: CompiledPolicy) -> None:
         model = self.runner.get_model()
@@ -398,14 +426,14 @@ def _runner(worker: Any) -> Any:
     return getattr(worker, "model_runner", worker)
 
 
-def _install_on_worker(worker, specs, default, allow_none, capture, watch, watch_interval=DEFAULT_INTERVAL):
+def _install_on_worker(worker, specs, default, allow_none, capture, watch, watch_interval=DEFAULT_INTERVAL, alert_log=None):
     runner = _runner(worker)
     guard = getattr(runner, WORKER_ATTR, None)
     if guard is None:
-        guard = WorkerGuard(runner, default=default, allow_none=allow_none, capture=capture, watch_interval=watch_interval)
+        guard = WorkerGuard(runner, default=default, allow_none=allow_none, capture=capture, watch_interval=watch_interval, alert_log=alert_log)
         setattr(runner, WORKER_ATTR, guard)
         _track_scheduled(runner)
-    guard.default, guard.allow_none, guard.capture = default, allow_none, capture
+    guard.default, guard.allow_none, guard.capture, guard.alert_log = default, allow_none, capture, alert_log
     guard.watcher.interval = float(watch_interval)
     for name, policy, artifact in specs:
         guard.add_policy(name, policy, artifact, watch=watch)
@@ -494,6 +522,7 @@ def install_guard(
     capture: bool = False,
     watch: bool = False,
     watch_interval: float = DEFAULT_INTERVAL,
+    alert_log: str | Path | None = None,
 ) -> VllmGuard:
     """Install named policies into an in-process vLLM ``LLM`` (``VLLM_ENABLE_V1_MULTIPROCESSING=0``).
 
@@ -502,6 +531,7 @@ def install_guard(
     Crosscoder object) shared by the policies, or None to use each policy's ``artifact``.
     With ``watch``, policies given as files are reloaded by a worker thread when they change
     (polled every ``watch_interval`` seconds); the forward pass never waits for a reload.
+    ``alert_log`` replaces every policy's ``telemetry.alert_log``.
     """
     if not policies:
         raise GuardError("install_guard needs at least one policy")
@@ -514,7 +544,8 @@ def install_guard(
         if isinstance(pol, str):
             Policy.load(pol)  # validate on the driver first: clear error before touching the engine
         specs.append((name, pol, str(artifact) if isinstance(artifact, Path) else artifact))
-    llm.collective_rpc(lambda worker: _install_on_worker(worker, specs, default, allow_none, capture, watch, watch_interval))
+    log_path = str(Path(alert_log).expanduser().resolve()) if alert_log is not None else None
+    llm.collective_rpc(lambda worker: _install_on_worker(worker, specs, default, allow_none, capture, watch, watch_interval, log_path))
     return VllmGuard(llm)
 
 
@@ -542,4 +573,5 @@ def env_config() -> dict[str, Any] | None:
         "allow_none": os.environ.get("GUARDRAIL_ALLOW_UNGUARDED", "0") == "1",
         "watch": os.environ.get("GUARDRAIL_WATCH", "1") == "1",
         "watch_interval": float(os.environ.get("GUARDRAIL_WATCH_INTERVAL", DEFAULT_INTERVAL)),
+        "alert_log": os.environ.get("GUARDRAIL_ALERT_LOG") or None,
     }

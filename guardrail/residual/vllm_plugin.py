@@ -12,6 +12,7 @@ Environment:
     GUARDRAIL_ALLOW_UNGUARDED=1             let a request opt out with guardrail_policy: "none"
     GUARDRAIL_WATCH=0                       disable hot reload of changed policy files
     GUARDRAIL_WATCH_INTERVAL                seconds between checks of the policy files (default 2)
+    GUARDRAIL_ALERT_LOG                     one JSONL alert log for every policy (default: each policy's own)
 
 Requests choose a policy through ``vllm_xargs`` / ``extra_args``: ``{"guardrail_policy": name}``.
 """
@@ -56,7 +57,7 @@ def _wrap_load_model(original, cfg):
             from guardrail.residual.vllm_guard import _install_on_worker
 
             specs = [(name, path, cfg["artifact"]) for name, path in cfg["policies"].items()]
-            names = _install_on_worker(self, specs, cfg["default"], cfg["allow_none"], False, cfg["watch"], cfg["watch_interval"])
+            names = _install_on_worker(self, specs, cfg["default"], cfg["allow_none"], False, cfg["watch"], cfg["watch_interval"], cfg["alert_log"])
             log.warning("guardrail: installed policies %s (default %s)", names, cfg["default"])
         return result
 
