@@ -19,6 +19,7 @@ def demo_cmd(
     max_new_tokens: int = typer.Option(96, help="New tokens per generation."),
     audit_tokens: int = typer.Option(48, help="New tokens per audit generation (a tool call's name comes early)."),
     backend: str = typer.Option("auto", help="Generation backend of the saturation curve and the audit: auto, vllm or transformers."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show vLLM's and transformers' own logs, bars and warnings."),
 ) -> None:
     """The paper on your CPU: B hedges, A calls tools, one feature steers, a clamp stops it, the audit judges."""
     from rich.console import Console
@@ -26,12 +27,16 @@ def demo_cmd(
     from rich.table import Table
 
     from guardrail.demo import CURVE_METRICS, DemoConfig, audit_lines, run_demo, write_report
+    from guardrail.terminal import quiet
 
+    quiet(verbose)
     console = Console()
     cfg = DemoConfig(pair=pair, out=out, retrain=retrain, steps=steps, dict_size=dict_size, tool_prompts=tool_prompts or None,
                      curve_prompts=curve_prompts, audit_prompts=audit_prompts, max_new_tokens=max_new_tokens, audit_tokens=audit_tokens,
                      backend=backend)
     result = run_demo(cfg, say=lambda m: console.print(f"[bold cyan]•[/] {m}"))
+    for note in result.notices:
+        console.print(f"[bold yellow]note:[/] {note}")
     for name, text in result.outputs.items():
         console.print(Panel(text.strip() or "(empty)", title=name, title_align="left"))
     console.print(Panel("\n".join(map(str, result.alerts)) or "(no alert)", title="alerts (exclusive-alert policy)", title_align="left"))
@@ -46,7 +51,14 @@ def demo_cmd(
     console.print(Panel("\n".join(audit_lines(a)),
                         title=f"audit: {a['verdict']} (B clean {100 * a['clean_rate']:.1f}%, n={a['n_prompts']})", title_align="left"))
     path = write_report(result, out)
-    console.print(f"report: {path / 'report.html'}  (timings {result.timings})")
+    stages = Table(title="stage timings")
+    stages.add_column("stage")
+    stages.add_column("seconds", justify="right")
+    for name, sec in result.timings.items():
+        stages.add_row(name, f"{sec:.1f}")
+    stages.add_row("[bold]total[/]", f"[bold]{sum(result.timings.values()):.1f}[/]")
+    console.print(stages)
+    console.print(f"report: {path / 'report.html'}")
 
 
 def register(app: typer.Typer) -> None:

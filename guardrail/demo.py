@@ -14,10 +14,11 @@ import io
 import json
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -52,6 +53,29 @@ class DemoConfig:
     out: Path = Path("runs/demo")
 
 
+class StageClock:
+    """Wall time of each stage of a run, in the order they ran; the run ends with this table.
+
+    A stage served from the cache is recorded too (near zero), so the table of a later run
+    shows what the cache saved, and the table of a first run what a user waits for.
+    """
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 1)
+
+    @property
+    def total(self) -> float:
+        return round(sum(self.seconds.values()), 1)
+
+
 @dataclass
 class DemoResult:
     prompt_id: str
@@ -61,8 +85,9 @@ class DemoResult:
     curve_n: int
     feature: dict
     audit: dict
-    timings: dict[str, float] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage (StageClock)
     artifact: str = ""
+    notices: list[str] = field(default_factory=list)  # what the pair did not show, first on the page
 
 
 def policy_file(name: str) -> Path:
@@ -105,7 +130,7 @@ def quick_grid_dfc(d_model: int):
     return min(free, key=lambda c: c.k)
 
 
-def ensure_dfc(pair, cfg: DemoConfig, say: Callable[[str], None]) -> Path:
+def ensure_dfc(pair, cfg: DemoConfig, say: Callable[[str], None], clock: StageClock | None = None) -> Path:
     """The demo's DFC: cached from an earlier run with the same recipe, else collected, trained
     and ranked now. Results that depend on the DFC (curve, audit) live beside it."""
     from guardrail.activations import collect
@@ -114,6 +139,7 @@ def ensure_dfc(pair, cfg: DemoConfig, say: Callable[[str], None]) -> Path:
     from guardrail.residual import Site
     from guardrail.training import train
 
+    clock = clock or StageClock()
     site, dfc = _recipe(pair, cfg)
     training = {"steps": cfg.steps, "batch_size": cfg.batch_size, "lr": cfg.lr}
     root = demo_root(pair, cfg)
@@ -125,11 +151,14 @@ def ensure_dfc(pair, cfg: DemoConfig, say: Callable[[str], None]) -> Path:
         return art
     prompts = mixed(cfg.tool_prompts, None, split="train", mode="raw", tokenizer=pair.tokenizer)
     say(f"collecting activations of A and B at layer {site['layer']} ({len(prompts)} prompts, last {cfg.last_n} tokens each)")
-    cache = collect(pair, prompts, Site(layer=site["layer"], positions="prompt", last_n=cfg.last_n),
-                    root / f"cache-{_key(site)}")
+    with clock.stage("collect activations"):
+        cache = collect(pair, prompts, Site(layer=site["layer"], positions="prompt", last_n=cfg.last_n),
+                        root / f"cache-{_key(site)}")
     say(f"training a DFC: D={dfc.dict_size}, k={dfc.k}, {cfg.exclusive:.0%} exclusive per model, {cfg.steps} steps")
-    train(cache, dfc, art, **training)
-    rank(art, cache)
+    with clock.stage("train DFC"):
+        train(cache, dfc, art, **training)
+    with clock.stage("rank features"):
+        rank(art, cache)
     return art
 
 
@@ -254,6 +283,18 @@ def _side_by_side(pair, art: Path, hedge, call, a_outs: dict[str, str], alpha: f
     return outputs, alerts[:12]
 
 
+def _notices(hedge, call, tried: int) -> list[str]:
+    """What the page must say first when the pair did not show what a panel is about."""
+    notes = []
+    if hedge is None:
+        notes.append(f"A called a tool on all {tried} held-out prompts tried: no hedge to steer from; "
+                     "the steering panel uses a prompt A already calls on.")
+    if call is None:
+        notes.append(f"A wrote no tool call on any of the {tried} held-out prompts tried: the kill-switch and "
+                     "alert panels show a prompt with nothing to stop.")
+    return notes
+
+
 def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> DemoResult:
     import random
 
@@ -263,11 +304,11 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> DemoResult:
     from guardrail.models import load_pair
     from guardrail.tasks import ANSWERED_CATEGORIES, load_tasks
 
-    t = {"start": time.time()}
+    clock = StageClock()
     say(f"loading the {cfg.pair} pair (A = tool-use RL model, B = its base)")
-    pair = load_pair(cfg.pair)
-    art = ensure_dfc(pair, cfg, say)
-    t["dfc"] = time.time()
+    with clock.stage("load pair"):
+        pair = load_pair(cfg.pair)
+    art = ensure_dfc(pair, cfg, say, clock)
     ranking = Ranking.load(art)
     top = ranking.top("tool", "a_exclusive", 1)
     if not top:
@@ -278,27 +319,30 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> DemoResult:
     root = art.parent
     say(f"saturation curve: {len(ALPHAS)} α values × {cfg.curve_prompts} prompts (cached after the first run)")
     curve_tasks = tasks[16 : 16 + cfg.curve_prompts]
-    curve = _cached_json(root / f"curve-{cfg.curve_prompts}-{cfg.max_new_tokens}.json", cfg.retrain,
-                         lambda: saturation_curve(pair, art, curve_tasks, cfg))
-    t["curve"] = time.time()
-    hedge, call, a_outs = _pick_prompts(pair, tasks[:64], cfg.max_new_tokens)
-    tried = f"none of {len(a_outs)} prompts"
-    say(f"A hedges on {hedge.id if hedge else tried}; A calls a tool on {call.id if call else tried}")
-    hedge, call = hedge or tasks[0], call or tasks[0]
-    alpha = best_alpha(curve)
-    say(f"steering feature {feature['index']} (A-exclusive, Cohen's d {feature['cohens_d']:.2f}) at α={alpha:g}, the curve's best")
-    outputs, alerts = _side_by_side(pair, art, hedge, call, a_outs, alpha, cfg)
-    t["side_by_side"] = time.time()
+    with clock.stage("saturation curve"):
+        curve = _cached_json(root / f"curve-{cfg.curve_prompts}-{cfg.max_new_tokens}.json", cfg.retrain,
+                             lambda: saturation_curve(pair, art, curve_tasks, cfg))
+    with clock.stage("side by side"):
+        hedge, call, a_outs = _pick_prompts(pair, tasks[:64], cfg.max_new_tokens)
+        notices = _notices(hedge, call, len(a_outs))
+        for note in notices:
+            say(f"note: {note}")
+        if not notices:
+            say(f"A hedges on {hedge.id}; A calls a tool on {call.id}")
+        hedge, call = hedge or call, call or hedge
+        alpha = best_alpha(curve)
+        say(f"steering feature {feature['index']} (A-exclusive, Cohen's d {feature['cohens_d']:.2f}) at α={alpha:g}, the curve's best")
+        outputs, alerts = _side_by_side(pair, art, hedge, call, a_outs, alpha, cfg)
 
     def run_audit() -> dict:
         say(f"auditing the DFC: {cfg.audit_prompts} held-out prompts, B clean vs each threat model")
         policy = AuditPolicy(prompts=cfg.audit_prompts, max_new_tokens=cfg.audit_tokens)
         return json.loads(audit(load_artifact(art), pair.b, pair.a, policy, backend=cfg.backend).to_json())
 
-    verdict = _cached_json(root / f"audit-{cfg.audit_prompts}-{cfg.audit_tokens}.json", cfg.retrain, run_audit)
-    t["audit"] = time.time()
-    timings = {k: round(v - t["start"], 1) for k, v in t.items() if k != "start"}
-    return DemoResult(f"{hedge.id}, {call.id}", outputs, alerts, curve, len(curve_tasks), feature, verdict, timings, str(art))
+    with clock.stage("audit"):
+        verdict = _cached_json(root / f"audit-{cfg.audit_prompts}-{cfg.audit_tokens}.json", cfg.retrain, run_audit)
+    return DemoResult(f"{hedge.id}, {call.id}", outputs, alerts, curve, len(curve_tasks), feature, verdict,
+                      clock.seconds, str(art), notices)
 
 
 def _plot(result: DemoResult) -> bytes:
@@ -333,8 +377,9 @@ def write_report(result: DemoResult, out: Path) -> Path:
     (out / "saturation.png").write_bytes(png)
     (out / "result.json").write_text(json.dumps(result.__dict__, indent=2, default=str))
     a = result.audit
-    md = [f"# guardrail demo: prompts `{result.prompt_id}`", "",
-          "Prompts are rendered the paper's way (system + user text, no chat template); greedy decoding.", ""]
+    md = [f"# guardrail demo: prompts `{result.prompt_id}`", ""]
+    md += [f"> **Note:** {note}" for note in result.notices] + ([""] if result.notices else [])
+    md += ["Prompts are rendered the paper's way (system + user text, no chat template); greedy decoding.", ""]
     for name, text in result.outputs.items():
         md += [f"## {name}", "", *code_block(text.strip() or "(empty)"), ""]
     md += ["## Alerts (exclusive-alert policy)", "", *code_block("\n".join(json.dumps(e) for e in result.alerts), "json"), ""]
@@ -345,7 +390,10 @@ def write_report(result: DemoResult, out: Path) -> Path:
            ""]
     md += [f"## Audit: **{a.get('verdict')}** ({a.get('n_prompts')} prompts, metric `{a.get('policy', {}).get('metric')}`)", "",
            f"B's clean rate: {100 * a.get('clean_rate', 0.0):.1f}% (a gain is measured from there).", ""]
-    md += [f"- {line}" for line in audit_lines(a)] + ["", f"Timings (s since start): {result.timings}", ""]
+    md += [f"- {line}" for line in audit_lines(a)] + [""]
+    md += ["## Stage timings", "", "| stage | seconds |", "|---|---|",
+           *[f"| {name} | {sec:.1f} |" for name, sec in result.timings.items()],
+           f"| **total** | **{sum(result.timings.values()):.1f}** |", ""]
     (out / "report.md").write_text("\n".join(md))
     body = "\n".join(md).replace("![saturation](saturation.png)", "@@PLOT@@")
     page = html.escape(body).replace("@@PLOT@@", f'<img alt="saturation" src="data:image/png;base64,{base64.b64encode(png).decode()}">')

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from typer.testing import CliRunner
 
 from guardrail.cli.main import app
@@ -19,9 +21,15 @@ def test_demo_runs_twice_on_the_tiny_pair_and_writes_the_page(tmp_path):
     for part in ("B (base)", "A (RL)", "kill switch", "Saturation (n=3)", "α", "| format accuracy |", "| tool correctness |"):
         assert part in md, part
     assert (out / "report.html").read_text().count("<img") >= 1 and (out / "saturation.png").stat().st_size > 1000
+    stages = md.split("## Stage timings")[1]
+    for stage in ("load pair", "collect activations", "train DFC", "rank features", "saturation curve", "audit", "**total**"):
+        assert f"| {stage} |" in stages, stage
+    notices = json.loads((out / "result.json").read_text())["notices"]
+    assert all(f"> **Note:** {n}" in md.split("## ")[0] for n in notices)  # before the first panel
     second = CliRunner().invoke(app, SMALL + ["--out", str(out)])
     assert second.exit_code == 0, second.output
     assert "using the cached DFC" in second.output and "training a DFC" not in second.output
+    assert "| collect activations |" not in (out / "report.md").read_text()  # nothing collected: no such stage
     table = lambda text: text.split("## Saturation")[1].split("\n## ")[0]  # noqa: E731
     assert table((out / "report.md").read_text()) == table(md)
     changed = [("40" if a == "60" else a) for a in SMALL]  # another recipe (fewer steps) must not reuse that DFC
@@ -42,3 +50,13 @@ def test_the_page_steers_at_the_curves_best_alpha():
 
     curve = {"alpha": [1.0, 6.0, 16.0, 32.0, 64.0], "tool_correctness": [0.9, 0.2, 0.5, 0.5, 0.1]}
     assert best_alpha(curve) == 16.0  # α=1 is no steering; a tie goes to the smaller α
+
+
+def test_the_page_says_first_when_the_pair_shows_no_call_or_no_hedge():
+    from guardrail.demo import _notices
+
+    assert _notices("hedge", "call", 16) == []
+    (no_call,) = _notices("hedge", None, 64)
+    assert "no tool call on any of the 64" in no_call
+    (no_hedge,) = _notices(None, "call", 16)
+    assert "all 16" in no_hedge
