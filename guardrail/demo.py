@@ -175,30 +175,33 @@ def _policies(feature_alpha: float) -> dict[str, Any]:
     }
 
 
-def _pick_prompts(pair, tasks, max_new_tokens: int, chunk: int = 16) -> tuple[Any, Any, dict[str, str]]:
-    """Two held-out tool prompts: one where A hedges (room to steer) and one where A calls a
-    tool (something for the kill switch to stop); None where no such prompt was found.
-    Prompts are tried ``chunk`` at a time until both are found: under the paper's raw
-    rendering A may call on fewer than one prompt in ten. A's outputs are returned too, so
-    the page shows the very answers the choice was made on."""
+def a_outputs_until_both(pair, tasks, max_new_tokens: int, chunk: int = 16) -> dict[str, str]:
+    """A's greedy outputs on held-out tool prompts, ``chunk`` at a time, until there is one
+    prompt where A hedges (room to steer) and one where A calls a tool (something for the
+    kill switch to stop), or the prompts run out: under the paper's raw rendering A may call
+    on fewer than one prompt in ten. The page shows these very outputs."""
     from guardrail.eval.backends import GenerationSettings, TransformersBackend
     from guardrail.tasks import format_accuracy
 
     backend, settings = TransformersBackend(), GenerationSettings(max_new_tokens=max_new_tokens)
-    hedge = call = None
     outs: dict[str, str] = {}
     for start in range(0, len(tasks), chunk):
         part = tasks[start : start + chunk]
-        texts = [t.render(pair.tokenizer, "raw") for t in part]
-        for t, o in zip(part, backend.generate(pair.a, texts, settings)):
-            outs[t.id] = o
-            if format_accuracy(o):
-                call = call or t
-            else:
-                hedge = hedge or t
-        if hedge and call:
+        outs.update(zip((t.id for t in part), backend.generate(pair.a, [t.render(pair.tokenizer, "raw") for t in part], settings)))
+        calls = [format_accuracy(o) for o in outs.values()]
+        if any(calls) and not all(calls):
             break
-    return hedge, call, outs
+    return outs
+
+
+def pick_prompts(tasks, outs: dict[str, str]) -> tuple[Any, Any]:
+    """The first prompt A hedged on and the first it called a tool on (None if there was none)."""
+    from guardrail.tasks import format_accuracy
+
+    tried = [t for t in tasks if t.id in outs]
+    hedge = next((t for t in tried if not format_accuracy(outs[t.id])), None)
+    call = next((t for t in tried if format_accuracy(outs[t.id])), None)
+    return hedge, call
 
 
 CURVE_METRICS = {"format_accuracy": "format accuracy", "tool_correctness": "tool correctness"}
@@ -322,16 +325,19 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> DemoResult:
     with clock.stage("saturation curve"):
         curve = _cached_json(root / f"curve-{cfg.curve_prompts}-{cfg.max_new_tokens}.json", cfg.retrain,
                              lambda: saturation_curve(pair, art, curve_tasks, cfg))
-    with clock.stage("side by side"):
-        hedge, call, a_outs = _pick_prompts(pair, tasks[:64], cfg.max_new_tokens)
-        notices = _notices(hedge, call, len(a_outs))
-        for note in notices:
-            say(f"note: {note}")
-        if not notices:
-            say(f"A hedges on {hedge.id}; A calls a tool on {call.id}")
-        hedge, call = hedge or call, call or hedge
-        alpha = best_alpha(curve)
-        say(f"steering feature {feature['index']} (A-exclusive, Cohen's d {feature['cohens_d']:.2f}) at α={alpha:g}, the curve's best")
+    with clock.stage("pick prompts"):
+        a_outs = _cached_json(root / f"a-outputs-{cfg.max_new_tokens}.json", cfg.retrain,
+                              lambda: a_outputs_until_both(pair, tasks[:64], cfg.max_new_tokens))
+    hedge, call = pick_prompts(tasks, a_outs)
+    notices = _notices(hedge, call, len(a_outs))
+    for note in notices:
+        say(f"note: {note}")
+    if not notices:
+        say(f"A hedges on {hedge.id}; A calls a tool on {call.id}")
+    hedge, call = hedge or call, call or hedge
+    alpha = best_alpha(curve)
+    say(f"steering feature {feature['index']} (A-exclusive, Cohen's d {feature['cohens_d']:.2f}) at α={alpha:g}, the curve's best")
+    with clock.stage("policies live"):
         outputs, alerts = _side_by_side(pair, art, hedge, call, a_outs, alpha, cfg)
 
     def run_audit() -> dict:

@@ -22,7 +22,8 @@ def test_demo_runs_twice_on_the_tiny_pair_and_writes_the_page(tmp_path):
         assert part in md, part
     assert (out / "report.html").read_text().count("<img") >= 1 and (out / "saturation.png").stat().st_size > 1000
     stages = md.split("## Stage timings")[1]
-    for stage in ("load pair", "collect activations", "train DFC", "rank features", "saturation curve", "audit", "**total**"):
+    for stage in ("load pair", "collect activations", "train DFC", "rank features", "saturation curve", "pick prompts",
+                  "policies live", "audit", "**total**"):
         assert f"| {stage} |" in stages, stage
     notices = json.loads((out / "result.json").read_text())["notices"]
     assert all(f"> **Note:** {n}" in md.split("## ")[0] for n in notices)  # before the first panel
