@@ -30,7 +30,7 @@ def train_cmd(
     lambda_shared: float = typer.Option(0.0, help="L1 coefficient on shared activations."),
     lambda_excl: float = typer.Option(0.0, help="L1 coefficient on exclusive activations (0 = free)."),
     l1_coef: float = typer.Option(1e-3, help="sparsity=l1: decoder-norm-weighted L1 coefficient."),
-    k_exclusive: Optional[int] = typer.Option(None, help="Top-k slots reserved per exclusive partition."),
+    k_exclusive: Optional[int] = typer.Option(None, help="Per-partition top-k: slots per exclusive partition (A-exclusive codes from A alone are then exact); default: the paper's joint top-k."),
     no_aux_k: bool = typer.Option(False, "--no-aux-k", help="Disable AuxK revival of dead features."),
     steps: Optional[int] = typer.Option(None, help="Default: the paper's 9000, capped at 120 passes over the cache (min 500)."),
     batch_size: int = typer.Option(1024, help="Activation rows per step (the paper: 1024)."),

@@ -54,13 +54,57 @@ def test_dfc_partition_integrity_holds_after_training():
     assert cc.W_enc[0, :, : p.n_a].abs().max() > 0
 
 
-def test_encode_single_makes_a_exclusive_exact():
+def test_a_exclusive_codes_match_when_top_k_keeps_every_feature():
+    """With k = D nothing is selected away: only the A-exclusive pre-activations (and ReLU) are
+    compared, which B's masked encoder columns never feed. Selection is tested below."""
     cc = Crosscoder(DFCConfig(dict_size=64, k=64, exclusive=0.1).with_d_model(8), seed=1)
     x = torch.randn(5, 2, 8)
     joint = cc.encode(x)
     solo = cc.encode_single(x[:, 0], model=0)
     a = cc.partition.a_exclusive
     assert torch.allclose(joint[:, a.start : a.stop], solo[:, a.start : a.stop], atol=1e-6)
+
+
+def _joint_and_single_a_exclusive(k_exclusive: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A-exclusive codes [N, n_a] of random inputs, joint vs A alone, at real sparsity (D=256, k=8)."""
+    cc = Crosscoder(DFCConfig(dict_size=256, k=8, exclusive=0.1, k_exclusive=k_exclusive).with_d_model(16), seed=2)
+    x = torch.randn(64, 2, 16, generator=torch.Generator().manual_seed(3))
+    a = cc.partition.a_exclusive
+    return cc.encode(x)[:, a.start : a.stop], cc.encode_single(x[:, 0], model=0)[:, a.start : a.stop]
+
+
+def test_joint_top_k_makes_single_model_a_exclusive_codes_approximate():
+    """Under the paper's joint top-k an A-exclusive feature competes with shared features, whose
+    pre-activations read B: without B a different set survives, although A-exclusive
+    pre-activations are equal. This is why single-model A-exclusive codes are not exact."""
+    joint, solo = _joint_and_single_a_exclusive(None)
+    assert not DFCConfig(dict_size=256, k=8, exclusive=0.1).exclusive_codes_exact
+    differs = ((joint > 0) != (solo > 0)).any(dim=1)
+    assert int(differs.sum()) >= 8, f"only {int(differs.sum())} of 64 rows changed their A-exclusive selection"
+
+
+def test_per_partition_top_k_makes_single_model_a_exclusive_codes_exact():
+    joint, solo = _joint_and_single_a_exclusive(2)
+    assert DFCConfig(dict_size=256, k=8, exclusive=0.1, k_exclusive=2).exclusive_codes_exact
+    assert torch.equal(joint > 0, solo > 0)
+    assert (joint > 0).sum(dim=1).eq(2).float().mean() > 0.9, "the test needs A-exclusive features that fire"
+    assert torch.allclose(joint, solo, atol=1e-6)
+
+
+def test_per_partition_top_k_is_the_training_selection_and_recorded(tmp_path):
+    """The training objective selects with the same rule (2 A-exclusive slots per row, as
+    ``encode``), and the rule round-trips through the artifact manifest."""
+    from guardrail.dictionary import load_artifact, save_artifact
+
+    x = torch.randn(256, 2, 16, generator=torch.Generator().manual_seed(4))
+    l0 = {}
+    for ke in (None, 2):
+        cc = Crosscoder(DFCConfig(dict_size=256, k=8, exclusive=0.1, k_exclusive=ke).with_d_model(16), seed=2)
+        l0[ke] = compute_loss(cc, x).terms["l0_a_exclusive"]
+    assert l0[2] == pytest.approx(2.0, abs=0.05) and l0[None] < 1.5, l0
+    loaded = load_artifact(save_artifact(cc, tmp_path / "pp"))
+    assert loaded.config.k_exclusive == 2 and loaded.config.exclusive_codes_exact
+    assert torch.equal(loaded.encode(x[:8]), cc.encode(x[:8]))
 
 
 def test_topk_and_shapes():

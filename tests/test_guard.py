@@ -85,7 +85,9 @@ def test_splice_without_error_is_reconstruction(art):
     assert torch.allclose(iv.splice(x, x_hat, keep_error=True), x, atol=1e-6)
 
 
-def test_single_model_encoding_is_exact_for_a_exclusive(art):
+def test_single_model_a_exclusive_preactivations_equal_joint(art):
+    """Pre-activations only: the fixture's joint top-k makes the codes themselves approximate
+    (the next test and tests/test_dictionary.py check the codes)."""
     cc = art["cc"]
     view = iv.dictionary_view(cc)
     acts = art["acts"]
@@ -99,6 +101,24 @@ def test_single_model_encoding_is_exact_for_a_exclusive(art):
     report = iv.compare_encodings(cc, acts, cc.partition)
     assert report["a_exclusive"]["n_features"] == excl.numel()
     assert report["shared"]["rel_l2_error"] > 0
+    assert report["exclusive_codes_exact"] is False
+
+
+def test_single_model_a_exclusive_codes_exact_only_under_per_partition_top_k(art):
+    """The engines' encoding (``iv.encode``) on the fixture's activations: a per-partition
+    top-k gives A-exclusive codes equal to the joint ones, the joint top-k does not."""
+    from guardrail.dictionary import Crosscoder, CrosscoderConfig
+
+    acts, base = art["acts"], art["cc"]
+    diffs = {}
+    for ke in (None, 2):
+        cc = Crosscoder(CrosscoderConfig(**{**base.config.model_dump(), "k_exclusive": ke}), seed=0)
+        cc.set_normalization(base.act_mean, base.act_std)
+        report = iv.compare_encodings(cc, acts, cc.partition)
+        assert report["exclusive_codes_exact"] is (ke is not None)
+        assert report["a_exclusive"]["fire_rate_joint"] > 0, "the test needs A-exclusive features that fire"
+        diffs[ke] = report["a_exclusive"]["max_abs_diff"]
+    assert diffs[2] <= 1e-6 < diffs[None], diffs
 
 
 def test_alert_fires_exactly_when_threshold_crossed(art):

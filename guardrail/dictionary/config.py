@@ -37,7 +37,14 @@ class AuxKConfig(BaseModel):
 
 
 class CrosscoderConfig(BaseModel):
-    """A two-model crosscoder; with a non-empty ``partition`` it is a DFC."""
+    """A two-model crosscoder; with a non-empty ``partition`` it is a DFC.
+
+    Top-k rule: by default one top-k over the whole dictionary (the paper's). With
+    ``k_exclusive`` set, each partition has its own top-k (``Crosscoder._topk_indices`` says
+    why the slots are given explicitly), so the A-exclusive selection never depends on B
+    and single-model encoding of A gives exact A-exclusive codes. The field has been in
+    every manifest since the first format version; ``None`` there is the joint rule.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -49,7 +56,10 @@ class CrosscoderConfig(BaseModel):
     partition: Partition | None = None
     k_exclusive: int | None = Field(
         default=None,
-        description="per-partition top-k: slots reserved for each exclusive partition (None = one shared competition, as in the paper)",
+        description=(
+            "per-partition top-k: slots for each exclusive partition, k - 2*k_exclusive for the shared one, each its own top-k "
+            "(single-model codes of A-exclusive features are then exact); None = one joint top-k, as in the paper"
+        ),
     )
     lambda_shared: float = Field(default=0.0, ge=0, description="L1 coefficient on shared activations")
     lambda_excl: float = Field(default=0.0, ge=0, description="L1 coefficient on exclusive activations (0 = free)")
@@ -93,6 +103,17 @@ class CrosscoderConfig(BaseModel):
     @property
     def is_dfc(self) -> bool:
         return self.partition is not None and not self.partition.is_standard
+
+    @property
+    def exclusive_codes_exact(self) -> bool:
+        """Single-model encoding gives the exclusive features' codes exactly, not only their pre-activations.
+
+        True when no feature's selection depends on another partition's pre-activations:
+        per-partition top-k, BatchTopK at inference (a threshold per feature) and L1 (ReLU
+        only). False under the paper's joint top-k, where the shared features a single
+        model encodes without the other's half decide which exclusive features survive.
+        """
+        return self.sparsity != "topk" or self.k_exclusive is not None
 
     def resolved_partition(self) -> Partition:
         """The partition, or the all-shared one for a standard crosscoder."""

@@ -185,6 +185,26 @@ class Crosscoder(nn.Module):
         return Codes.from_mask(pre > 0)
 
     def _topk_indices(self, pre: torch.Tensor) -> torch.Tensor:
+        """Indices [N, k] of the features the top-k rule selects (the one top-k, for training and inference).
+
+        Joint (``k_exclusive`` None, the paper's rule): one top-k over all D pre-activations.
+        An A-exclusive feature then competes with the shared features, whose pre-activations
+        read B's activation too, so whether it survives depends on B although its own
+        pre-activation does not.
+
+        Per-partition (``k_exclusive = m``): m slots for the A-exclusive features, m for the
+        B-exclusive ones and k - 2m for the shared ones, each a top-k within its own range.
+        The A-exclusive selection reads only A-exclusive pre-activations, which B's masked
+        encoder columns never feed, so single-model encoding of A gives its A-exclusive codes
+        as the joint encoding does.
+
+        Why an explicit m rather than k split in proportion to partition sizes: at the
+        paper's sizes a proportional share is a fraction of a slot (k=45 with 5 % of 8192
+        features gives 2.25), so rounding would decide whether exclusive features can fire
+        at all, and the split would silently change whenever the partition shares change.
+        How many model-specific features may be active per sample is a modelling choice; it
+        is stated in the config and recorded with it in the artifact manifest.
+        """
         cfg = self.config
         if cfg.k_exclusive is None:
             return pre.topk(cfg.k, dim=-1, sorted=False).indices
@@ -208,8 +228,13 @@ class Crosscoder(nn.Module):
     def encode_single(self, x: torch.Tensor, model: int) -> torch.Tensor:
         """Encode from one model's normalised activation [..., d]; the other model contributes zero.
 
-        For a DFC served as model A this makes the A-exclusive features exact (B's encoder
-        columns for them are zero), while shared features lose B's half of their input.
+        For a DFC served as model A the A-exclusive *pre-activations* equal the joint ones
+        (B's encoder columns for them are masked to zero). Whether the *codes* do depends on
+        the selection rule (``config.exclusive_codes_exact``): under the paper's joint top-k
+        the shared features compete without B's half of their input, so a different set can
+        survive and the A-exclusive codes are approximate; under per-partition top-k
+        (``k_exclusive``), BatchTopK's inference thresholds or L1 they are exact. Shared
+        features lose B's half of their input under every rule.
         """
         self._check_input(x, paired=False)
         if model not in (0, 1):

@@ -15,8 +15,11 @@ Conventions (the paper's, see DESIGN.md §2):
 
 Single-model encoding: a served model only has its own activation. ``encode_single`` uses
 A's encoder half alone. For a DFC, A-exclusive features have zero B encoder columns, so
-their single-model value equals the joint value exactly; shared features lose B's
-contribution (see :func:`compare_encodings`, which measures that difference).
+their single-model *pre-activations* equal the joint ones; shared features lose B's
+contribution. Under the paper's joint top-k the shared features also decide which
+A-exclusive features survive the selection, so the A-exclusive *codes* are approximate;
+with per-partition top-k (``k_exclusive``) they are exact. :func:`compare_encodings`
+measures the difference per partition.
 """
 
 from __future__ import annotations
@@ -258,8 +261,10 @@ def compare_encodings(cc: Any, acts: torch.Tensor, partition: Any | None = None,
 
     ``acts`` is ``[N, 2, d]`` raw paired activations (held-out rows). For each partition
     reports: max |f_single − f_joint|, relative L2 error, Pearson r over all (row, feature)
-    pairs, and the Jaccard overlap of the active sets. A-exclusive features of a DFC must show
-    zero difference; shared features show what a served single model loses.
+    pairs, and the Jaccard overlap of the active sets. ``exclusive_codes_exact`` says whether
+    the A-exclusive rows must show zero difference (per-partition top-k, thresholds, L1);
+    under the joint top-k they differ where the selection does. Shared features show what a
+    served single model loses.
     """
     view = dictionary_view(cc, MODEL_A)
     singles, joints = [], []
@@ -272,7 +277,7 @@ def compare_encodings(cc: Any, acts: torch.Tensor, partition: Any | None = None,
     if partition is not None:
         for name in ("a_exclusive", "b_exclusive", "shared"):
             groups[name] = torch.as_tensor(list(getattr(partition, name)), dtype=torch.long)
-    out: dict[str, Any] = {"n_rows": int(fs.shape[0])}
+    out: dict[str, Any] = {"n_rows": int(fs.shape[0]), "exclusive_codes_exact": bool(cc.config.exclusive_codes_exact)}
     for name, idx in groups.items():
         if idx.numel() == 0:
             continue

@@ -156,7 +156,10 @@ class Policy(_Strict):
     layer: int | None = Field(default=None, ge=0, description="if given, must match the artifact's layer")
     encoding: Literal["single", "joint"] = Field(
         default="single",
-        description="single: features from the served model A alone (exact for A-exclusive); joint: the paper's, needs B too",
+        description=(
+            "single: features from the served model A alone (A-exclusive pre-activations exact; their codes exact only "
+            "under a per-partition top-k, approximate under the paper's joint top-k); joint: the paper's, needs B too"
+        ),
     )
     on_error: OnError = "fail-open"
     telemetry: TelemetryConfig = TelemetryConfig()
