@@ -23,13 +23,16 @@ def quiet(verbose: bool = False) -> None:
     """Silence third-party chatter for the rest of this process (no-op when ``verbose``).
 
     Environment variables are set for libraries not imported yet (vLLM reads its log level
-    once, at import); loggers and progress bars of those already imported are set now.
+    and torch its C++ log level once, at import, so call this first); loggers and progress
+    bars are set now.
     Errors still show: only records below ERROR and warnings raised inside the libraries
     above are dropped.
     """
     if verbose:
         return
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    # c10's own warnings (vLLM's NUMA-binding note among them); read when torch loads
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     for name in THIRD_PARTY:

@@ -55,9 +55,23 @@ def external_id(req_id: str) -> str:
     return _SUFFIX.sub("", str(req_id))
 
 
+def keep_torch_threads() -> None:
+    """Pin ``OMP_NUM_THREADS`` to this process's cores unless the user set it.
+
+    An in-process vLLM CPU engine drops torch to one intra-op thread when the variable is
+    unset, then replaces ``torch.set_num_threads`` with a no-op: every transformers step
+    after the first engine (activation reads, guarded generation) would run on one core
+    for the rest of the process.
+    """
+    os.environ.setdefault("OMP_NUM_THREADS", str(len(os.sched_getaffinity(0))))
+
+
 def engine_kwargs(**overrides: Any) -> dict[str, Any]:
-    """``LLM(...)`` settings that work on this CPU and keep the guard exact."""
-    kw = dict(dtype="float32", enforce_eager=True, gpu_memory_utilization=0.2, enable_prefix_caching=False, seed=0)
+    """``LLM(...)`` settings that work on this CPU and keep the guard exact (and the
+    process's torch threads, see :func:`keep_torch_threads`)."""
+    keep_torch_threads()
+    kw = dict(dtype="float32", enforce_eager=True, gpu_memory_utilization=0.2, enable_prefix_caching=False, seed=0,
+              use_tqdm_on_load=False)
     kw.update(overrides)
     return kw
 
