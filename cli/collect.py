@@ -22,17 +22,28 @@ def collect_cmd(
     tool: int = typer.Option(64, help="Tool prompts from the BFCL train split (0 = the whole split)."),
     plain: Optional[int] = typer.Option(None, help="Ordinary prompts (default: as many as tool prompts)."),
     mode: str = typer.Option("raw", help="Prompt rendering: raw (the paper's: no chat template) or chat."),
+    prompts_set: str = typer.Option(
+        "mixed", "--prompts",
+        help="mixed: tool + ordinary prompts (training, ranking); template-negatives: BFCL irrelevance + ordinary prompts "
+             "under a tool list, no tool prompt (for guardrail rank --negatives-cache; --tool is not used)."),
+    irrelevance: int = typer.Option(0, help="With --prompts template-negatives: irrelevance prompts (0 = the whole train split)."),
     batch_size: int = typer.Option(8, help="Prompts per forward pass."),
     seed: int = typer.Option(0, help="Seed for prompt sampling."),
 ) -> None:
-    """Run A and B over tool and ordinary prompts; store paired residual activations."""
+    """Run A and B over tool and ordinary prompts (or template-matched negatives); store paired residual activations."""
     from guardrail.activations import collect
-    from guardrail.prompts import mixed
+    from guardrail.prompts import mixed, template_matched
     from guardrail.residual import Site
+
+    if prompts_set not in ("mixed", "template-negatives"):
+        raise typer.BadParameter(f"--prompts must be mixed or template-negatives, not {prompts_set!r}")
 
     p = load_pair_from(pair, model_a, model_b, adapter_a)
     site = Site(layer=default_layer(p.n_layers) if layer is None else layer, positions=positions, last_n=last_n or None)
-    prompts = mixed(tool or None, plain, split="train", mode=mode, tokenizer=p.tokenizer, seed=seed)
+    if prompts_set == "mixed":
+        prompts = mixed(tool or None, plain, split="train", mode=mode, tokenizer=p.tokenizer, seed=seed)
+    else:
+        prompts = template_matched(irrelevance or None, plain, split="train", mode=mode, tokenizer=p.tokenizer, seed=seed)
     cache = collect(p, prompts, site, out, batch_size=batch_size)
     m = cache.manifest
     typer.echo(f"collected {m.n_rows} rows from {m.n_prompts} prompts ({m.n_tool_prompts} tool) at layer {m.layer} into {out}")

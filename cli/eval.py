@@ -176,16 +176,24 @@ def explain_cmd(artifact: Path = typer.Argument(..., help="Crosscoder artifact f
 
 def rank_cmd(artifact: Path = typer.Argument(..., help="Crosscoder artifact folder; ranking.json is written beside it."),
              cache: Path = typer.Option(..., "--cache", help="Activation cache with tool and ordinary prompts."),
+             negatives_cache: Optional[Path] = typer.Option(
+                 None, "--negatives-cache",
+                 help="Cache of template-matched negatives (guardrail collect --prompts template-negatives): also rank tool prompts against them."),
              encoding: str = typer.Option("joint", "--encoding", help="joint | a_only | b_only"),
              top: int = typer.Option(5, "--top", help="Features shown per partition.")) -> None:
-    """Rank features by Cohen's d / AUROC between tool and ordinary prompts; save the ranking.json sidecar."""
+    """Rank features by Cohen's d / AUROC between tool prompts and negatives; save the ranking.json sidecar."""
     from guardrail.activations import ActivationCache
     from guardrail.features.ranking import rank, summary
 
-    r = rank(artifact, ActivationCache.open(cache), encoding)  # type: ignore[arg-type]
-    typer.echo(f"ranked on {r.n_tool} tool / {r.n_plain} ordinary prompts; wrote {artifact / 'ranking.json'}")
-    for row in summary(r, top):
-        typer.echo(f"  {row['partition']:<12} #{row['index']:<6} d={row['cohens_d']:+.2f} auroc={row['auroc']:.3f} fire(tool)={row['fire_rate_tool']:.2f}")
+    neg = ActivationCache.open(negatives_cache) if negatives_cache is not None else None
+    rs = rank(artifact, ActivationCache.open(cache), encoding, negatives_cache=neg)  # type: ignore[arg-type]
+    for r in (rs.plain, rs.template):
+        if r is None:
+            continue
+        typer.echo(f"{r.negatives} negatives: ranked on {r.n_tool} tool / {r.n_plain} negative prompts")
+        for row in summary(r, top):
+            typer.echo(f"  {row['partition']:<12} #{row['index']:<6} d={row['cohens_d']:+.2f} auroc={row['auroc']:.3f} fire(tool)={row['fire_rate_tool']:.2f}")
+    typer.echo(f"wrote {artifact / 'ranking.json'}")
 
 
 def register(app: typer.Typer) -> None:

@@ -54,7 +54,7 @@ def collect_training_cache(pair: Any, profile: Profile, layer: int, out: Path, s
 def _rank(cc_dir: Path, cache: Any) -> dict[str, Any]:
     from guardrail.features.ranking import rank
 
-    r = rank(cc_dir, cache, save=True)
+    r = rank(cc_dir, cache, save=True).plain
     signed = {p: len(r.top("tool", p)) for p in ("a_exclusive", "b_exclusive", "shared")}
     return {"ranking": r, "summary": {"n_tool": r.n_tool, "n_plain": r.n_plain, "tool_signed": signed, "sidecar": str(cc_dir / "ranking.json")}}
 

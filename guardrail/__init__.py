@@ -41,6 +41,7 @@ _EXPORTS = {
     "TrainingConfig": "guardrail.training",
     "rank": "guardrail.features.ranking",
     "Ranking": "guardrail.features.ranking",
+    "Rankings": "guardrail.features.ranking",
     "Policy": "guardrail.policy",
     "guard": "guardrail.policy",
     "install_guard": "guardrail.policy",

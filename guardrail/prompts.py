@@ -55,3 +55,52 @@ def mixed(
     items += [PromptItem(p.id, p.render(tokenizer, mode), False) for p in plain_prompts(n_plain, plain_split, seed)]
     random.Random(seed + 1).shuffle(items)
     return items
+
+
+def template_matched(
+    irrelevance: int | None = None,
+    plain: int | None = None,
+    *,
+    split: str = "train",
+    mode: str = "raw",
+    tokenizer=None,
+    seed: int = 0,
+) -> list[PromptItem]:
+    """Negatives under the tool template: the same system text and user turn as a tool prompt, no tool applies.
+
+    Two kinds, both labelled ``is_tool=False``:
+
+    * BFCL irrelevance tasks: a real tool list and a question none of its tools can answer;
+    * ordinary prompts asked under the tool list of a tool task of the same split (drawn
+      with ``seed``), rendered exactly as that task would be with the prompt as its question.
+
+    Contrasted with tool prompts (``guardrail.features.ranking.rank`` with a negatives
+    cache), a feature that only marks the template (the tool list, the ``<user> … </user>``
+    wrapper every such prompt ends with) no longer separates the groups; what still does
+    is closer to "a listed tool applies". An ordinary prompt may by chance fit one of the
+    listed tools; BFCL tool lists are narrow (``calculate_triangle_area``…), so that is rare.
+    ``irrelevance=None`` takes every irrelevance task of the split; ``plain=None`` as many
+    ordinary prompts as irrelevance tasks. With the same split and seed the ordinary
+    prompts are the ones :func:`mixed` draws, so the two contrasts share those texts and
+    differ only in the template around them.
+    """
+    import random
+
+    from guardrail.tasks import ANSWERED_CATEGORIES, ToolTask, load_tasks, plain_prompts
+
+    rng = random.Random(seed)
+    irr = load_tasks(split, ("irrelevance",))
+    if irrelevance is not None:
+        if irrelevance > len(irr):
+            raise ValueError(f"asked for {irrelevance} irrelevance prompts but the {split!r} split has {len(irr)}")
+        irr = rng.sample(irr, irrelevance)
+    n_plain = len(irr) if plain is None else plain
+    hosts = load_tasks(split, ANSWERED_CATEGORIES)
+    plain_split = "test" if split == "test" else "train"
+    under = [
+        ToolTask(id=f"{p.id}@tools:{host.id}", category="plain_under_tools", user=p.text, functions=host.functions)
+        for p, host in zip(plain_prompts(n_plain, plain_split, seed), (rng.choice(hosts) for _ in range(n_plain)))
+    ]
+    items = [PromptItem(t.id, t.render(tokenizer, mode), False) for t in irr + under]
+    random.Random(seed + 1).shuffle(items)
+    return items

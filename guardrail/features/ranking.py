@@ -1,10 +1,20 @@
-"""Which features separate tool prompts from ordinary prompts.
+"""Which features separate tool prompts from prompts where no tool is called.
 
 Ranking follows the paper: one activation per prompt (the last prompt token), features
 from the joint encoding after the sparsity rule, and per feature Cohen's d (pooled SD)
-and AUROC between tool and ordinary prompts. A feature is *tool-signed* when it is more
-active on tool prompts (d > 0). The result is saved beside the artifact as
-``ranking.json`` so policies can select features by label (``ranked: tool``).
+and AUROC between tool prompts and negatives. A feature is *tool-signed* when it is more
+active on tool prompts (d > 0).
+
+Two contrasts, the same tool prompts as positives:
+
+* ``plain`` (the paper's): ordinary prompts as bare text. A feature that only detects the
+  tool template (the tool list, the ``</user>`` every tool prompt ends with) ranks top.
+* ``template``: prompts under the same system text and user turn where no tool applies
+  (:func:`guardrail.prompts.template_matched`: BFCL irrelevance tasks and ordinary prompts
+  under a tool list). The template no longer separates the groups.
+
+Both are saved beside the artifact in ``ranking.json`` (:class:`Rankings`) so policies can
+select features by label and contrast (``ranked: tool``, ``negatives: template``).
 """
 
 from __future__ import annotations
@@ -14,14 +24,18 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 RANKING_FILE = "ranking.json"
+RANKING_FORMAT = "guardrail.ranking"
 PartitionName = Literal["a_exclusive", "b_exclusive", "shared"]
 Encoding = Literal["joint", "a_only", "b_only"]
+Negatives = Literal["plain", "template"]
 
 
 class FeatureStat(BaseModel):
+    """One feature in one contrast; ``*_plain`` fields describe that contrast's negatives."""
+
     model_config = ConfigDict(extra="forbid")
     index: int
     partition: PartitionName
@@ -35,10 +49,14 @@ class FeatureStat(BaseModel):
 
 
 class Ranking(BaseModel):
-    """Per-feature statistics plus ordered labels (``tool``: most tool-specific first)."""
+    """One contrast: per-feature statistics plus ordered labels (``tool``: most tool-specific first).
+
+    ``n_plain`` counts this contrast's negatives (ordinary or template-matched prompts).
+    """
 
     model_config = ConfigDict(extra="forbid")
     encoding: Encoding
+    negatives: Negatives = "plain"  # sidecars written before the template contrast are all plain
     n_tool: int
     n_plain: int
     features: list[FeatureStat]
@@ -55,17 +73,71 @@ class Ranking(BaseModel):
     def stat(self, index: int) -> FeatureStat:
         return self.features[index]
 
+    @classmethod
+    def load(cls, artifact_dir: str | Path, negatives: Negatives = "plain") -> "Ranking":
+        """One contrast of the artifact's sidecar (either sidecar format)."""
+        return Rankings.load(artifact_dir).get(negatives)
+
+
+class Rankings(BaseModel):
+    """The ``ranking.json`` sidecar: the plain contrast, and the template-matched one when ranked.
+
+    A file written before the template contrast existed is a bare :class:`Ranking`; it
+    loads as ``Rankings(plain=that)``.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    format: Literal["guardrail.ranking"] = RANKING_FORMAT
+    plain: Ranking
+    template: Ranking | None = None
+
+    @model_validator(mode="after")
+    def _contrasts(self) -> "Rankings":
+        for name in ("plain", "template"):
+            r = getattr(self, name)
+            if r is not None and r.negatives != name:
+                raise ValueError(f"the {name} contrast holds a ranking with negatives={r.negatives!r}")
+        if self.template is not None and self.template.encoding != self.plain.encoding:
+            raise ValueError(f"the contrasts were encoded differently ({self.plain.encoding} vs {self.template.encoding})")
+        return self
+
+    def get(self, negatives: Negatives = "plain") -> Ranking:
+        r = getattr(self, negatives, None) if negatives in ("plain", "template") else None
+        if r is None:
+            if negatives == "template":
+                raise KeyError("this ranking has no template-matched contrast: run `guardrail rank` with --negatives-cache")
+            raise KeyError(f"unknown negatives {negatives!r}; expected 'plain' or 'template'")
+        return r
+
+    def top(self, label: str = "tool", partition: PartitionName | None = None, n: int | None = None,
+            negatives: Negatives = "plain") -> list[int]:
+        """:meth:`Ranking.top` of one contrast (the plain one by default)."""
+        return self.get(negatives).top(label, partition, n)
+
+    def stat(self, index: int, negatives: Negatives = "plain") -> FeatureStat:
+        return self.get(negatives).stat(index)
+
     def save(self, artifact_dir: str | Path) -> Path:
         path = Path(artifact_dir) / RANKING_FILE
-        path.write_text(self.model_dump_json(indent=1))
+        path.write_text(self.model_dump_json(indent=1, exclude_none=True))
         return path
 
     @classmethod
-    def load(cls, artifact_dir: str | Path) -> "Ranking":
+    def parse(cls, text: str) -> "Rankings":
+        data = json.loads(text)
+        if isinstance(data, dict) and "format" not in data:
+            return cls(plain=Ranking.model_validate(data))
+        return cls.model_validate(data)
+
+    @classmethod
+    def load(cls, artifact_dir: str | Path) -> "Rankings":
         path = Path(artifact_dir) / RANKING_FILE
         if not path.exists():
             raise FileNotFoundError(f"{path} does not exist: run `guardrail rank` on this artifact first")
-        return cls.model_validate_json(path.read_text())
+        try:
+            return cls.parse(path.read_text())
+        except (ValidationError, ValueError) as exc:
+            raise ValueError(f"{path} is not a valid ranking sidecar: {exc}") from exc
 
 
 def partition_names(cc) -> list[str]:
@@ -116,15 +188,17 @@ def cohens_d(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
     return d.float()
 
 
-def rank_features(cc, acts_raw: torch.Tensor, is_tool: torch.Tensor, encoding: Encoding = "joint", min_fire_rate: float = 0.01) -> Ranking:
-    """Rank every feature of ``cc`` on last-token activations labelled tool / plain.
+def rank_features(cc, acts_raw: torch.Tensor, is_tool: torch.Tensor, encoding: Encoding = "joint", min_fire_rate: float = 0.01,
+                  negatives: Negatives = "plain") -> Ranking:
+    """Rank every feature of ``cc`` on last-token activations labelled tool / negative.
 
     Features that fire on fewer than ``min_fire_rate`` of the tool prompts are never
     tool-signed: a large d from a handful of activations is noise, not a switch.
+    ``negatives`` only names the contrast the rows come from.
     """
     is_tool = is_tool.bool()
     if is_tool.all() or not is_tool.any():
-        raise ValueError("ranking needs both tool and ordinary prompts")
+        raise ValueError("ranking needs both tool prompts and negatives")
     f = encode_rows(cc, acts_raw, encoding)
     pos, neg = f[is_tool], f[~is_tool]
     d, auc = cohens_d(pos, neg), auroc(pos, neg)
@@ -144,19 +218,50 @@ def rank_features(cc, acts_raw: torch.Tensor, is_tool: torch.Tensor, encoding: E
         "tool": [int(i) for i in torch.argsort(d, descending=True) if signed[i]],
         "plain": [int(i) for i in torch.argsort(d) if plain_signed[i]],
     }
-    return Ranking(encoding=encoding, n_tool=int(is_tool.sum()), n_plain=int((~is_tool).sum()), features=stats, labels=labels)
+    return Ranking(encoding=encoding, negatives=negatives, n_tool=int(is_tool.sum()), n_plain=int((~is_tool).sum()),
+                   features=stats, labels=labels)
 
 
-def rank(artifact_dir: str | Path, cache, encoding: Encoding = "joint", save: bool = True) -> Ranking:
-    """Load an artifact, rank its features on a cache's last-token rows, save the sidecar."""
+def template_negative_rows(cache, negatives_cache) -> torch.Tensor:
+    """Last-token rows [M, 2, d] of a template-matched negatives cache, checked against ``cache``.
+
+    The negatives must come from the same models at the same layer (else the contrast
+    compares sites, not prompts) and hold no tool prompt (else they are not negatives).
+    """
+    main, neg = cache.manifest, negatives_cache.manifest
+    diffs = [f"{k} {getattr(neg, k)!r} != {getattr(main, k)!r}" for k in ("model_a", "model_b", "layer", "d_model") if getattr(neg, k) != getattr(main, k)]
+    if diffs:
+        raise ValueError(f"negatives cache {negatives_cache.root} was collected elsewhere than {cache.root}: {'; '.join(diffs)}")
+    if neg.n_tool_prompts:
+        raise ValueError(f"negatives cache {negatives_cache.root} holds {neg.n_tool_prompts} tool prompts; collect it from "
+                         "guardrail.prompts.template_matched (`guardrail collect --prompts template-negatives`)")
+    return negatives_cache.load().last_token().acts
+
+
+def rank(artifact_dir: str | Path, cache, encoding: Encoding = "joint", save: bool = True, negatives_cache=None) -> Rankings:
+    """Load an artifact, rank its features on a cache's last-token rows, save the sidecar.
+
+    The plain contrast uses the cache's own tool / ordinary rows. With ``negatives_cache``
+    the template contrast is ranked too: the same tool rows against that cache's rows.
+    The template-matched negatives live in a cache of their own rather than in the training
+    collection: the training data (and every artifact trained on it) stays as it was, a
+    cache row has one tool / ordinary label and the two kinds of negatives must not mix,
+    and an existing artifact is re-ranked by collecting only the negatives' last tokens (a
+    few hundred prompts), not its training data again.
+    """
     from guardrail.dictionary import load_artifact
 
     cc = load_artifact(artifact_dir)
     data = cache.load().last_token()
-    ranking = rank_features(cc, data.acts, data.is_tool, encoding)
+    template = None
+    if negatives_cache is not None:
+        pos, neg = data.acts[data.is_tool], template_negative_rows(cache, negatives_cache)
+        labels = torch.cat([torch.ones(len(pos), dtype=torch.bool), torch.zeros(len(neg), dtype=torch.bool)])
+        template = rank_features(cc, torch.cat([pos, neg]), labels, encoding, negatives="template")
+    rankings = Rankings(plain=rank_features(cc, data.acts, data.is_tool, encoding), template=template)
     if save:
-        ranking.save(artifact_dir)
-    return ranking
+        rankings.save(artifact_dir)
+    return rankings
 
 
 def summary(ranking: Ranking, n: int = 10) -> list[dict]:

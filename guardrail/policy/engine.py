@@ -13,7 +13,6 @@ Whatever happens, non-finite values never reach the model (reverted rows are cou
 
 from __future__ import annotations
 
-import json
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,11 +21,11 @@ from typing import Any
 import torch
 
 from guardrail.features import interventions as iv
+from guardrail.features.ranking import RANKING_FILE, Rankings
 from guardrail.policy.schema import AbortRule, AlertRule, ClampRule, Policy, PolicyError, SpliceRule, SteerRule
 from guardrail.policy.telemetry import Telemetry, telemetry_for
 
 MAX_EVENT_FEATURES = 8
-RANKING_FILE = "ranking.json"
 
 
 class GuardError(RuntimeError):
@@ -81,16 +80,17 @@ class CompiledRule:
 
 
 # --------------------------------------------------------------------------- selection
-def load_ranking(artifact_dir: str | Path | None) -> dict[str, Any] | None:
-    if artifact_dir is None:
+def load_ranking(artifact_dir: str | Path | None) -> Rankings | None:
+    """The artifact's ranking sidecar (:class:`~guardrail.features.ranking.Rankings`), None if absent."""
+    if artifact_dir is None or not (Path(artifact_dir) / RANKING_FILE).exists():
         return None
-    path = Path(artifact_dir) / RANKING_FILE
-    if not path.exists():
-        return None
-    return json.loads(path.read_text())
+    try:
+        return Rankings.load(artifact_dir)
+    except ValueError as exc:
+        raise GuardError(str(exc)) from None
 
 
-def resolve_selector(select: Any, partition: Any, dict_size: int, ranking: dict[str, Any] | None, where: str) -> torch.Tensor:
+def resolve_selector(select: Any, partition: Any, dict_size: int, ranking: Rankings | None, where: str) -> torch.Tensor:
     """Feature indices a selector names; errors say which rule and what is missing."""
     if select.indices is not None:
         bad = [i for i in select.indices if i >= dict_size]
@@ -105,9 +105,12 @@ def resolve_selector(select: Any, partition: Any, dict_size: int, ranking: dict[
     elif select.ranked is not None:
         if ranking is None:
             raise GuardError(f"{where}.select.ranked: label {select.ranked!r} needs the artifact's {RANKING_FILE}, which is missing (run `guardrail rank`)")
-        labels = ranking.get("labels", {})
+        try:
+            labels = ranking.get(select.negatives).labels
+        except KeyError as exc:
+            raise GuardError(f"{where}.select.negatives: the artifact's {RANKING_FILE}: {exc.args[0]}") from None
         if select.ranked not in labels:
-            raise GuardError(f"{where}.select.ranked: the artifact's ranking has no label {select.ranked!r} (labels: {sorted(labels)})")
+            raise GuardError(f"{where}.select.ranked: the artifact's {select.negatives} ranking has no label {select.ranked!r} (labels: {sorted(labels)})")
         chosen = [int(i) for i in labels[select.ranked]]
         if select.partition is not None:
             allowed = set(getattr(partition, select.partition))

@@ -54,12 +54,19 @@ class Selector(_Strict):
     ``{partition: a_exclusive}`` is every A-exclusive feature; ``{ranked: tool, top: 1}`` is
     the best-ranked feature of label ``tool`` in ``ranking.json``; combining ``partition`` with
     ``ranked`` keeps only ranked features of that partition (then takes ``top``).
+    ``negatives`` picks the contrast the label was ranked in: ``plain`` (tool prompts vs
+    ordinary prompts, the paper's) or ``template`` (vs prompts under the same tool template
+    where no tool applies), which does not reward features that only mark the template.
     """
 
     indices: list[Annotated[int, Field(ge=0, lt=MAX_FEATURES)]] | None = Field(default=None, min_length=1, max_length=4096)
     partition: PartitionName | None = None
     ranked: str | None = Field(default=None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")
     top: int | None = Field(default=None, ge=1, le=4096)
+    negatives: Literal["plain", "template"] = Field(
+        default="plain",
+        description="which ranking `ranked` reads: plain = tool vs ordinary prompts (the paper's); template = tool prompts vs prompts under the same tool template where no tool applies",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> "Selector":
@@ -69,6 +76,8 @@ class Selector(_Strict):
             raise ValueError("select: give indices or ranked, not both")
         if self.top is not None and self.ranked is None:
             raise ValueError("select.top only applies with select.ranked")
+        if "negatives" in self.model_fields_set and self.ranked is None:
+            raise ValueError("select.negatives only applies with select.ranked")
         return self
 
 
