@@ -21,10 +21,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+
+if TYPE_CHECKING:
+    from guardrail.activations import ActivationCache
 
 RANKING_FILE = "ranking.json"
 RANKING_FORMAT = "guardrail.ranking"
@@ -222,7 +225,7 @@ def rank_features(cc, acts_raw: torch.Tensor, is_tool: torch.Tensor, encoding: E
                    features=stats, labels=labels)
 
 
-def template_negative_rows(cache, negatives_cache) -> torch.Tensor:
+def template_negative_rows(cache: ActivationCache, negatives_cache: ActivationCache) -> torch.Tensor:
     """Last-token rows [M, 2, d] of a template-matched negatives cache, checked against ``cache``.
 
     The negatives must come from the same models at the same layer (else the contrast
@@ -238,7 +241,8 @@ def template_negative_rows(cache, negatives_cache) -> torch.Tensor:
     return negatives_cache.load().last_token().acts
 
 
-def rank(artifact_dir: str | Path, cache, encoding: Encoding = "joint", save: bool = True, negatives_cache=None) -> Rankings:
+def rank(artifact_dir: str | Path, cache: ActivationCache, encoding: Encoding = "joint", save: bool = True,
+         negatives_cache: ActivationCache | None = None) -> Rankings:
     """Load an artifact, rank its features on a cache's last-token rows, save the sidecar.
 
     The plain contrast uses the cache's own tool / ordinary rows. With ``negatives_cache``
