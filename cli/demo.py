@@ -26,10 +26,11 @@ def demo_cmd(
     from rich.panel import Panel
     from rich.table import Table
 
-    from guardrail.demo import CURVE_METRICS, DemoConfig, audit_lines, run_demo, write_report
     from guardrail.terminal import quiet
 
-    quiet(verbose)
+    quiet(verbose)  # before anything imports torch or vLLM: both read their log levels once
+    from guardrail.demo import CURVE_METRICS, DemoConfig, audit_lines, run_demo, stage_seconds, write_report
+
     console = Console()
     cfg = DemoConfig(pair=pair, out=out, retrain=retrain, steps=steps, dict_size=dict_size, tool_prompts=tool_prompts or None,
                      curve_prompts=curve_prompts, audit_prompts=audit_prompts, max_new_tokens=max_new_tokens, audit_tokens=audit_tokens,
@@ -54,8 +55,8 @@ def demo_cmd(
     stages = Table(title="stage timings")
     stages.add_column("stage")
     stages.add_column("seconds", justify="right")
-    for name, sec in result.timings.items():
-        stages.add_row(name, f"{sec:.1f}")
+    for name in result.timings:
+        stages.add_row(name, stage_seconds(result, name))
     stages.add_row("[bold]total[/]", f"[bold]{sum(result.timings.values()):.1f}[/]")
     console.print(stages)
     console.print(f"report: {path / 'report.html'}")

@@ -62,6 +62,11 @@ class StageClock:
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        self.cached: list[str] = []  # stages whose result was read back, not made
+
+    def mark_cached(self, name: str) -> None:
+        self.seconds.setdefault(name, 0.0)
+        self.cached.append(name)
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -88,6 +93,8 @@ class DemoResult:
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage (StageClock)
     artifact: str = ""
     notices: list[str] = field(default_factory=list)  # what the pair did not show, first on the page
+    models: dict[str, str] = field(default_factory=dict)  # A's and B's specs (A's names its adapter's sha256)
+    cached: list[str] = field(default_factory=list)  # stages read back from an earlier run's cache
 
 
 def policy_file(name: str) -> Path:
@@ -148,6 +155,7 @@ def ensure_dfc(pair, cfg: DemoConfig, say: Callable[[str], None], clock: StageCl
         shutil.rmtree(art.parent, ignore_errors=True)
     if (art / RANKING_FILE).exists():
         say(f"using the cached DFC at {art}")
+        clock.mark_cached("DFC (collect, train, rank)")
         return art
     prompts = mixed(cfg.tool_prompts, None, split="train", mode="raw", tokenizer=pair.tokenizer)
     say(f"collecting activations of A and B at layer {site['layer']} ({len(prompts)} prompts, last {cfg.last_n} tokens each)")
@@ -240,6 +248,16 @@ def saturation_curve(pair, art: Path, tasks: list, cfg: DemoConfig) -> dict[str,
             "tool_correctness": [rate(tool_correctness(o, t.tool_names) for o, t in zip(outs[f"{a:g}"], tasks)) for a in ALPHAS]}
 
 
+def _timed_cached(clock: StageClock, name: str, path: Path, refresh: bool, make: Callable[[], Any]) -> Any:
+    """One stage whose result is cached at ``path``: timed, and marked when read back."""
+    hit = path.exists() and not refresh
+    with clock.stage(name):
+        value = _cached_json(path, refresh, make)
+    if hit:
+        clock.mark_cached(name)
+    return value
+
+
 def _cached_json(path: Path, refresh: bool, make: Callable[[], Any]) -> Any:
     """``make()``'s result, stored at ``path`` and read back on later runs (unless ``refresh``)."""
     if path.exists() and not refresh:
@@ -322,12 +340,10 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> DemoResult:
     root = art.parent
     say(f"saturation curve: {len(ALPHAS)} α values × {cfg.curve_prompts} prompts (cached after the first run)")
     curve_tasks = tasks[16 : 16 + cfg.curve_prompts]
-    with clock.stage("saturation curve"):
-        curve = _cached_json(root / f"curve-{cfg.curve_prompts}-{cfg.max_new_tokens}.json", cfg.retrain,
-                             lambda: saturation_curve(pair, art, curve_tasks, cfg))
-    with clock.stage("pick prompts"):
-        a_outs = _cached_json(root / f"a-outputs-{cfg.max_new_tokens}.json", cfg.retrain,
-                              lambda: a_outputs_until_both(pair, tasks[:64], cfg.max_new_tokens))
+    curve = _timed_cached(clock, "saturation curve", root / f"curve-{cfg.curve_prompts}-{cfg.max_new_tokens}.json",
+                          cfg.retrain, lambda: saturation_curve(pair, art, curve_tasks, cfg))
+    a_outs = _timed_cached(clock, "pick prompts", root / f"a-outputs-{cfg.max_new_tokens}.json", cfg.retrain,
+                           lambda: a_outputs_until_both(pair, tasks[:64], cfg.max_new_tokens))
     hedge, call = pick_prompts(tasks, a_outs)
     notices = _notices(hedge, call, len(a_outs))
     for note in notices:
@@ -345,10 +361,9 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> DemoResult:
         policy = AuditPolicy(prompts=cfg.audit_prompts, max_new_tokens=cfg.audit_tokens)
         return json.loads(audit(load_artifact(art), pair.b, pair.a, policy, backend=cfg.backend).to_json())
 
-    with clock.stage("audit"):
-        verdict = _cached_json(root / f"audit-{cfg.audit_prompts}-{cfg.audit_tokens}.json", cfg.retrain, run_audit)
+    verdict = _timed_cached(clock, "audit", root / f"audit-{cfg.audit_prompts}-{cfg.audit_tokens}.json", cfg.retrain, run_audit)
     return DemoResult(f"{hedge.id}, {call.id}", outputs, alerts, curve, len(curve_tasks), feature, verdict,
-                      clock.seconds, str(art), notices)
+                      clock.seconds, str(art), notices, {"a": pair.a.spec, "b": pair.b.spec}, clock.cached)
 
 
 def _plot(result: DemoResult) -> bytes:
@@ -374,6 +389,12 @@ def _plot(result: DemoResult) -> bytes:
     return buf.getvalue()
 
 
+def stage_seconds(result: DemoResult, name: str) -> str:
+    """A stage's cell in the timings table: its seconds, and whether the cache served it."""
+    sec = f"{result.timings[name]:.1f}"
+    return f"{sec} (cached)" if name in result.cached else sec
+
+
 def write_report(result: DemoResult, out: Path) -> Path:
     """``report.md`` + ``report.html`` (plot embedded) + ``saturation.png`` + ``result.json``."""
     from guardrail.eval.report import code_block
@@ -385,6 +406,8 @@ def write_report(result: DemoResult, out: Path) -> Path:
     a = result.audit
     md = [f"# guardrail demo: prompts `{result.prompt_id}`", ""]
     md += [f"> **Note:** {note}" for note in result.notices] + ([""] if result.notices else [])
+    if result.models:
+        md += [f"Models: A = `{result.models['a']}`, B = `{result.models['b']}`.", ""]
     md += ["Prompts are rendered the paper's way (system + user text, no chat template); greedy decoding.", ""]
     for name, text in result.outputs.items():
         md += [f"## {name}", "", *code_block(text.strip() or "(empty)"), ""]
@@ -398,7 +421,7 @@ def write_report(result: DemoResult, out: Path) -> Path:
            f"B's clean rate: {100 * a.get('clean_rate', 0.0):.1f}% (a gain is measured from there).", ""]
     md += [f"- {line}" for line in audit_lines(a)] + [""]
     md += ["## Stage timings", "", "| stage | seconds |", "|---|---|",
-           *[f"| {name} | {sec:.1f} |" for name, sec in result.timings.items()],
+           *[f"| {name} | {stage_seconds(result, name)} |" for name in result.timings],
            f"| **total** | **{sum(result.timings.values()):.1f}** |", ""]
     (out / "report.md").write_text("\n".join(md))
     body = "\n".join(md).replace("![saturation](saturation.png)", "@@PLOT@@")

@@ -12,6 +12,13 @@ SMALL = ["demo", "--pair", "tiny", "--steps", "60", "--dict-size", "256", "--too
          "--audit-prompts", "12", "--max-new-tokens", "6", "--audit-tokens", "6", "--backend", "transformers"]
 
 
+def _stage_cells(md: str) -> dict[str, str]:
+    """The page's stage-timings table as {stage: seconds cell}."""
+    rows = md.split("## Stage timings")[1].split("\n## ")[0].splitlines()
+    cells = [r.strip("|").split("|") for r in rows if r.startswith("| ") and not r.startswith("| stage")]
+    return {name.strip(): sec.strip() for name, sec in cells}
+
+
 def test_demo_runs_twice_on_the_tiny_pair_and_writes_the_page(tmp_path):
     out = tmp_path / "demo"
     first = CliRunner().invoke(app, SMALL + ["--out", str(out)])
@@ -21,6 +28,7 @@ def test_demo_runs_twice_on_the_tiny_pair_and_writes_the_page(tmp_path):
     for part in ("B (base)", "A (RL)", "kill switch", "Saturation (n=3)", "α", "| format accuracy |", "| tool correctness |"):
         assert part in md, part
     assert (out / "report.html").read_text().count("<img") >= 1 and (out / "saturation.png").stat().st_size > 1000
+    assert "Models: A = `tiny-a`, B = `tiny-b`" in md.split("## ")[0]
     stages = md.split("## Stage timings")[1]
     for stage in ("load pair", "collect activations", "train DFC", "rank features", "saturation curve", "pick prompts",
                   "policies live", "audit", "**total**"):
@@ -30,7 +38,11 @@ def test_demo_runs_twice_on_the_tiny_pair_and_writes_the_page(tmp_path):
     second = CliRunner().invoke(app, SMALL + ["--out", str(out)])
     assert second.exit_code == 0, second.output
     assert "using the cached DFC" in second.output and "training a DFC" not in second.output
-    assert "| collect activations |" not in (out / "report.md").read_text()  # nothing collected: no such stage
+    again = _stage_cells((out / "report.md").read_text())
+    assert "collect activations" not in again  # nothing collected: no such stage
+    for stage in ("DFC (collect, train, rank)", "saturation curve", "pick prompts", "audit"):
+        assert again[stage].endswith("(cached)"), (stage, again)
+    assert not again["policies live"].endswith("(cached)")  # the policies run live every time
     table = lambda text: text.split("## Saturation")[1].split("\n## ")[0]  # noqa: E731
     assert table((out / "report.md").read_text()) == table(md)
     changed = [("40" if a == "60" else a) for a in SMALL]  # another recipe (fewer steps) must not reuse that DFC
