@@ -4,7 +4,8 @@ Engines (transformers hooks, the vLLM worker hook) hand :meth:`CompiledPolicy.ap
 raw activations of the tokens of the requests that use this policy, plus which of those
 tokens are prompt / last-prompt / generated; it returns the rows to write back, the events
 to emit and the requests to abort. All feature math is in
-:mod:`guardrail.features.interventions`.
+:mod:`guardrail.features.interventions`. Each rule type has one handler in
+:data:`RULE_HANDLERS`, looked up by the rule's exact type.
 
 Failure handling: each rule runs inside ``try``; ``fail-open`` skips the rule (an ``error``
 event is emitted), ``fail-closed`` aborts the requests whose tokens the rule was handling.
@@ -16,9 +17,10 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
+from pydantic import BaseModel
 
 from guardrail.features import interventions as iv
 from guardrail.features.ranking import RANKING_FILE, Rankings
@@ -61,6 +63,11 @@ class TokenPositions:
     def subset(self, rows: torch.Tensor) -> "TokenPositions":
         return TokenPositions(self.prompt[rows], self.last_prompt[rows], self.request[rows], self.position[rows], self.request_ids)
 
+    def request_id(self, row: int) -> str:
+        """The id of the request token ``row`` belongs to (its index when the engine gave no ids)."""
+        req = int(self.request[row])
+        return self.request_ids[req] if self.request_ids else str(req)
+
 
 @dataclass
 class ApplyResult:
@@ -73,10 +80,134 @@ class ApplyResult:
 
 
 @dataclass
+class EditState:
+    """What the rules of one :meth:`CompiledPolicy.apply` call share: the covered tokens,
+    their codes, and the edit built so far (``base + delta`` is written back).
+
+    A handler commits to ``base``/``delta`` as its last step, so a rule that raises
+    leaves the edit as the rules before it left it.
+    """
+
+    xs: torch.Tensor  # [M, d] A's raw activations of the covered tokens
+    xb: torch.Tensor | None  # B's, under joint encoding
+    f: torch.Tensor  # [M, D] their feature codes
+    sub: TokenPositions
+    result: ApplyResult
+    base: torch.Tensor  # what the edits are added to: A's activation, or its splice
+    delta: torch.Tensor
+
+    def add_delta(self, rm: torch.Tensor, d: torch.Tensor) -> None:
+        delta = self.delta.clone()
+        delta[rm] += d
+        self.delta = delta
+
+    def set_base(self, rm: torch.Tensor, values: torch.Tensor) -> None:
+        base = self.base.clone()
+        base[rm] = values
+        self.base = base
+
+
+RuleFn = Callable[["CompiledPolicy", "CompiledRule", torch.Tensor, EditState], None]
+
+
+@dataclass(frozen=True)
+class RuleHandler:
+    """How the engine runs one rule type.
+
+    ``apply(policy, rule, rows, state)`` edits ``state`` on the rows the rule covers.
+    ``rebases``: the rule replaces the base the other edits are added to (splice), so such
+    rules run before every other rule. ``gated``: an alert-like rule with a ``threshold``,
+    whose tokens are pre-screened by :func:`~guardrail.features.interventions.alert_candidates`.
+    """
+
+    apply: RuleFn
+    rebases: bool = False
+    gated: bool = False
+
+
+@dataclass
 class CompiledRule:
     rule: Any
     idx: torch.Tensor | None  # selected feature indices (None for splice)
     on_error: str
+    handler: RuleHandler
+
+
+# --------------------------------------------------------------------------- rule handlers
+def _splice(policy: "CompiledPolicy", cr: CompiledRule, rm: torch.Tensor, st: EditState) -> None:
+    x_hat = iv.reconstruct(policy.view, st.f[rm])
+    spliced = iv.splice(st.xs[rm], x_hat, cr.rule.keep_error)
+    for r in rm.tolist():
+        st.result.events.append(policy._event(st.sub, r, cr.rule.id, cr.rule.action))
+    st.set_base(rm, spliced)
+
+
+def _fire_alert(policy: "CompiledPolicy", cr: CompiledRule, rm: torch.Tensor, st: EditState) -> torch.Tensor:
+    """Emit the alert events of rows ``rm``; returns which rows fired."""
+    rule, idx = cr.rule, cr.idx
+    fired = iv.alert_mask(st.f[rm], idx, rule.threshold)
+    hit = fired.any(dim=-1)
+    if bool(hit.any()):
+        feats = iv.top_features(st.f[rm][:, idx], idx, fired, MAX_EVENT_FEATURES)
+        policy._emit(st.result, st.sub, rm, hit, rule.id, rule.action, feats, threshold=rule.threshold)
+    return hit
+
+
+def _alert(policy: "CompiledPolicy", cr: CompiledRule, rm: torch.Tensor, st: EditState) -> None:
+    _fire_alert(policy, cr, rm, st)
+
+
+def _abort(policy: "CompiledPolicy", cr: CompiledRule, rm: torch.Tensor, st: EditState) -> None:
+    hit = _fire_alert(policy, cr, rm, st)
+    for r in rm[hit].tolist():
+        st.result.aborted.setdefault(st.sub.request_id(r), f"{cr.rule.message} (policy {policy.name}, rule {cr.rule.id})")
+
+
+def _steer(policy: "CompiledPolicy", cr: CompiledRule, rm: torch.Tensor, st: EditState) -> None:
+    rule, idx, view = cr.rule, cr.idx, policy.view
+    if rule.mode == "scale":
+        d = iv.steer_scale_delta(st.f[rm], idx, view.dirs_raw, rule.alpha)
+        fired = (st.f[rm][:, idx] > 0).any(dim=-1)
+    else:
+        d = iv.steer_additive_delta(rm.numel(), idx, view.dirs_raw, rule.gain, view.typical_norm)
+        fired = torch.ones(rm.numel(), dtype=torch.bool)
+    vals = st.f[rm][:, idx]
+    policy._emit(st.result, st.sub, rm, fired, rule.id, rule.action, iv.top_features(vals, idx, vals > 0, MAX_EVENT_FEATURES))
+    st.add_delta(rm, d)
+
+
+def _clamp(policy: "CompiledPolicy", cr: CompiledRule, rm: torch.Tensor, st: EditState) -> None:
+    rule, idx, view = cr.rule, cr.idx, policy.view
+    if rule.method == "decoder":
+        d = iv.clamp_delta_decoder(st.f[rm], idx, view.dirs_raw, rule.value)
+    else:
+        current = st.base[rm] + st.delta[rm]
+        d = iv.clamp_delta_encoder(view, current, idx, rule.value, None if st.xb is None else st.xb[rm])
+    fired = (d != 0).any(dim=-1)
+    vals = st.f[rm][:, idx]
+    policy._emit(st.result, st.sub, rm, fired, rule.id, rule.action, iv.top_features(vals, idx, vals > 0, MAX_EVENT_FEATURES), value=rule.value)
+    st.add_delta(rm, d)
+
+
+# Keyed by the exact rule type, never by isinstance: AbortRule subclasses AlertRule, and a
+# chain of isinstance tests only ran aborts as aborts because of the order of its branches.
+# tests/test_policy_dispatch.py fails when a type of the schema's Rule union, or a field of
+# one, reaches no handler.
+RULE_HANDLERS: dict[type[BaseModel], RuleHandler] = {
+    SteerRule: RuleHandler(_steer),
+    ClampRule: RuleHandler(_clamp),
+    SpliceRule: RuleHandler(_splice, rebases=True),
+    AlertRule: RuleHandler(_alert, gated=True),
+    AbortRule: RuleHandler(_abort, gated=True),
+}
+
+
+def handler_for(rule: BaseModel, where: str = "rule") -> RuleHandler:
+    """The handler of ``rule``'s exact type; a type without one is refused at compile time."""
+    handler = RULE_HANDLERS.get(type(rule))
+    if handler is None:
+        raise GuardError(f"{where}: unsupported rule type {type(rule).__name__}")
+    return handler
 
 
 # --------------------------------------------------------------------------- selection
@@ -147,8 +278,10 @@ class CompiledPolicy:
         self.rules: list[CompiledRule] = []
         for i, rule in enumerate(policy.rules):
             where = f"rules[{i}] ({rule.id})"
-            idx = None if isinstance(rule, SpliceRule) else resolve_selector(rule.select, partition, self.view.dict_size, ranking, where)
-            self.rules.append(CompiledRule(rule, idx, rule.on_error or policy.on_error))
+            handler = handler_for(rule, where)
+            select = getattr(rule, "select", None)
+            idx = None if select is None else resolve_selector(select, partition, self.view.dict_size, ranking, where)
+            self.rules.append(CompiledRule(rule, idx, rule.on_error or policy.on_error, handler))
         tcfg = policy.telemetry
         self.telemetry = telemetry or telemetry_for(
             policy.alert_log_path(), otel=tcfg.otel, capture_content=tcfg.capture_content, queue_size=tcfg.queue_size
@@ -183,19 +316,18 @@ class CompiledPolicy:
         sub = pos.subset(rows)
         masks_sub = [m[rows] for m in rule_masks]
         f = iv.encode(self.view, xs, xb)
-        base = xs
-        delta = torch.zeros_like(xs)
-        # splice first: it defines the base the other edits are added to.
-        order = sorted(range(len(self.rules)), key=lambda i: not isinstance(self.rules[i].rule, SpliceRule))
+        state = EditState(xs, xb, f, sub, result, base=xs, delta=torch.zeros_like(xs))
+        # rebasing rules (splice) first: they define the base the other edits are added to.
+        order = sorted(range(len(self.rules)), key=lambda i: not self.rules[i].handler.rebases)
         for i in order:
             cr, m = self.rules[i], masks_sub[i]
             if not bool(m.any()):
                 continue
             try:
-                base, delta = self._apply_rule(cr, m, xs, xb, f, base, delta, sub, result)
+                cr.handler.apply(self, cr, m.nonzero().squeeze(-1), state)
             except Exception as exc:  # noqa: BLE001 - a broken rule must not take the server down
                 self._on_rule_error(cr, m, sub, exc, result)
-        new = base + delta
+        new = state.base + state.delta
         changed = (new != xs).any(dim=-1)
         if bool(changed.any()):
             safe, bad = iv.sanitize(new, xs)
@@ -217,7 +349,7 @@ class CompiledPolicy:
         """
         out = []
         for cr, m in zip(self.rules, masks):
-            if isinstance(cr.rule, AlertRule) and bool(m.any()):
+            if cr.handler.gated and bool(m.any()):
                 rows = m.nonzero().squeeze(-1)
                 xb = x_b[rows].float() if self.joint else None
                 try:
@@ -235,53 +367,6 @@ class CompiledPolicy:
         for j in hit.nonzero().squeeze(-1).tolist():
             result.events.append(self._event(sub, int(rm[j]), rule_id, action, features=features[j], **extra))
 
-    def _apply_rule(self, cr, m, xs, xb, f, base, delta, sub, result):
-        rule, idx = cr.rule, cr.idx
-        rm = m.nonzero().squeeze(-1)
-        if isinstance(rule, SpliceRule):
-            x_hat = iv.reconstruct(self.view, f[rm])
-            base = base.clone()
-            base[rm] = iv.splice(xs[rm], x_hat, rule.keep_error)
-            for r in rm.tolist():
-                result.events.append(self._event(sub, r, rule.id, "splice"))
-            return base, delta
-        if isinstance(rule, AlertRule):  # alert and abort
-            fired = iv.alert_mask(f[rm], idx, rule.threshold)
-            hit = fired.any(dim=-1)
-            if bool(hit.any()):
-                feats = iv.top_features(f[rm][:, idx], idx, fired, MAX_EVENT_FEATURES)
-                self._emit(result, sub, rm, hit, rule.id, rule.action, feats, threshold=rule.threshold)
-            if isinstance(rule, AbortRule):
-                for r in rm[hit].tolist():
-                    req = sub.request_ids[int(sub.request[r])] if sub.request_ids else str(int(sub.request[r]))
-                    result.aborted.setdefault(req, f"{rule.message} (policy {self.name}, rule {rule.id})")
-            return base, delta
-        if isinstance(rule, SteerRule):
-            if rule.mode == "scale":
-                d = iv.steer_scale_delta(f[rm], idx, self.view.dirs_raw, rule.alpha)
-                fired = (f[rm][:, idx] > 0).any(dim=-1)
-            else:
-                d = iv.steer_additive_delta(rm.numel(), idx, self.view.dirs_raw, rule.gain, self.view.typical_norm)
-                fired = torch.ones(rm.numel(), dtype=torch.bool)
-            delta = delta.clone()
-            delta[rm] += d
-            vals = f[rm][:, idx]
-            self._emit(result, sub, rm, fired, rule.id, rule.action, iv.top_features(vals, idx, vals > 0, MAX_EVENT_FEATURES))
-            return base, delta
-        if isinstance(rule, ClampRule):
-            if rule.method == "decoder":
-                d = iv.clamp_delta_decoder(f[rm], idx, self.view.dirs_raw, rule.value)
-            else:
-                current = base[rm] + delta[rm]
-                d = iv.clamp_delta_encoder(self.view, current, idx, rule.value, None if xb is None else xb[rm])
-            fired = (d != 0).any(dim=-1)
-            delta = delta.clone()
-            delta[rm] += d
-            vals = f[rm][:, idx]
-            self._emit(result, sub, rm, fired, rule.id, "clamp", iv.top_features(vals, idx, vals > 0, MAX_EVENT_FEATURES), value=rule.value)
-            return base, delta
-        raise GuardError(f"unsupported rule type {type(rule).__name__}")
-
     def _on_rule_error(self, cr, m, sub, exc, result) -> None:
         result.errors += 1
         with self._lock:
@@ -291,16 +376,14 @@ class CompiledPolicy:
         result.events.append(self._event(sub, rows[0], cr.rule.id, "error", reason=reason, on_error=cr.on_error))
         if cr.on_error == "fail-closed":
             for r in rows:
-                req = sub.request_ids[int(sub.request[r])] if sub.request_ids else str(int(sub.request[r]))
-                result.aborted.setdefault(req, f"guardrail rule {cr.rule.id} of policy {self.name} failed ({reason}); request stopped (fail-closed)")
+                result.aborted.setdefault(sub.request_id(r), f"guardrail rule {cr.rule.id} of policy {self.name} failed ({reason}); request stopped (fail-closed)")
 
     def _event(self, sub: TokenPositions, r: int, rule: str, action: str, **extra: Any) -> dict[str, Any]:
-        req_i = int(sub.request[r])
         return {
             "policy": self.name,
             "rule": rule,
             "action": action,
-            "request": sub.request_ids[req_i] if sub.request_ids else str(req_i),
+            "request": sub.request_id(r),
             "position": int(sub.position[r]),
             "phase": "prompt" if bool(sub.prompt[r]) else "generated",
             "layer": self.layer,
@@ -359,4 +442,18 @@ class PolicyStore:
         return compiled
 
 
-__all__ = ["ApplyResult", "CompiledPolicy", "GuardError", "PolicyError", "PolicyStore", "TokenPositions", "compile_policy", "resolve_selector"]
+__all__ = [
+    "RULE_HANDLERS",
+    "ApplyResult",
+    "CompiledPolicy",
+    "CompiledRule",
+    "EditState",
+    "GuardError",
+    "PolicyError",
+    "PolicyStore",
+    "RuleHandler",
+    "TokenPositions",
+    "compile_policy",
+    "handler_for",
+    "resolve_selector",
+]

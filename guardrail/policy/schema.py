@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Union, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
@@ -142,6 +142,13 @@ class AbortRule(AlertRule):
 
 
 Rule = Annotated[Union[SteerRule, ClampRule, SpliceRule, AlertRule, AbortRule], Field(discriminator="action")]
+# The rule models of the union, read from it so there is one list to extend.
+RULE_TYPES: tuple[type[_RuleBase], ...] = get_args(get_args(Rule)[0])
+
+
+def rule_actions(rule_type: type[_RuleBase]) -> tuple[str, ...]:
+    """The ``action`` values that select ``rule_type`` (``steer`` and ``amplify`` both select SteerRule)."""
+    return get_args(rule_type.model_fields["action"].annotation)
 
 
 class TelemetryConfig(_Strict):
@@ -390,7 +397,7 @@ def _construct(node: yaml.Node, path: tuple, lines: dict[tuple, int], constructo
     return constructor.construct_object(node, deep=True)
 
 
-_TAGS = {"steer", "amplify", "clamp", "splice", "alert", "abort"}
+_TAGS = {action for rule_type in RULE_TYPES for action in rule_actions(rule_type)}  # pydantic's union tags
 
 
 def _problems(exc: ValidationError, lines: dict[tuple, int]) -> list[tuple[str, int | None, str]]:
