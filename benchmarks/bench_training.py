@@ -19,15 +19,19 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
 
 from guardrail.dictionary import DFCConfig
-from guardrail.dictionary.reference import PaperDFC, dense_train_step
 from guardrail.training import TrainingConfig
 from guardrail.training.trainer import build_trainer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test oracles
+from oracles.paper_dfc import PaperDFC, dense_train_step  # noqa: E402
 
 
 def dense_stepper(x: torch.Tensor, cfg, batch: int, fused: bool) -> Callable[[int], None]:

@@ -1,6 +1,6 @@
 """Do a DFC's exclusive features live? Paper settings vs guardrail's revival defaults.
 
-Synthetic pair with known shared, A-only and B-only features (guardrail.training.synthetic).
+Synthetic pair with known shared, A-only and B-only features (tests/oracles/synthetic.py).
 For each variant: dead fraction and fire rate per partition on held-out rows, FVU, and how
 well the A-exclusive decoder rows recover the true A-only directions (best cosine).
 
@@ -10,12 +10,16 @@ well the A-exclusive decoder rows recover the true A-only directions (best cosin
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch
 
 from guardrail.dictionary import AuxKConfig, DFCConfig
 from guardrail.training import TrainingConfig, train
-from guardrail.training.synthetic import recovery, synthetic_pair
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test oracles
+from oracles.synthetic import recovery, synthetic_pair  # noqa: E402
 
 VARIANTS = {
     "paper (no revival)": dict(exclusive_init_scale=1.0, aux_k=AuxKConfig(enabled=False)),

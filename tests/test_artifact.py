@@ -17,7 +17,7 @@ from guardrail.dictionary import (
     save_artifact,
 )
 from guardrail.dictionary.artifact import MANIFEST_FILE, TENSORS_FILE
-from guardrail.dictionary.reference import PaperDFC
+from oracles.paper_dfc import PaperDFC
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from guardrail.dictionary import Crosscoder, CrosscoderConfig, DFCConfig, Partition
-from guardrail.dictionary.reference import PaperDFC
 from guardrail.training import TrainingConfig, train
 from guardrail.training.objective import compute_loss
+from oracles.paper_dfc import PaperDFC
 
 
 @pytest.fixture(autouse=True)
@@ -190,7 +190,7 @@ def test_auxk_sends_gradient_only_to_dead_features_in_their_models():
 def test_default_dfc_keeps_exclusive_features_alive_on_synthetic_pair():
     """The paper's settings let exclusive features die here; the defaults (balanced init + AuxK) do not."""
     from guardrail.dictionary import AuxKConfig
-    from guardrail.training.synthetic import synthetic_pair
+    from oracles.synthetic import synthetic_pair
 
     data = synthetic_pair(n=6000, d=32, n_shared=128, n_a=8, n_b=8, p_fire_exclusive=0.05, exclusive_scale=0.3, drift=0.02)
     tc = TrainingConfig(steps=300, batch_size=128, lr=1e-3, warmup_steps=30, progress=False, eval_fraction=0.3)
