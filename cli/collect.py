@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from guardrail.cli.common import AdapterAOpt, ModelAOpt, ModelBOpt, PairOpt, load_pair_from
+from guardrail.paper import paper_layer
 
 
 def collect_cmd(
@@ -39,7 +40,7 @@ def collect_cmd(
         raise typer.BadParameter(f"--prompts must be mixed or template-negatives, not {prompts_set!r}")
 
     p = load_pair_from(pair, model_a, model_b, adapter_a)
-    site = Site(layer=default_layer(p.n_layers) if layer is None else layer, positions=positions, last_n=last_n or None)
+    site = Site(layer=paper_layer(p.n_layers) if layer is None else layer, positions=positions, last_n=last_n or None)
     if prompts_set == "mixed":
         prompts = mixed(tool or None, plain, split="train", mode=mode, tokenizer=p.tokenizer, seed=seed)
     else:
@@ -47,10 +48,6 @@ def collect_cmd(
     cache = collect(p, prompts, site, out, batch_size=batch_size)
     m = cache.manifest
     typer.echo(f"collected {m.n_rows} rows from {m.n_prompts} prompts ({m.n_tool_prompts} tool) at layer {m.layer} into {out}")
-
-
-def default_layer(n_layers: int) -> int:
-    return min(n_layers - 1, round(13 / 36 * n_layers))
 
 
 def register(app: typer.Typer) -> None:

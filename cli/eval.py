@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from guardrail.cli.common import AdapterAOpt, ModelAOpt, ModelBOpt, PairOpt, load_pair_from
+from guardrail.paper import PAPER_ALPHAS
 
 eval_app = typer.Typer(help="Re-run the paper's measurements on a model pair and say which findings reproduce.", no_args_is_help=True)
 
@@ -93,7 +94,7 @@ def steer_cmd(artifact: Path = typer.Argument(..., help="DFC artifact folder (wi
               n_tool: int = NToolOpt, out: Optional[Path] = OutOpt, backend: str = BackendOpt, seed: int = SeedOpt, max_new_tokens: int = TokensOpt,
               layer: Optional[int] = LayerOpt,
               sizes: str = typer.Option("1,2,3,5,8,13,21,33,all", "--sizes", help="|S| values (comma-separated; 'all')."),
-              alphas: str = typer.Option("1,6,16,32,64", "--alphas", help="α values (comma-separated).")) -> None:
+              alphas: str = typer.Option(",".join(f"{a:g}" for a in PAPER_ALPHAS), "--alphas", help="α values (comma-separated).")) -> None:
     """Steering saturation curves: A-exclusive, B-exclusive (control), shared, union, standard crosscoder."""
     from guardrail.dictionary import load_artifact
     from guardrail.eval.experiments import run_steering

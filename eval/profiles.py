@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from guardrail.paper import PAPER_ALPHAS
+
 
 class Profile(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -32,7 +34,7 @@ class Profile(BaseModel):
     batch_size: int | None = Field(None, description="override the grid's batch size")
     # steering
     sizes: list[int | Literal["all"]] = [1, 2, 3, 5, 8, 13, 21, 33, "all"]
-    alphas: list[float] = [1.0, 6.0, 16.0, 32.0, 64.0]
+    alphas: list[float] = list(PAPER_ALPHAS)
     # sweep
     sweep_prompts: int | None = Field(None, description="tool prompts per sweep variant (None = n_tool)")
     # generation

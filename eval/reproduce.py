@@ -29,11 +29,7 @@ from guardrail.eval.grids import grid_for, main_trio
 from guardrail.eval.profiles import Profile
 from guardrail.eval.report import write_report
 from guardrail.eval.suites import mixed_suite, plain_suite, tool_suite
-
-
-def default_layer(n_layers: int) -> int:
-    """The paper's relative depth (layer 13 of 36)."""
-    return min(n_layers - 1, round(13 / 36 * n_layers))
+from guardrail.paper import paper_layer
 
 
 def _log(msg: str, progress: bool) -> None:
@@ -108,7 +104,7 @@ def reproduce(profile: Profile, pair: Any, out: str | Path, *, backend: str = "a
     t0 = time.time()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    layer = default_layer(pair.n_layers) if layer is None else layer
+    layer = paper_layer(pair.n_layers) if layer is None else layer
     be = make_backend(backend)
     res: dict[str, Any] = {"meta": _meta(profile, pair, pair_name, layer, be.name, seed)}
     _log(f"collecting training activations at layer {layer}", progress)

@@ -23,11 +23,11 @@ from guardrail.eval.scoring import metric_vector, score_all
 from guardrail.eval.stats import sign_flip_permutation
 from guardrail.eval.suites import Suite
 from guardrail.features import interventions as iv
+from guardrail.paper import PAPER_ALPHAS
 
 DFC_FAMILIES = ("a_exclusive", "b_exclusive", "shared", "a_exclusive+shared")
 FAMILIES = DFC_FAMILIES + ("standard",)
 PAPER_SIZES = (1, 2, 3, 5, 8, 13, 21, 33, "all")
-PAPER_ALPHAS = (1.0, 6.0, 16.0, 32.0, 64.0)
 
 
 def family_order(ranking: Any, family: str) -> tuple[list[int], str]:

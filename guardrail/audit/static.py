@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from guardrail.paper import MODEL_A, MODEL_B
+
 
 @torch.no_grad()
 def static_checks(cc) -> dict:
@@ -20,8 +22,8 @@ def static_checks(cc) -> dict:
         "shared_a_leaning_fraction": float((rel[shared] > 0.9).float().mean()) if len(shared) else 0.0,
     }
     if len(a_excl) and len(shared):
-        dirs_a = cc.decoder_directions(0, raw=True)[a_excl]
-        dirs_b = cc.decoder_directions(1, raw=True)[shared]
+        dirs_a = cc.decoder_directions(MODEL_A, raw=True)[a_excl]
+        dirs_b = cc.decoder_directions(MODEL_B, raw=True)[shared]
         unit = lambda t: t / t.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # noqa: E731
         cos = unit(dirs_a) @ unit(dirs_b).T  # [n_a, n_shared]
         best = cos.abs().max(dim=1).values

@@ -26,8 +26,8 @@ import torch
 
 from guardrail.features import interventions as iv
 from guardrail.features.ranking import cohens_d
+from guardrail.paper import MODEL_B
 
-MODEL_B = 1
 ARTIFACT_ONLY = ("b_only_splice", "steer_contrast", "steer_asymmetry")
 NEEDS_A = ("joint_splice",)
 

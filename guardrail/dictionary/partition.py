@@ -16,10 +16,12 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, model_validator
 
+from guardrail.paper import MODEL_A, MODEL_B
+
 PartitionName = Literal["a_exclusive", "b_exclusive", "shared"]
 PARTITION_NAMES: tuple[PartitionName, ...] = ("a_exclusive", "b_exclusive", "shared")
-# Which models (0 = A, 1 = B) may use each partition.
-PARTITION_MODELS: dict[str, tuple[int, ...]] = {"a_exclusive": (0,), "b_exclusive": (1,), "shared": (0, 1)}
+# Which models may use each partition.
+PARTITION_MODELS: dict[str, tuple[int, ...]] = {"a_exclusive": (MODEL_A,), "b_exclusive": (MODEL_B,), "shared": (MODEL_A, MODEL_B)}
 
 
 class Partition(BaseModel):

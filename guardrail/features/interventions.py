@@ -4,7 +4,7 @@ Every engine (transformers hooks, the vLLM worker hook), the eval harness and th
 these functions, so a policy means the same thing wherever it runs. Everything here is a
 pure function of tensors: no hooks, no models, no I/O.
 
-Conventions (the paper's, see DESIGN.md §2):
+Conventions (the paper's; ``docs/architecture.md`` has the data flow):
 - Activations ``x`` are *raw* residual-stream rows ``[N, d]`` of model A (index 0) at the
   crosscoder's site. The dictionary works in z-scored space; :class:`DictionaryView`
   carries what is needed to go back and forth.
@@ -29,8 +29,9 @@ from typing import Any, Literal
 
 import torch
 
+from guardrail.paper import MODEL_A
+
 EncodingMode = Literal["single", "joint"]
-MODEL_A = 0
 
 
 # --------------------------------------------------------------------------- dictionary view
