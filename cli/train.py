@@ -82,7 +82,7 @@ def _summary(m: dict, out: Path) -> str:
 
 
 def sweep_cmd(
-    grid: str = typer.Argument(..., help="Built-in grid (paper, quick) or a YAML file."),
+    grid: str = typer.Argument(..., help="Built-in grid (paper, paper-d576) or a YAML file."),
     cache: Path = typer.Option(..., "--cache", help="Activation cache folder."),
     out: Path = typer.Option(..., "--out", help="Folder receiving one artifact per run + sweep.json."),
     only: Optional[list[str]] = typer.Option(None, "--only", help="Train only runs whose name contains this (repeatable)."),

@@ -97,7 +97,19 @@ def test_sweep_grid_paper_is_the_48_runs():
     s = next(s for s in specs if s.name == "dfc-D8k-excl3-k45")
     assert s.crosscoder.partition.n_a == int(8192 * 0.03) and s.crosscoder.lambda_excl == 1e-3
     assert (s.training.steps, s.training.batch_size, s.training.lr, s.training.grad_clip) == (9000, 1024, 1e-4, 1.0)
-    assert len(expand_grid(load_grid("quick"))) == 48
+    assert len(expand_grid(load_grid("paper-d576"))) == 48
+
+
+def test_the_old_training_grid_name_is_refused_with_the_new_one():
+    """``quick`` named two grids; the training one is ``paper-d576`` now, the eval one keeps ``quick``."""
+    from guardrail.eval.grids import load_eval_grid
+    from guardrail.training.sweep import SweepError, builtin_grids, load_grid
+
+    assert "quick" not in builtin_grids()
+    with pytest.raises(SweepError, match="paper-d576"):
+        load_grid("quick")
+    grid, _ = load_eval_grid("quick")
+    assert grid.name == "eval-quick"
 
 
 def test_sweep_runs_every_config_and_skips_finished(tmp_path):

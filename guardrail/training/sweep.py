@@ -3,7 +3,8 @@
 A grid file has shared ``base`` settings and ``groups``; each group is a cartesian product
 of values. Keys of a grid point go to ``CrosscoderConfig`` (``exclusive`` becomes the
 partition share per model; 0 or absent = standard crosscoder) or, if they are training
-settings, to ``TrainingConfig``. The paper's 48 runs are ``grids/paper.yaml``.
+settings, to ``TrainingConfig``. The paper's 48 runs are ``grids/paper.yaml``; the same
+design scaled to d = 576 for a CPU is ``grids/paper-d576.yaml``.
 
 Runs whose artifact already exists (and verifies) are skipped, so an interrupted sweep
 continues where it stopped; a run interrupted mid-way resumes from its checkpoint.
@@ -27,6 +28,9 @@ from guardrail.training.config import TrainingConfig
 
 TRAINING_KEYS = set(TrainingConfig.model_fields)
 SUMMARY_FILE = "sweep.json"
+# Built-in names that changed, and what to pass instead. ``quick`` was also the name of the
+# eval harness's 6-variant grid (``guardrail eval sweep --grid quick``), which keeps it.
+RENAMED_GRIDS = {"quick": "paper-d576"}
 
 
 class SweepError(ValueError):
@@ -65,10 +69,15 @@ def builtin_grids() -> list[str]:
 
 
 def load_grid(src: str | Path) -> Grid:
-    """A grid from a YAML path or a built-in name (``paper``, ``quick``)."""
+    """A grid from a YAML path or a built-in name (``paper``, ``paper-d576``)."""
     path = Path(src)
     if not path.exists():
         name = str(src).removesuffix(".yaml")
+        if name in RENAMED_GRIDS:
+            raise SweepError(
+                f"the training grid {name!r} is now {RENAMED_GRIDS[name]!r} (the paper's 48 runs scaled to d=576); "
+                f"{name!r} names only the eval harness's 6-variant grid (guardrail eval sweep --grid {name})"
+            )
         if name not in builtin_grids():
             raise SweepError(f"grid {src!r} is neither a file nor a built-in grid ({', '.join(builtin_grids())})")
         text = resources.files("guardrail.training.grids").joinpath(f"{name}.yaml").read_text()
