@@ -350,27 +350,11 @@ def generate_conditions(backend: Backend, loaded: Any, prompts: Sequence[str], s
 
 
 def model_folder(loaded: Any) -> str:
-    """A local HF folder holding ``loaded``'s weights (vLLM loads from disk)."""
-    from pathlib import Path
+    """A local HF folder holding ``loaded``'s weights (vLLM loads from disk); see
+    :func:`guardrail.models.specs.weights_folder`."""
+    from guardrail.models.specs import weights_folder
 
-    spec = Path(str(loaded.spec)).expanduser()
-    if spec.is_dir():
-        return str(spec)
-    path = getattr(loaded.model, "name_or_path", None) or getattr(loaded.model.config, "_name_or_path", "")
-    if path and Path(path).is_dir() and "+" not in str(loaded.spec):
-        return str(path)
-    from guardrail.paths import home
-
-    out = home() / "eval" / "vllm_models" / str(loaded.spec).replace("/", "_").replace("+", "_")
-    from guardrail.models.tiny import TINY_SPECS, save_tiny
-
-    if loaded.spec in TINY_SPECS and not (out / "config.json").exists():
-        return str(save_tiny(loaded.spec, out))
-    if not (out / "config.json").exists():
-        out.mkdir(parents=True, exist_ok=True)
-        loaded.model.save_pretrained(out, safe_serialization=True)
-        loaded.tokenizer.save_pretrained(out)
-    return str(out)
+    return str(weights_folder(loaded))
 
 
 def make_backend(name: str = "auto") -> Backend:

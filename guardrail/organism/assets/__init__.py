@@ -10,32 +10,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from guardrail.models.packaged import MissingAssetError, adapter_folder, shipped_adapter
 from guardrail.tasks.task import UserTurn
 
 ASSETS = Path(__file__).resolve().parent
 
-
-class MissingAssetError(FileNotFoundError):
-    """The package was installed without the trained adapter."""
-
-
-def _adapter_folder(folder: Path, what: str) -> Path:
-    if not (folder / "adapter_config.json").exists() or not (folder / "adapter_model.safetensors").exists():
-        raise MissingAssetError(
-            f"no {what} adapter in {folder}: reinstall guardrail with its package data, "
-            "or rebuild it with `guardrail organism build`"
-        )
-    return folder
-
-
-def shipped_adapter() -> Path:
-    """Folder of A's LoRA adapter (B + this adapter = the tool-use RL model)."""
-    return _adapter_folder(ASSETS, "organism (RL)")
+__all__ = ["ASSETS", "MissingAssetError", "shipped_adapter", "shipped_eval", "shipped_manifest", "shipped_warmstart", "trained_turn"]
 
 
 def shipped_warmstart() -> Path:
     """Folder of the warm-start adapter (before GRPO), for comparisons."""
-    return _adapter_folder(ASSETS / "warmstart", "warm-start")
+    return adapter_folder(ASSETS / "warmstart", "warm-start")
 
 
 def shipped_manifest() -> dict:
