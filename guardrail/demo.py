@@ -22,9 +22,9 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from guardrail.paper import PAPER_ALPHAS as ALPHAS
+from guardrail.paper import paper_layer
 from guardrail.paths import home
-
-ALPHAS = (1.0, 6.0, 16.0, 32.0, 64.0)
 
 
 @dataclass
@@ -102,10 +102,6 @@ def policy_file(name: str) -> Path:
     return Path(str(resources.files("guardrail.policies") / name))
 
 
-def _default_layer(n_layers: int) -> int:
-    return min(n_layers - 1, round(13 / 36 * n_layers))
-
-
 def _key(value: Any) -> str:
     import hashlib
 
@@ -122,7 +118,7 @@ def _recipe(pair, cfg: DemoConfig) -> tuple[dict, Any]:
     from guardrail.dictionary import DFCConfig
 
     grid = quick_grid_dfc(pair.d_model)
-    layer = _default_layer(pair.n_layers) if cfg.layer is None else cfg.layer
+    layer = paper_layer(pair.n_layers) if cfg.layer is None else cfg.layer
     dfc = DFCConfig(dict_size=cfg.dict_size or grid.dict_size, k=cfg.k or grid.k, exclusive=cfg.exclusive,
                     lambda_shared=grid.lambda_shared, penalty_form=grid.penalty_form)
     return {"layer": layer, "last_n": cfg.last_n, "tool_prompts": cfg.tool_prompts}, dfc
