@@ -25,8 +25,8 @@ def quiet(verbose: bool = False) -> None:
     Environment variables are set for libraries not imported yet (vLLM reads its log level
     and torch its C++ log level once, at import, so call this first); loggers and progress
     bars are set now.
-    Errors still show: only records below ERROR and warnings raised inside the libraries
-    above are dropped.
+    Errors still show: what is dropped is log records below ERROR from the libraries above,
+    warnings raised inside them, and FutureWarnings (announcements of library changes).
     """
     if verbose:
         return
