@@ -29,7 +29,7 @@ def demo_cmd(
     from guardrail.terminal import quiet
 
     quiet(verbose)  # before anything imports torch or vLLM: both read their log levels once
-    from guardrail.demo import CURVE_METRICS, DemoConfig, audit_lines, run_demo, stage_seconds, write_report
+    from guardrail.demo import CURVE_METRICS, DemoConfig, audit_lines, run_demo, stage_rows, write_report
 
     console = Console()
     cfg = DemoConfig(pair=pair, out=out, retrain=retrain, steps=steps, dict_size=dict_size, tool_prompts=tool_prompts or None,
@@ -55,9 +55,10 @@ def demo_cmd(
     stages = Table(title="stage timings")
     stages.add_column("stage")
     stages.add_column("seconds", justify="right")
-    for name in result.timings:
-        stages.add_row(name, stage_seconds(result, name))
-    stages.add_row("[bold]total[/]", f"[bold]{sum(result.timings.values()):.1f}[/]")
+    *rows, (total, seconds) = stage_rows(result)
+    for name, sec in rows:
+        stages.add_row(name, sec)
+    stages.add_row(f"[bold]{total}[/]", f"[bold]{seconds}[/]")
     console.print(stages)
     console.print(f"report: {path / 'report.html'}")
 

@@ -76,10 +76,6 @@ class StageClock:
         finally:
             self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 1)
 
-    @property
-    def total(self) -> float:
-        return round(sum(self.seconds.values()), 1)
-
 
 @dataclass
 class DemoResult:
@@ -245,20 +241,13 @@ def saturation_curve(pair, art: Path, tasks: list, cfg: DemoConfig) -> dict[str,
 
 
 def _timed_cached(clock: StageClock, name: str, path: Path, refresh: bool, make: Callable[[], Any]) -> Any:
-    """One stage whose result is cached at ``path``: timed, and marked when read back."""
-    hit = path.exists() and not refresh
-    with clock.stage(name):
-        value = _cached_json(path, refresh, make)
-    if hit:
-        clock.mark_cached(name)
-    return value
-
-
-def _cached_json(path: Path, refresh: bool, make: Callable[[], Any]) -> Any:
-    """``make()``'s result, stored at ``path`` and read back on later runs (unless ``refresh``)."""
+    """One stage whose JSON result is cached at ``path``: ``make()`` timed and stored, or read
+    back on later runs (unless ``refresh``) and marked as served by the cache."""
     if path.exists() and not refresh:
+        clock.mark_cached(name)
         return json.loads(path.read_text())
-    value = make()
+    with clock.stage(name):
+        value = make()
     path.write_text(json.dumps(value, indent=2))
     return value
 
@@ -385,10 +374,10 @@ def _plot(result: DemoResult) -> bytes:
     return buf.getvalue()
 
 
-def stage_seconds(result: DemoResult, name: str) -> str:
-    """A stage's cell in the timings table: its seconds, and whether the cache served it."""
-    sec = f"{result.timings[name]:.1f}"
-    return f"{sec} (cached)" if name in result.cached else sec
+def stage_rows(result: DemoResult) -> list[tuple[str, str]]:
+    """The timings table: each stage's seconds (marked when the cache served it), then the total."""
+    rows = [(name, f"{sec:.1f}" + (" (cached)" if name in result.cached else "")) for name, sec in result.timings.items()]
+    return rows + [("total", f"{sum(result.timings.values()):.1f}")]
 
 
 def write_report(result: DemoResult, out: Path) -> Path:
@@ -416,9 +405,9 @@ def write_report(result: DemoResult, out: Path) -> Path:
     md += [f"## Audit: **{a.get('verdict')}** ({a.get('n_prompts')} prompts, metric `{a.get('policy', {}).get('metric')}`)", "",
            f"B's clean rate: {100 * a.get('clean_rate', 0.0):.1f}% (a gain is measured from there).", ""]
     md += [f"- {line}" for line in audit_lines(a)] + [""]
-    md += ["## Stage timings", "", "| stage | seconds |", "|---|---|",
-           *[f"| {name} | {stage_seconds(result, name)} |" for name in result.timings],
-           f"| **total** | **{sum(result.timings.values()):.1f}** |", ""]
+    *stages, (total, seconds) = stage_rows(result)
+    md += ["## Stage timings", "", "| stage | seconds |", "|---|---|", *[f"| {n} | {sec} |" for n, sec in stages],
+           f"| **{total}** | **{seconds}** |", ""]
     (out / "report.md").write_text("\n".join(md))
     body = "\n".join(md).replace("![saturation](saturation.png)", "@@PLOT@@")
     page = html.escape(body).replace("@@PLOT@@", f'<img alt="saturation" src="data:image/png;base64,{base64.b64encode(png).decode()}">')

@@ -37,9 +37,9 @@ def quiet(verbose: bool = False) -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     for name in THIRD_PARTY:
         logging.getLogger(name).setLevel(logging.ERROR)
-    for category in (FutureWarning, DeprecationWarning, UserWarning, RuntimeWarning):
+    warnings.filterwarnings("ignore", category=FutureWarning)  # from anywhere: announcements of library changes
+    for category in (DeprecationWarning, UserWarning, RuntimeWarning):
         warnings.filterwarnings("ignore", category=category, module=_THIRD_PARTY_MODULES)
-    warnings.filterwarnings("ignore", category=FutureWarning)
     # transformers draws its loading bars whatever the environment says: set it directly
     # (its package import is lazy and cheap; every command that loads a model needs it)
     from transformers.utils import logging as hf_logging
