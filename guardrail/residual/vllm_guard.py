@@ -170,8 +170,7 @@ class WorkerGuard:
         """
         src = str(policy) if isinstance(policy, (str, Path)) else None
         before = FileSignature.of(src) if src is not None else None  # taken first: a write during the load is seen
-        compiled = compile_policy(self._policy(policy), artifact, engine="vllm")
-        self._check_shape(compiled)
+        compiled = self._compile(policy, artifact)
         self.store.set(name, compiled)
         self._install_hooks()
         if watch and src is not None:
@@ -188,8 +187,7 @@ class WorkerGuard:
         """
         with self._reload_lock:
             try:
-                compiled = compile_policy(self._policy(policy), artifact, engine="vllm")
-                self._check_shape(compiled)
+                compiled = self._compile(policy, artifact)
             except (PolicyError, GuardError, ValueError, OSError) as exc:
                 self.stats["reload_errors"] += 1
                 reason = f"reload refused, old policy kept: {exc}"[:500]
@@ -201,6 +199,12 @@ class WorkerGuard:
             if compiled.layer not in self._handles:
                 self._hooks_stale = True
         return {"ok": True}
+
+    def _compile(self, policy: Policy | str | Path, artifact: Any) -> CompiledPolicy:
+        """Parse (if a path), compile and check against this model: what adding and reloading share."""
+        compiled = compile_policy(self._policy(policy), artifact, engine="vllm")
+        self._check_shape(compiled)
+        return compiled
 
     def _policy(self, policy: Policy | str | Path) -> Policy:
         """The policy itself (read from its file if given one), with the guard's alert log if set."""
