@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from guardrail.models.packaged import MissingAssetError, adapter_folder, shipped_adapter
+from guardrail.models.packaged import MissingAssetError, adapter_folder, organism_assets, shipped_adapter
 from guardrail.tasks.task import UserTurn
 
-ASSETS = Path(__file__).resolve().parent
+ASSETS = organism_assets()  # the one lookup of this folder, shared with guardrail.models
 
 __all__ = ["ASSETS", "MissingAssetError", "shipped_adapter", "shipped_eval", "shipped_manifest", "shipped_warmstart", "trained_turn"]
 
