@@ -110,6 +110,24 @@ def steer_cmd(artifact: Path = typer.Argument(..., help="DFC artifact folder (wi
     _finish(res, "steering", ctx.out_dir, _meta(p, ctx, "steer"))
 
 
+@eval_app.command("phenomenon")
+def phenomenon_cmd(pair: Optional[str] = PairOpt, model_a: Optional[str] = ModelAOpt, model_b: Optional[str] = ModelBOpt, adapter_a: Optional[str] = AdapterAOpt,
+                   out: Path = typer.Option(Path("runs/phenomenon"), "--out", help="Report folder (results.json, report.md, report.html)."),
+                   backend: str = BackendOpt, seed: int = SeedOpt, max_new_tokens: int = TokensOpt,
+                   layer: Optional[int] = typer.Option(None, "--layer", help="Layer of the DFC (default: the paper's relative depth)."),
+                   turn: Optional[str] = typer.Option(None, "--deployment-turn", help="User turn of the deployment protocol (default: the one A was trained on).")) -> None:
+    """Steer on, clamp off, alarm ahead: the product's three claims on one pair, each with its control."""
+    from guardrail.eval.phenomenon import PhenomenonConfig, run_phenomenon
+    from guardrail.eval.phenomenon.artifact import DictionaryRecipe
+    from guardrail.eval.phenomenon.report import write_report
+
+    p = load_pair_from(pair or ("organism" if not (model_a or model_b) else None), model_a, model_b, adapter_a)
+    cfg = PhenomenonConfig(pair=p.name or "pair", recipe=DictionaryRecipe(layer=layer), deployment_turn=turn, backend=backend,
+                           max_new_tokens=max_new_tokens, seed=seed)
+    paths = write_report(run_phenomenon(cfg, typer.echo, pair=p), out)
+    typer.echo(f"wrote {paths['markdown']} and {paths['html']}")
+
+
 @eval_app.command("ablation")
 def ablation_cmd(free: Path = typer.Argument(..., help="DFC artifact with λ_excl = 0."), penalised: Path = typer.Argument(..., help="DFC artifact with λ_excl > 0, otherwise equal."),
                  pair: Optional[str] = PairOpt, model_a: Optional[str] = ModelAOpt, model_b: Optional[str] = ModelBOpt, adapter_a: Optional[str] = AdapterAOpt,

@@ -349,6 +349,39 @@ def generate_conditions(backend: Backend, loaded: Any, prompts: Sequence[str], s
     return out
 
 
+def generate_under_policies(backend: Backend, loaded: Any, prompts: Sequence[str], settings: GenerationSettings,
+                            artifact: Any, policies: dict[str, Any]) -> dict[str, list[str]]:
+    """Greedy outputs of every prompt under each named guard policy (acting wherever its rules say).
+
+    vLLM: the policies are installed together on the engine (``guardrail.policy.install_guard``)
+    and each request names its own; they are removed afterwards. Transformers: the
+    :func:`guardrail.policy.guard` context manager per policy, ``settings.batch_size`` rows at a time.
+    Either way the text is decoded and cut as :func:`vllm_greedy` does.
+    """
+    if isinstance(backend, VLLMBackend):
+        from guardrail.policy import install_guard
+        from guardrail.residual.vllm_guard import POLICY_KEY
+
+        llm = backend._engine(loaded)
+        handle = install_guard(llm, artifact, policies)
+        try:
+            return {name: vllm_greedy(llm, loaded, prompts, settings, [{POLICY_KEY: name}] * len(prompts)) for name in policies}
+        finally:
+            handle.remove()
+    return {name: _hf_guarded(loaded, prompts, settings, artifact, pol) for name, pol in policies.items()}
+
+
+def _hf_guarded(loaded: Any, prompts: Sequence[str], settings: GenerationSettings, artifact: Any, policy: Any) -> list[str]:
+    from guardrail.policy import guard
+
+    tok, eos, out = loaded.tokenizer, _eos_ids(loaded), [""] * len(prompts)
+    with guard(loaded, artifact, policy) as g:
+        for idx in _batches(prompts, settings.batch_size):
+            for i, res in zip(idx, g.generate([prompts[i] for i in idx], max_new_tokens=settings.max_new_tokens)):
+                out[i] = trim_at_stop(_decode(tok, res.token_ids, eos), settings.stop)
+    return out
+
+
 def model_folder(loaded: Any) -> str:
     """A local HF folder holding ``loaded``'s weights (vLLM loads from disk); see
     :func:`guardrail.models.specs.weights_folder`."""

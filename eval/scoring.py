@@ -19,7 +19,38 @@ from guardrail.tasks import format_accuracy, is_tool_call, overall_score, strict
 
 PAPER_METRICS = ("format_accuracy", "tool_correctness", "overall_score")
 STRICT_METRICS = ("valid_json", "name_correct", "args_correct")
-BINARY_METRICS = ("format_accuracy", "tool_correctness", "valid_json", "name_correct", "args_correct", "tool_call", "call_cut")
+BINARY_METRICS = ("format_accuracy", "tool_correctness", "valid_json", "name_correct", "args_correct", "tool_call", "call_cut", "degenerate")
+DEGENERATE_SHARE = 0.5  # one repeated n-gram covering more than this share of the words
+DEGENERATE_MAX_N = 8
+
+
+def degenerate(text: str) -> bool:
+    """Empty, or one word n-gram (n ≤ 8) repeated at least three times over more than half the words.
+
+    What an intervention that breaks a model produces: ``<user_response>`` forty times, or a
+    sentence looped to the token budget. Counted occurrences do not overlap, so a run of one
+    repeated word is not counted n times per position. A parallel call of four similar
+    calls covers about a third of its words and is not degenerate.
+    """
+    words = text.split()
+    if not words:
+        return True
+    for n in range(1, min(DEGENERATE_MAX_N, len(words) // 3) + 1):
+        best = max(_non_overlapping(words, n).values())
+        if best >= 3 and best * n > DEGENERATE_SHARE * len(words):
+            return True
+    return False
+
+
+def _non_overlapping(words: list[str], n: int) -> dict[tuple[str, ...], int]:
+    counts: dict[tuple[str, ...], int] = {}
+    last: dict[tuple[str, ...], int] = {}
+    for i in range(len(words) - n + 1):
+        gram = tuple(words[i : i + n])
+        if last.get(gram, -n) + n <= i:
+            counts[gram] = counts.get(gram, 0) + 1
+            last[gram] = i
+    return counts
 
 
 def call_cut(text: str) -> bool:
@@ -53,6 +84,7 @@ def score_output(item: EvalItem, text: str) -> dict[str, Any]:
         "args_correct": int(strict["args_correct"]),
         "tool_call": int(is_tool_call(text)),
         "call_cut": int(call_cut(text)),
+        "degenerate": int(degenerate(text)),
     }
 
 
