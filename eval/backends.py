@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol, Sequence
 
@@ -287,10 +288,12 @@ class VLLMBackend:
 
 
 def vllm_greedy(llm: Any, loaded: Any, prompts: Sequence[str], settings: GenerationSettings,
-                extras: Sequence[dict | None] | None = None) -> list[str]:
+                extras: Sequence[dict | None] | None = None, cache_salt: str | None = None) -> list[str]:
     """Greedy outputs of ``prompts`` on a vLLM engine serving ``loaded``'s weights, decoded and
     cut as the transformers backend does (added tokens such as ``<tool_call>`` kept).
-    ``extras[i]``: ``SamplingParams.extra_args`` of prompt i (the patch hook reads them)."""
+    ``extras[i]``: ``SamplingParams.extra_args`` of prompt i (the patch hook reads them).
+    ``cache_salt`` keeps these prompts' prefix-cache blocks apart from every other request's:
+    needed when an edit acts on prompt tokens before the last one."""
     from vllm import SamplingParams
 
     tok = loaded.tokenizer
@@ -298,7 +301,8 @@ def vllm_greedy(llm: Any, loaded: Any, prompts: Sequence[str], settings: Generat
     params = [SamplingParams(temperature=0.0, max_tokens=settings.max_new_tokens, extra_args=extras[i] if extras else None,
                              skip_special_tokens=False, stop=list(settings.stop) or None, include_stop_str_in_output=True)
               for i in range(len(prompts))]
-    outs = llm.generate([{"prompt_token_ids": ids} for ids in enc], params, use_tqdm=False)
+    salt = {"cache_salt": cache_salt} if cache_salt else {}
+    outs = llm.generate([{"prompt_token_ids": ids, **salt} for ids in enc], params, use_tqdm=False)
     eos = _eos_ids(loaded)
     return [trim_at_stop(_decode(tok, list(o.outputs[0].token_ids), eos), settings.stop) for o in outs]
 
@@ -354,7 +358,9 @@ def generate_under_policies(backend: Backend, loaded: Any, prompts: Sequence[str
     """Greedy outputs of every prompt under each named guard policy (acting wherever its rules say).
 
     vLLM: the policies are installed together on the engine (``guardrail.policy.install_guard``)
-    and each request names its own; they are removed afterwards. Transformers: the
+    and each request names its own; they are removed afterwards. A policy may edit every
+    prompt token, so each call's requests get a fresh prefix-cache salt: blocks computed without
+    the policy, or in another call (another policy of the same name), are never reused. Transformers: the
     :func:`guardrail.policy.guard` context manager per policy, ``settings.batch_size`` rows at a time.
     Either way the text is decoded and cut as :func:`vllm_greedy` does.
     """
@@ -365,7 +371,8 @@ def generate_under_policies(backend: Backend, loaded: Any, prompts: Sequence[str
         llm = backend._engine(loaded)
         handle = install_guard(llm, artifact, policies)
         try:
-            return {name: vllm_greedy(llm, loaded, prompts, settings, [{POLICY_KEY: name}] * len(prompts)) for name in policies}
+            return {name: vllm_greedy(llm, loaded, prompts, settings, [{POLICY_KEY: name}] * len(prompts), cache_salt=f"guardrail-{name}-{uuid.uuid4().hex}")
+                    for name in policies}
         finally:
             handle.remove()
     return {name: _hf_guarded(loaded, prompts, settings, artifact, pol) for name, pol in policies.items()}

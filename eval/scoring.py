@@ -9,6 +9,7 @@ the text beside the scores, and averages records into the numbers a report print
 from __future__ import annotations
 
 import json
+import zlib
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -20,37 +21,23 @@ from guardrail.tasks import format_accuracy, is_tool_call, overall_score, strict
 PAPER_METRICS = ("format_accuracy", "tool_correctness", "overall_score")
 STRICT_METRICS = ("valid_json", "name_correct", "args_correct")
 BINARY_METRICS = ("format_accuracy", "tool_correctness", "valid_json", "name_correct", "args_correct", "tool_call", "call_cut", "degenerate")
-DEGENERATE_SHARE = 0.5  # one repeated n-gram covering more than this share of the words
-DEGENERATE_MAX_N = 8
+DEGENERATE_RATIO = 4.0  # zlib compression ratio above which an output is a loop (see degenerate)
+DEGENERATE_MIN_CHARS = 64  # shorter texts compress too little for the ratio to mean anything
 
 
 def degenerate(text: str) -> bool:
-    """Empty, or one word n-gram (n ≤ 8) repeated at least three times over more than half the words.
+    """Empty, or so repetitive that zlib shrinks it more than 4×: what a broken model writes.
 
-    What an intervention that breaks a model produces: ``<user_response>`` forty times, or a
-    sentence looped to the token budget. Counted occurrences do not overlap, so a run of one
-    repeated word is not counted n times per position. A parallel call of four similar
-    calls covers about a third of its words and is not degenerate.
+    The compression-ratio test is Whisper's filter for looping transcripts. Calibration on
+    the organism's A: its clean outputs under the hedge protocol (298 prompts, 200 tokens,
+    tool calls included) compress at most 3.5×; ``<user_response>`` forty times compresses
+    20×, one sentence looped ten times 7×. A parallel call of several similar calls stays
+    under 3.
     """
-    words = text.split()
-    if not words:
+    if not text.strip():
         return True
-    for n in range(1, min(DEGENERATE_MAX_N, len(words) // 3) + 1):
-        best = max(_non_overlapping(words, n).values())
-        if best >= 3 and best * n > DEGENERATE_SHARE * len(words):
-            return True
-    return False
-
-
-def _non_overlapping(words: list[str], n: int) -> dict[tuple[str, ...], int]:
-    counts: dict[tuple[str, ...], int] = {}
-    last: dict[tuple[str, ...], int] = {}
-    for i in range(len(words) - n + 1):
-        gram = tuple(words[i : i + n])
-        if last.get(gram, -n) + n <= i:
-            counts[gram] = counts.get(gram, 0) + 1
-            last[gram] = i
-    return counts
+    data = text.encode()
+    return len(data) >= DEGENERATE_MIN_CHARS and len(data) / len(zlib.compress(data, 9)) > DEGENERATE_RATIO
 
 
 def call_cut(text: str) -> bool:
