@@ -16,14 +16,14 @@ from guardrail.eval.scoring import degenerate
 from guardrail.eval.suites import EvalItem
 
 
-def test_question_turn_is_the_question_alone():
+def test_dialogue_turn_is_the_question_as_one_dialogue_line():
     from guardrail.tasks import load_tasks
     from guardrail.tasks.task import USER_SUFFIX
 
     task = load_tasks("test", ("simple_python",))[0]
-    assert task.user_text("question") == task.user.strip()
-    raw = task.render(None, "raw", "question")
-    assert raw == task.system_text() + "\n" + task.user.strip()
+    assert task.user_text("dialogue") == "User: " + task.user.strip()
+    raw = task.render(None, "raw", "dialogue")
+    assert raw == task.system_text() + "\nUser: " + task.user.strip()
     assert USER_SUFFIX not in raw and "<user>" not in raw
 
 
@@ -189,7 +189,7 @@ def test_phenomenon_runs_end_to_end_on_the_tiny_pair(tiny_pair, tmp_path):
     cfg = PhenomenonConfig(pair="tiny", recipe=recipe, backend="transformers", max_new_tokens=3, alphas=(16.0,), ordinary_prompts=4, limit=4)
     res = run_phenomenon(cfg, say=lambda _: None, pair=tiny_pair)
     assert res["adapter_sha256"] is None and res["model_a"] == tiny_pair.a.spec
-    assert res["hedge"]["n"] == 4 and res["protocol"]["hedge"]["turn"] == "question"
+    assert res["hedge"]["n"] == 4 and res["protocol"]["hedge"]["turn"] == "dialogue"
     steer_res = res["steer"]
     if "not_measured" not in steer_res:
         assert steer_res["alpha"] == 16.0 and set(steer_res["conditions"]) == {"steer-single", "steer-joint", "random-direction", "random-feature"}

@@ -1,9 +1,11 @@
 """The two prompt conditions the phenomenon is measured under.
 
 * ``HEDGE``: the paper's raw rendering (system text + "\\n" + user text, no chat template)
-  with the user's question alone (``turn="question"``). The system text lists the tools and
-  the call format, so A *can* call, but nothing in the turn asks it to: A often answers in
-  prose. The RL skill is latent there, which is what steering and the alarm need.
+  with the question as one line of a plain dialogue, ``User: …`` (``turn="dialogue"``). The
+  system text lists the tools and the call format, so A *can* call, but nothing in the turn
+  asks it to, and A calls on fewer than half of the prompts. The RL skill is latent there,
+  which is what steering and the alarm need. How the other renderings compare is in
+  ``docs/phenomenon.md``.
 * ``DEPLOYMENT``: the chat template with the user turn A was trained on; A calls a tool on
   almost every prompt there, which is what the kill switch must stop.
 
@@ -35,9 +37,9 @@ class Protocol:
 
 
 HEDGE = Protocol(
-    "hedge", "raw", "question",
-    "raw rendering (system text + newline + user text, no chat template), the user turn is the "
-    "question alone (no instruction to call a tool); the system text lists the tools and the call format",
+    "hedge", "raw", "dialogue",
+    "raw rendering (system text + newline + user text, no chat template); the user turn is 'User: ' and the "
+    "question, with no instruction to call a tool; the system text lists the tools and the call format",
 )
 
 

@@ -8,6 +8,7 @@ missing, and every result names the artifact and the adapter it was made with.
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -35,7 +36,9 @@ class PhenomenonConfig:
     max_new_tokens: int = 200  # the paper's
     alphas: tuple[float, ...] = (6.0, 16.0, 32.0, 64.0)  # the paper's α > 1
     ordinary_prompts: int = 200
-    limit: int | None = None  # at most this many prompts per split and prompt set (None: every task; small runs and tests)
+    test_prompts: int | None = 150  # a seeded sample of the test split's answered tasks (None: all 298); n ≥ 100 for the bars
+    limit: int | None = None  # at most this many prompts in every prompt set (small runs and tests)
+    dev_controls: bool = True  # the controls at every α of the dev curve too (the plot), not only at the chosen α on test
     seed: int = 0
 
 
@@ -50,11 +53,16 @@ def adapter_sha256(pair: Any) -> str | None:
 
 
 def tool_items(split: str, protocol: Protocol, tokenizer: Any, categories: tuple[str, ...] | None = None,
-               limit: int | None = None) -> list[EvalItem]:
-    """Every task of ``split`` under ``protocol`` (the first ``limit`` in BFCL's order when set)."""
+               limit: int | None = None, seed: int = 0) -> list[EvalItem]:
+    """The tasks of ``split`` under ``protocol``: all, or a seeded sample of ``limit`` kept in BFCL's order."""
+    import random
+
     from guardrail.tasks import ANSWERED_CATEGORIES, load_tasks
 
-    tasks = load_tasks(split, categories or ANSWERED_CATEGORIES)[:limit]
+    tasks = load_tasks(split, categories or ANSWERED_CATEGORIES)
+    if limit is not None and limit < len(tasks):
+        keep = set(random.Random(seed).sample(range(len(tasks)), limit))
+        tasks = [t for i, t in enumerate(tasks) if i in keep]
     return [EvalItem(t.id, "tool" if t.expects_call else t.category, protocol.render(t, tokenizer), t.tool_names, t.possible_answer,
                      t.category, t.user) for t in tasks]
 
@@ -73,15 +81,17 @@ class Residuals:
         self.folder.mkdir(parents=True, exist_ok=True)
 
     def get(self, name: str, loaded: Any, items: list[EvalItem]) -> torch.Tensor:
-        from safetensors.torch import load_file, save_file
+        """``[N, d]`` rows of ``items``, read back when stored for the same prompts, else computed and stored."""
+        from safetensors import safe_open
+        from safetensors.torch import save_file
 
-        path = self.folder / f"{name}.safetensors"
+        path, ids = self.folder / f"{name}.safetensors", json.dumps([i.id for i in items])
         if path.exists():
-            x = load_file(str(path))["x"]
-            if len(x) == len(items):
-                return x
+            with safe_open(str(path), "pt") as fh:
+                if (fh.metadata() or {}).get("ids") == ids:
+                    return fh.get_tensor("x")
         x = last_token_residual(loaded, [i.text for i in items], self.layer)
-        save_file({"x": x.contiguous()}, str(path))
+        save_file({"x": x.contiguous()}, str(path), metadata={"ids": ids})
         return x
 
 
@@ -112,6 +122,8 @@ def steer_dev_curve(ctx: Context, items: list[EvalItem], feature: int, control: 
     curve = {}
     for alpha in ctx.cfg.alphas:
         deltas = steer.conditions(ctx.view, xa, xb, feature, control, alpha, ctx.cfg.seed, encodings=(steer.HEADLINE,))
+        if not ctx.cfg.dev_controls:
+            deltas = {f"steer-{steer.HEADLINE}": deltas[f"steer-{steer.HEADLINE}"]}
         rows = steer.generate_deltas(ctx.store, items, xa, deltas, "dev-hedge-clean", f"dev-hedge-f{feature}-c{control}-a{alpha:g}-s{ctx.cfg.seed}-")
         curve[alpha] = {name: steer.gains(rows["clean"], r) for name, r in rows.items() if name != "clean"}
     return curve
@@ -215,10 +227,11 @@ def run_phenomenon(cfg: PhenomenonConfig, say: Callable[[str], None] = print, pa
     root = art.path.parent
     ctx = Context(pair, art, dictionary_view(load_artifact(art.path)), OutputStore(root / f"outputs-{cfg.max_new_tokens}", backend, pair.a, settings, art.layer, say),
                   Residuals(root / "residuals", art.layer), cfg, say)
-    n = cfg.limit
-    hedge_dev, hedge_test = tool_items("dev", HEDGE, pair.tokenizer, limit=n), tool_items("test", HEDGE, pair.tokenizer, limit=n)
-    deploy_test = tool_items("test", protocols[1], pair.tokenizer, limit=n)
-    irrelevance = tool_items("test", protocols[1], pair.tokenizer, ("irrelevance",), limit=n)
+    n, n_test = cfg.limit, min(x for x in (cfg.limit, cfg.test_prompts, 10**9) if x is not None)
+    hedge_dev = tool_items("dev", HEDGE, pair.tokenizer, limit=n, seed=cfg.seed)
+    hedge_test = tool_items("test", HEDGE, pair.tokenizer, limit=n_test, seed=cfg.seed)
+    deploy_test = tool_items("test", protocols[1], pair.tokenizer, limit=n_test, seed=cfg.seed)
+    irrelevance = tool_items("test", protocols[1], pair.tokenizer, ("irrelevance",), limit=n, seed=cfg.seed)
 
     say(f"hedge protocol: A on {len(hedge_test)} test prompts; deployment protocol: the same tasks through the chat template")
     hedge = measure_hedge(ctx, hedge_test, deploy_test)

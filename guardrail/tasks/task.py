@@ -9,10 +9,11 @@ lines with description and JSON parameters, then the ``<think>`` / ``<tool_call>
 * ``plain``: the question and the same instruction, nothing else. A base model echoes the
   wrapper's tags and so writes the call format by accident (SmolLM2: 12.4 % of test prompts
   against 3.4 % with the plain turn), which flatters B;
-* ``question``: the question alone, without the instruction to call a tool. The system
-  text still lists the tools and the format, so a model that has learnt the skill can call;
-  without the nudge, it often answers in prose instead: the hedge protocol
-  (``guardrail.eval.phenomenon``) where the skill is latent and an intervention has room.
+* ``dialogue``: ``User: `` and the question, one line of a plain dialogue, without the
+  instruction to call a tool. The system text still lists the tools and the call format,
+  so a model that has learnt the skill can call; without the nudge it often does not: the
+  hedge protocol (``guardrail.eval.phenomenon``), where the skill is latent and an
+  intervention has room.
 
 Two renderings:
 
@@ -28,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 RenderMode = Literal["chat", "raw"]
-UserTurn = Literal["toolrl", "plain", "question"]
+UserTurn = Literal["toolrl", "plain", "dialogue"]
 
 TOOL_CALL_EXAMPLE = (
     '{"name": "Tool name", "parameters": {"Parameter name": "Parameter content", "... ...": "... ..."}}\n'
@@ -126,10 +127,10 @@ class ToolTask:
     def user_text(self, turn: UserTurn = "toolrl") -> str:
         if turn == "plain":
             return f"{self.user.strip()}\n{USER_SUFFIX}"
-        if turn == "question":
-            return self.user.strip()
+        if turn == "dialogue":
+            return f"User: {self.user.strip()}"
         if turn != "toolrl":
-            raise ValueError(f"unknown user turn {turn!r}; choose 'toolrl', 'plain' or 'question'")
+            raise ValueError(f"unknown user turn {turn!r}; choose 'toolrl', 'plain' or 'dialogue'")
         return f"**Dialogue Records History**\n<user> {self.user.strip()}\n{USER_SUFFIX} </user>"
 
     def messages(self, turn: UserTurn = "toolrl") -> list[dict[str, str]]:
