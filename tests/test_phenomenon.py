@@ -142,8 +142,13 @@ def test_output_store_generates_each_condition_once_and_refuses_other_prompts(tm
     assert out == {"clean": ["x:c", "y:c"], "patched": ["x:p", "y:c"]}
     calls = backend.calls
     assert store.patched(items, {"clean": None, "patched": None}) == out and backend.calls == calls
+    other = [EvalItem("c", "tool", "z")]  # another sample: its own file, the first one untouched
+    assert store.patched(other, {"clean": None}) == {"clean": ["z:c"]}
+    assert store.patched(items, {"clean": None}) == {"clean": out["clean"]}
+    path = next(p for p in tmp_path.glob("clean-*.json") if json.loads(p.read_text())["ids"] == ["c"])
+    path.write_text(json.dumps({"ids": ["x"], "outputs": ["?"]}))  # a file that does not hold what its name says
     with pytest.raises(ValueError, match="other prompts"):
-        store.patched([EvalItem("c", "tool", "z")], {"clean": None})
+        store.patched(other, {"clean": None})
     with pytest.raises(ValueError, match="plain file name"):
         store.patched(items, {"../escape": None})
 
@@ -186,7 +191,8 @@ def test_phenomenon_runs_end_to_end_on_the_tiny_pair(tiny_pair, tmp_path):
     from guardrail.eval.phenomenon.report import write_report
 
     recipe = DictionaryRecipe(tool_prompts=8, plain_prompts=8, last_n=4, steps=20, batch_size=32, dict_size=256, k=24, exclusive=0.25)
-    cfg = PhenomenonConfig(pair="tiny", recipe=recipe, backend="transformers", max_new_tokens=3, alphas=(16.0,), ordinary_prompts=4, limit=4)
+    cfg = PhenomenonConfig(pair="tiny", recipe=recipe, backend="transformers", max_new_tokens=3, alphas=(16.0,), ordinary_prompts=4,
+                           test_prompts=4, dev_prompts=4, irrelevance_prompts=4)
     res = run_phenomenon(cfg, say=lambda _: None, pair=tiny_pair)
     assert res["adapter_sha256"] is None and res["model_a"] == tiny_pair.a.spec
     assert res["hedge"]["n"] == 4 and res["protocol"]["hedge"]["turn"] == "dialogue"

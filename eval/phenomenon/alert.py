@@ -90,10 +90,11 @@ class AlertResult:
     fire_rate_irrelevance: float | None
     call_rate_irrelevance: float | None
     roc: dict  # {"fpr": [...], "tpr": [...]} on the test hedge prompts
+    example_call: str | None  # a test hedge prompt where A calls and the alarm fired first (else one where A calls)
 
     @classmethod
     def of(cls, choice: AlertChoice, f_test: torch.Tensor, calls_test: torch.Tensor, f_ordinary: torch.Tensor,
-           f_irrelevance: torch.Tensor, calls_irrelevance: torch.Tensor) -> "AlertResult":
+           f_irrelevance: torch.Tensor, calls_irrelevance: torch.Tensor, test_ids: list[str]) -> "AlertResult":
         j, t = choice.feature, choice.threshold
         col = f_test[:, j]
         pos, neg = col[calls_test], col[~calls_test]
@@ -102,4 +103,12 @@ class AlertResult:
         mean = lambda m: float(m.float().mean()) if m.numel() else None  # noqa: E731
         return cls(j, t, choice.dev_auroc, len(pos), len(neg), auc, mean(pos > t), mean(neg > t),
                    len(f_ordinary), mean(f_ordinary[:, j] > t), len(f_irrelevance), mean(f_irrelevance[:, j] > t),
-                   mean(calls_irrelevance), {"fpr": fpr, "tpr": tpr})
+                   mean(calls_irrelevance), {"fpr": fpr, "tpr": tpr}, _example(test_ids, calls_test, col > t))
+
+
+def _example(ids: list[str], calls: torch.Tensor, fired: torch.Tensor) -> str | None:
+    for want in (calls & fired, calls):
+        hits = want.nonzero().flatten().tolist()
+        if hits:
+            return ids[hits[0]]
+    return None

@@ -98,16 +98,22 @@ class PhenomenonArtifact:
         return Rankings.parse((self.path / DEPLOYMENT_RANKING).read_text()).get("plain")
 
 
+def recipe_root(pair: Any, protocols: tuple[Protocol, ...], recipe: DictionaryRecipe) -> Path:
+    """``$GUARDRAIL_HOME/phenomenon/<pair>-<recipe key>``: one folder per pair, protocols and recipe."""
+    return home() / "phenomenon" / f"{pair.name or 'pair'}-{recipe.key(pair, protocols)}"
+
+
 def ensure_artifact(pair: Any, protocols: tuple[Protocol, ...], recipe: DictionaryRecipe,
                     say: Callable[[str], None] = print, root: Path | None = None) -> PhenomenonArtifact:
-    """Collect (resumable), train and rank once per recipe; later calls read the cache."""
+    """Collect (resumable), train and rank once per recipe under ``root`` (default :func:`recipe_root`);
+    later calls read the cache."""
     from guardrail.activations import collect
     from guardrail.features.ranking import RANKING_FILE, Rankings, rank_features
     from guardrail.residual import Site
     from guardrail.training import train
 
     layer = layer_of(pair, recipe)
-    root = (root or home() / "phenomenon") / f"{pair.name or 'pair'}-{recipe.key(pair, protocols)}"
+    root = root or recipe_root(pair, protocols, recipe)
     site = Site(layer=layer, positions="prompt", last_n=recipe.last_n)
     caches = {}
     for p in protocols:

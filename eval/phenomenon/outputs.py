@@ -2,13 +2,16 @@
 
 A condition is a list of per-prompt patches of the last prompt token (``None`` = clean) or a
 guard policy acting at every token. Each finished condition is written to
-``<folder>/<name>.json`` at once, so an interrupted run keeps what it finished and a
-re-run generates only what is missing. Names carry everything the outputs depend on
-besides the artifact (split, protocol, feature, α, seed), and the folder is the artifact's.
+``<folder>/<name>-<prompts>.json`` at once, so an interrupted run keeps what it finished and
+a re-run generates only what is missing. Names carry everything the outputs depend on
+besides the artifact and the prompts (split, protocol, feature, α, seed); ``<prompts>`` is
+a digest of the prompt ids, so runs on different samples (the demo's, the eval's) share a
+folder without overwriting each other; the folder is the artifact's.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -23,6 +26,10 @@ from guardrail.eval.suites import EvalItem
 SAFE_NAME = re.compile(r"^[A-Za-z0-9_.=+\-]+$")
 
 
+def ids_digest(items: Sequence[EvalItem]) -> str:
+    return hashlib.sha256("\x1f".join(i.id for i in items).encode()).hexdigest()[:8]
+
+
 class OutputStore:
     """Outputs of one model, per condition name, cached as JSON under ``folder``."""
 
@@ -31,13 +38,13 @@ class OutputStore:
         self.folder, self.backend, self.loaded, self.settings, self.layer, self.say = Path(folder), backend, loaded, settings, layer, say
         self.folder.mkdir(parents=True, exist_ok=True)
 
-    def _path(self, name: str) -> Path:
+    def _path(self, name: str, items: Sequence[EvalItem]) -> Path:
         if not SAFE_NAME.match(name):
             raise ValueError(f"condition name {name!r} must be a plain file name")
-        return self.folder / f"{name}.json"
+        return self.folder / f"{name}-{ids_digest(items)}.json"
 
     def _read(self, name: str, items: Sequence[EvalItem]) -> list[str] | None:
-        path = self._path(name)
+        path = self._path(name, items)
         if not path.exists():
             return None
         stored = json.loads(path.read_text())
@@ -46,9 +53,10 @@ class OutputStore:
         return stored["outputs"]
 
     def _write(self, name: str, items: Sequence[EvalItem], outs: Sequence[str]) -> None:
-        tmp = self._path(name).with_suffix(".partial")
+        path = self._path(name, items)
+        tmp = path.with_suffix(".partial")
         tmp.write_text(json.dumps({"ids": [i.id for i in items], "outputs": list(outs)}, ensure_ascii=False))
-        tmp.replace(self._path(name))
+        tmp.replace(path)
 
     def patched(self, items: Sequence[EvalItem], conditions: dict[str, Sequence[torch.Tensor | None] | None]) -> dict[str, list[str]]:
         """Outputs of every condition; the missing ones decode together (one prefill per prompt)."""

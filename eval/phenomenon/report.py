@@ -202,7 +202,8 @@ SECTIONS = (("hedge", "Hedge", _hedge_md), ("steer", "One feature turns it on", 
             ("kill_switch", "One switch turns it off", _kill_md), ("alert", "An alarm that sees it coming", _alert_md))
 
 
-def render_markdown(res: dict[str, Any]) -> str:
+def render_markdown(res: dict[str, Any], extra: list[str] | None = None) -> str:
+    """The page; ``extra`` lines (the demo's live policies, audit, timings) go after the measurements."""
     crit = criteria(res)
     held = sum(c.holds for c in crit)
     md = [f"# The phenomenon on `{res['model_a']}`", "",
@@ -217,7 +218,7 @@ def render_markdown(res: dict[str, Any]) -> str:
     for key, title, section in SECTIONS:
         data = res[key]
         md += [f"## {title}", ""] + ([f"Not measured: {data['not_measured']}", ""] if "not_measured" in data else section(data))
-    return "\n".join(md)
+    return "\n".join(md + (extra or []))
 
 
 def _gain(g: dict[str, Any]) -> str:
@@ -228,14 +229,15 @@ FIGURES = (("steer", "steering.png", lambda r: steer_figure(r)), ("kill_switch",
            ("alert", "roc.png", lambda r: roc_figure(r)))
 
 
-def write_report(res: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
+def write_report(res: dict[str, Any], out_dir: str | Path, extra: Callable[[], list[str]] | None = None) -> dict[str, Path]:
+    """``results.json``, ``report.md`` (+ PNGs) and ``report.html`` (PNGs embedded) in ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     images = {name: draw(res) for key, name, draw in FIGURES if "not_measured" not in res[key]}
     for name, png in images.items():
         (out / name).write_bytes(png)
     (out / "results.json").write_text(strict_json(res))
-    md = render_markdown(res)
+    md = render_markdown(res, extra() if extra else None)
     (out / "report.md").write_text(md)
     (out / "report.html").write_text(render_html(md, images))
     return {"results": out / "results.json", "markdown": out / "report.md", "html": out / "report.html"}

@@ -18,7 +18,7 @@ import torch
 from guardrail.eval.backends import GenerationSettings, last_token_residual, make_backend
 from guardrail.eval.phenomenon import alert, kill, steer
 from guardrail.eval.phenomenon.errors import NotMeasurable
-from guardrail.eval.phenomenon.artifact import DictionaryRecipe, PhenomenonArtifact, ensure_artifact
+from guardrail.eval.phenomenon.artifact import DictionaryRecipe, PhenomenonArtifact, ensure_artifact, recipe_root
 from guardrail.eval.phenomenon.outputs import OutputStore, scored
 from guardrail.eval.phenomenon.protocols import HEDGE, Protocol, deployment
 from guardrail.eval.suites import EvalItem
@@ -35,9 +35,10 @@ class PhenomenonConfig:
     backend: str = "auto"
     max_new_tokens: int = 200  # the paper's
     alphas: tuple[float, ...] = (6.0, 16.0, 32.0, 64.0)  # the paper's α > 1
-    ordinary_prompts: int = 200
     test_prompts: int | None = 150  # a seeded sample of the test split's answered tasks (None: all 298); n ≥ 100 for the bars
-    limit: int | None = None  # at most this many prompts in every prompt set (small runs and tests)
+    dev_prompts: int | None = None  # dev tasks choosing α and the alarm (None: all 102)
+    irrelevance_prompts: int | None = None  # BFCL irrelevance test tasks (None: all 74)
+    ordinary_prompts: int = 200  # ordinary test prompts for the alarm's false-positive rate
     dev_controls: bool = True  # the controls at every α of the dev curve too (the plot), not only at the chosen α on test
     seed: int = 0
 
@@ -179,14 +180,27 @@ def alarm(ctx: Context, hedge_dev: list[EvalItem], hedge_test: list[EvalItem], i
     test_calls = [r["format_accuracy"] for r in scored(hedge_test, ctx.store.patched(hedge_test, {"test-hedge-clean": None})["test-hedge-clean"], "clean")]
     irr_out = ctx.store.patched(irrelevance, {"test-deployment-irrelevance-clean": None})["test-deployment-irrelevance-clean"]
     irr_calls = torch.tensor([r["tool_call"] for r in scored(irrelevance, irr_out, "clean")], dtype=torch.bool)
-    ordinary = ordinary_items(min(ctx.cfg.ordinary_prompts, ctx.cfg.limit or ctx.cfg.ordinary_prompts), ctx.cfg.seed)
+    ordinary = ordinary_items(ctx.cfg.ordinary_prompts, ctx.cfg.seed)
     f = {name: alert.scores(ctx.view, ctx.residuals.get(name, ctx.pair.a, items))
          for name, items in (("dev-hedge-A", hedge_dev), ("test-hedge-A", hedge_test), ("test-ordinary-A", ordinary),
                              ("test-deployment-irrelevance-A", irrelevance))}
     live = [s.index for s in ranking.features if s.partition == "a_exclusive" and s.fire_rate_tool >= 0.01]
     choice = alert.choose(f["dev-hedge-A"], torch.tensor(dev_calls, dtype=torch.bool), live)
     return alert.AlertResult.of(choice, f["test-hedge-A"], torch.tensor(test_calls, dtype=torch.bool), f["test-ordinary-A"],
-                                f["test-deployment-irrelevance-A"], irr_calls)
+                                f["test-deployment-irrelevance-A"], irr_calls, [i.id for i in hedge_test])
+
+
+def protocols_of(pair: Any, cfg: PhenomenonConfig) -> tuple[Protocol, Protocol]:
+    """The hedge protocol and the deployment one (the turn A was trained on, for the organism)."""
+    from guardrail.organism.assets import trained_turn
+
+    turn = cfg.deployment_turn or (trained_turn() if adapter_sha256(pair) else "plain")
+    return HEDGE, deployment(turn)  # type: ignore[arg-type]
+
+
+def artifact_root(pair: Any, cfg: PhenomenonConfig) -> Path:
+    """The folder of this pair's DFC for ``cfg``'s recipe, with its activations, outputs and residuals."""
+    return recipe_root(pair, protocols_of(pair, cfg), cfg.recipe)
 
 
 def measured(say: Callable[[str], None], section: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -215,23 +229,19 @@ def run_phenomenon(cfg: PhenomenonConfig, say: Callable[[str], None] = print, pa
     from guardrail.dictionary import load_artifact
     from guardrail.features.interventions import dictionary_view
     from guardrail.models import load_pair
-    from guardrail.organism.assets import trained_turn
-
     pair = pair if pair is not None else load_pair(cfg.pair)
     sha = adapter_sha256(pair)
-    turn = cfg.deployment_turn or (trained_turn() if sha else "plain")
-    protocols = (HEDGE, deployment(turn))  # type: ignore[arg-type]
-    art = ensure_artifact(pair, protocols, cfg.recipe, say)
+    protocols = protocols_of(pair, cfg)
+    art = ensure_artifact(pair, protocols, cfg.recipe, say, root=artifact_root(pair, cfg))
     backend = make_backend(cfg.backend)
     settings = GenerationSettings(max_new_tokens=cfg.max_new_tokens, stop=STOP)
     root = art.path.parent
     ctx = Context(pair, art, dictionary_view(load_artifact(art.path)), OutputStore(root / f"outputs-{cfg.max_new_tokens}", backend, pair.a, settings, art.layer, say),
                   Residuals(root / "residuals", art.layer), cfg, say)
-    n, n_test = cfg.limit, min(x for x in (cfg.limit, cfg.test_prompts, 10**9) if x is not None)
-    hedge_dev = tool_items("dev", HEDGE, pair.tokenizer, limit=n, seed=cfg.seed)
-    hedge_test = tool_items("test", HEDGE, pair.tokenizer, limit=n_test, seed=cfg.seed)
-    deploy_test = tool_items("test", protocols[1], pair.tokenizer, limit=n_test, seed=cfg.seed)
-    irrelevance = tool_items("test", protocols[1], pair.tokenizer, ("irrelevance",), limit=n, seed=cfg.seed)
+    hedge_dev = tool_items("dev", HEDGE, pair.tokenizer, limit=cfg.dev_prompts, seed=cfg.seed)
+    hedge_test = tool_items("test", HEDGE, pair.tokenizer, limit=cfg.test_prompts, seed=cfg.seed)
+    deploy_test = tool_items("test", protocols[1], pair.tokenizer, limit=cfg.test_prompts, seed=cfg.seed)
+    irrelevance = tool_items("test", protocols[1], pair.tokenizer, ("irrelevance",), limit=cfg.irrelevance_prompts, seed=cfg.seed)
 
     say(f"hedge protocol: A on {len(hedge_test)} test prompts; deployment protocol: the same tasks through the chat template")
     hedge = measure_hedge(ctx, hedge_test, deploy_test)
