@@ -14,8 +14,8 @@ def demo_cmd(
     steps: int = typer.Option(600, help="DFC training steps on first run."),
     dict_size: int | None = typer.Option(None, help="DFC dictionary size (default: 4 × the model width)."),
     tool_prompts: int = typer.Option(300, help="Train-split tool prompts per protocol for the DFC, as many ordinary ones."),
-    test_prompts: int = typer.Option(100, help="Held-out prompts per measurement (`guardrail eval phenomenon` uses 150)."),
-    dev_prompts: int = typer.Option(48, help="Dev prompts that choose α and the alarm."),
+    test_prompts: int = typer.Option(150, help="Held-out test prompts per measurement (as `guardrail eval phenomenon`); fewer run faster."),
+    dev_prompts: int = typer.Option(0, help="Dev prompts that choose α and the alarm (0: all 102)."),
     audit_prompts: int = typer.Option(200, help="Held-out prompts for the audit (fewer cannot certify 2 pp)."),
     max_new_tokens: int = typer.Option(200, help="New tokens per generation (the paper: 200)."),
     audit_tokens: int = typer.Option(48, help="New tokens per audit generation (a tool call's name comes early)."),
@@ -35,7 +35,7 @@ def demo_cmd(
 
     console = Console()
     cfg = DemoConfig(pair=pair, out=out, retrain=retrain, steps=steps, dict_size=dict_size, tool_prompts=tool_prompts,
-                     test_prompts=test_prompts, dev_prompts=dev_prompts, audit_prompts=audit_prompts, max_new_tokens=max_new_tokens,
+                     test_prompts=test_prompts, dev_prompts=dev_prompts or None, audit_prompts=audit_prompts, max_new_tokens=max_new_tokens,
                      audit_tokens=audit_tokens, backend=backend)
     result = run_demo(cfg, say=lambda m: console.print(f"[bold cyan]•[/] {m}"))
     bars = Table(title="what the pair shows (held-out prompts; intervals are paired 95 %)")

@@ -115,15 +115,20 @@ def phenomenon_cmd(pair: Optional[str] = PairOpt, model_a: Optional[str] = Model
                    out: Path = typer.Option(Path("runs/phenomenon"), "--out", help="Report folder (results.json, report.md, report.html)."),
                    backend: str = BackendOpt, seed: int = SeedOpt, max_new_tokens: int = TokensOpt,
                    layer: Optional[int] = typer.Option(None, "--layer", help="Layer of the DFC (default: the paper's relative depth)."),
-                   turn: Optional[str] = typer.Option(None, "--deployment-turn", help="User turn of the deployment protocol (default: the one A was trained on).")) -> None:
-    """Steer on, clamp off, alarm ahead: the product's three claims on one pair, each with its control."""
+                   turn: Optional[str] = typer.Option(None, "--deployment-turn", help="User turn of the deployment protocol (default: the one A was trained on)."),
+                   test_prompts: int = typer.Option(150, "--test-prompts", help="Seeded sample of the test split's answered tasks (0: all 298)."),
+                   verbose: bool = typer.Option(False, "--verbose", "-v", help="Show vLLM's and transformers' own logs.")) -> None:
+    """Steer on, clamp off, alarm ahead: the product's three claims on one pair, each with its control (docs/phenomenon.md)."""
+    from guardrail.terminal import quiet
+
+    quiet(verbose)  # before torch or vLLM is imported
     from guardrail.eval.phenomenon import PhenomenonConfig, run_phenomenon
     from guardrail.eval.phenomenon.artifact import DictionaryRecipe
     from guardrail.eval.phenomenon.report import write_report
 
     p = load_pair_from(pair or ("organism" if not (model_a or model_b) else None), model_a, model_b, adapter_a)
     cfg = PhenomenonConfig(pair=p.name or "pair", recipe=DictionaryRecipe(layer=layer), deployment_turn=turn, backend=backend,
-                           max_new_tokens=max_new_tokens, seed=seed)
+                           max_new_tokens=max_new_tokens, test_prompts=test_prompts or None, seed=seed)
     paths = write_report(run_phenomenon(cfg, typer.echo, pair=p), out)
     typer.echo(f"wrote {paths['markdown']} and {paths['html']}")
 

@@ -1,9 +1,9 @@
 """The product's story on one machine: one feature turns tool use on, one switch turns it off,
 one alarm sees it coming, and the audit judges the artifact.
 
-The measurements are :func:`guardrail.eval.phenomenon.run_phenomenon`'s (the code path of
-``guardrail eval phenomenon``, on fewer prompts by default), so the numbers on the demo's
-page are the eval's, with their n and intervals. The demo adds what a user wants to watch:
+The measurements are :func:`guardrail.eval.phenomenon.run_phenomenon`'s (the code path and,
+by default, the prompts of ``guardrail eval phenomenon``), so the numbers on the demo's page
+are the eval's, with their n and intervals, and a demo after the eval reads them back. The demo adds what a user wants to watch:
 the three policies running live through the guard on one prompt each (the outputs and the
 alert events), the audit verdict, and what each stage took. Everything expensive is cached
 under ``$GUARDRAIL_HOME`` (the DFC by its recipe, outputs by condition and prompts), so a
@@ -29,8 +29,8 @@ class DemoConfig:
     tool_prompts: int = 300  # train-split tool prompts per protocol for the DFC, as many ordinary ones
     dict_size: int | None = None  # None: the quick grid's (4 × d_model)
     steps: int = 600
-    test_prompts: int = 100  # held-out prompts per measurement (`guardrail eval phenomenon` uses 150)
-    dev_prompts: int = 48  # dev prompts that choose α and the alarm
+    test_prompts: int | None = 150  # held-out prompts per measurement (as `guardrail eval phenomenon`: the same numbers)
+    dev_prompts: int | None = None  # dev prompts that choose α and the alarm (None: all 102)
     max_new_tokens: int = 200  # the paper's
     audit_prompts: int = 200
     audit_tokens: int = 48
@@ -86,7 +86,7 @@ def phenomenon_config(cfg: DemoConfig):
                               dict_size=cfg.dict_size, steps=cfg.steps)
     return PhenomenonConfig(pair=cfg.pair, recipe=recipe, backend=cfg.backend, max_new_tokens=cfg.max_new_tokens,
                             test_prompts=cfg.test_prompts, dev_prompts=cfg.dev_prompts, irrelevance_prompts=cfg.dev_prompts,
-                            ordinary_prompts=cfg.test_prompts, dev_controls=False)
+                            ordinary_prompts=200 if cfg.test_prompts is None else min(200, 4 * cfg.test_prompts))
 
 
 def live_policies(res: dict) -> dict[str, Any]:

@@ -89,15 +89,27 @@ def criteria(res: dict[str, Any]) -> list[Criterion]:
     return out
 
 
-def steer_figure(res: dict[str, Any]) -> bytes:
+def _subplots(*grid: int, figsize: tuple[float, float]):
+    """A figure on the file-only backend (no display on a server)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt.subplots(*grid, figsize=figsize)
+
+
+def _finish(fig, title: str | None = None) -> bytes:
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def steer_figure(res: dict[str, Any]) -> bytes:
     curve = res["steer"]["dev_curve"]
     alphas = sorted(curve, key=float)
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    fig, axes = _subplots(1, 2, figsize=(9, 3.4))
     for ax, (metric, label) in zip(axes, (("tool_correctness", "lenient tool correctness"), ("name_correct", "strict tool name"))):
         for cond in next(iter(curve.values())):
             ax.plot([float(a) for a in alphas], [curve[a][cond][metric]["gain_pp"] for a in alphas], marker="o", label=cond)
@@ -107,46 +119,32 @@ def steer_figure(res: dict[str, Any]) -> bytes:
         ax.set_ylabel(f"gain in {label} (pp)")
         ax.axvline(res["steer"]["alpha"], color="k", ls=":", lw=0.8)
         ax.legend(fontsize=7)
-    fig.suptitle(f"Dev split (n = {res['steer_dev_n']}): the steer and its controls at the same ‖δ‖; dotted: α chosen", fontsize=9)
-    fig.tight_layout()
-    return _png(fig)
+    return _finish(fig, f"Dev split (n = {res['steer_dev_n']}): the steer and its controls at the same ‖δ‖; dotted: α chosen")
 
 
 def kill_figure(res: dict[str, Any]) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     k = res["kill_switch"]
-    fig, ax = plt.subplots(figsize=(5, 3.2))
+    fig, ax = _subplots(figsize=(5, 3.2))
     bars = {"clean": k["call_rate_clean"], f"clamp top {len(k['features'])}": k["call_rate_clamped"],
             f"clamp {len(k['control_features'])} random": k["call_rate_random_clamp"]}
     ax.bar(list(bars), [100 * v for v in bars.values()], color=["#4c72b0", "#c44e52", "#8c8c8c"])
     ax.set_ylabel("A's call rate (%)")
     ax.set_ylim(0, 105)
     ax.set_title(f"Deployment protocol, n = {k['n']} prompts where A calls", fontsize=9)
-    fig.tight_layout()
-    return _png(fig)
+    return _finish(fig)
 
 
 def roc_figure(res: dict[str, Any]) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     a = res["alert"]
-    fig, ax = plt.subplots(figsize=(3.8, 3.6))
-    ax.plot(a["roc"]["fpr"], a["roc"]["tpr"], marker=".", label=f"feature {a['feature']} (AUROC {a['auroc']:.2f})")
+    fig, ax = _subplots(figsize=(3.8, 3.6))
+    ax.plot(a["roc"]["fpr"], a["roc"]["tpr"], marker=".", label=f"feature {a['feature']} (AUROC {_f(a['auroc'], '{:.2f}')})")
     ax.plot([0, 1], [0, 1], color="grey", ls="--", lw=0.8, label="chance / template detector")
     ax.scatter([a["fpr_hedge"]], [a["tpr"]], color="k", zorder=3, label=f"threshold {a['threshold']:.3g}")
     ax.set_xlabel("false-positive rate")
     ax.set_ylabel("true-positive rate")
     ax.set_title(f"Alarm vs A's call, test (n = {a['n_pos'] + a['n_neg']})", fontsize=9)
     ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    return _png(fig)
+    return _finish(fig)
 
 
 def _examples(rows: list[dict], before: str, after: str, cut: int = 600) -> list[str]:
