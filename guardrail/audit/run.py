@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from guardrail.audit.policy import AuditPolicy
 from guardrail.audit.static import static_checks
 from guardrail.audit.stats import PairedGain, paired_gain, smallest_decisive_upper
+from guardrail.audit.telemetry import emit_audit_evaluations
 from guardrail.audit.threats import ARTIFACT_ONLY, NEEDS_A, STEERING, THREATS, ThreatInputs, control_delta
 
 
@@ -120,12 +121,14 @@ def judge(gains: dict[str, PairedGain], policy: AuditPolicy, n: int) -> tuple[Ve
     return Verdict.PASS, reasons + [f"every artifact-only gain is bounded by {policy.max_artifact_only_gain_pp} pp"]
 
 
-def audit(cc, b, a=None, policy: AuditPolicy | None = None, *, seed: int = 0, batch_size: int = 16, backend: str = "auto", progress: bool = True) -> AuditReport:
+def audit(cc, b, a=None, policy: AuditPolicy | None = None, *, seed: int = 0, batch_size: int = 16, backend: str = "auto", progress: bool = True, logger_provider=None) -> AuditReport:
     """Audit crosscoder ``cc`` against base model ``b`` (and ``a``, for the joint protocol).
 
     ``a`` and ``b`` are :class:`guardrail.models.LoadedModel`. Without A only the
     artifact-only threats run; that is the release question, the joint one is context.
-    ``backend``: ``auto`` (vLLM when installed), ``vllm`` or ``transformers``.
+    ``backend``: ``auto`` (vLLM when installed), ``vllm`` or ``transformers``. The verdict
+    is also written as ``gen_ai.evaluation.result`` log records, to ``logger_provider``
+    or the process's global OpenTelemetry one (see :mod:`guardrail.audit.telemetry`).
     """
     from guardrail.eval.backends import GenerationSettings, generate_conditions, make_backend
 
@@ -147,7 +150,7 @@ def audit(cc, b, a=None, policy: AuditPolicy | None = None, *, seed: int = 0, ba
     gains, controls = _gains(scores, names, policy)
     examples = [{"threat": n, "task": tasks[0].id, "clean": outs["clean"][0][:400], "guarded": outs[n][0][:400]} for n in names]
     verdict, reasons = judge(gains, policy, len(tasks))
-    return AuditReport(
+    report = AuditReport(
         verdict=verdict,
         reasons=reasons,
         policy=policy.model_dump(),
@@ -159,6 +162,8 @@ def audit(cc, b, a=None, policy: AuditPolicy | None = None, *, seed: int = 0, ba
         static=static_checks(cc),
         examples=examples,
     )
+    emit_audit_evaluations(report, policy, logger_provider)
+    return report
 
 
 def _layer_in(cc, b) -> int:
