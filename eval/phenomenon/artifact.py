@@ -9,8 +9,10 @@ hedge ranking in the artifact's ``ranking.json`` (what ``ranked:`` policies read
 deployment ranking beside it. Everything here uses the train split only: the dev split
 chooses α and the alarm, the test split reports.
 
-Cached under ``$GUARDRAIL_HOME/phenomenon/<pair>-<models>/``, keyed by the recipe, so a
-changed recipe or a rebuilt A trains anew, and an interrupted collection resumes.
+Cached under ``$GUARDRAIL_HOME/phenomenon/<pair>-<collection key>/`` (the activations, keyed
+by the models, protocols, layer and prompts; an interrupted collection resumes) and its
+``dfc-<training key>/`` (the dictionary and everything measured with it): another
+dictionary on the same activations collects nothing again, and a rebuilt A starts anew.
 """
 
 from __future__ import annotations
@@ -43,11 +45,23 @@ class DictionaryRecipe:
     steps: int = 600
     batch_size: int = 256
     lr: float = 3e-4
+    k_exclusive: int | None = None  # per-partition top-k (exact single-model exclusive codes); None: the paper's joint top-k
     seed: int = 0
 
-    def key(self, pair: Any, protocols: tuple[Protocol, ...]) -> str:
-        blob = json.dumps([asdict(self), [p.as_dict() for p in protocols], pair.a.spec, pair.b.spec], sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:10]
+    COLLECTION = ("layer", "tool_prompts", "plain_prompts", "last_n", "seed")
+
+    def collection_key(self, pair: Any, protocols: tuple[Protocol, ...]) -> str:
+        """What the activations depend on: the models, the protocols, the site and the prompts."""
+        fields = {k: v for k, v in asdict(self).items() if k in self.COLLECTION}
+        return _digest([fields, [p.as_dict() for p in protocols], pair.a.spec, pair.b.spec])
+
+    def training_key(self) -> str:
+        """What the dictionary depends on beyond its activations."""
+        return _digest({k: v for k, v in asdict(self).items() if k not in self.COLLECTION or k == "seed"})
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def dfc_config(pair: Any, recipe: DictionaryRecipe):
@@ -57,7 +71,7 @@ def dfc_config(pair: Any, recipe: DictionaryRecipe):
 
     free = [s.crosscoder for s in variants("quick", pair.d_model) if s.crosscoder.is_dfc and s.crosscoder.lambda_excl == 0]
     grid = min(free, key=lambda c: c.k)
-    return DFCConfig(dict_size=recipe.dict_size or grid.dict_size, k=recipe.k or grid.k, exclusive=recipe.exclusive,
+    return DFCConfig(dict_size=recipe.dict_size or grid.dict_size, k=recipe.k or grid.k, exclusive=recipe.exclusive, k_exclusive=recipe.k_exclusive,
                      lambda_shared=grid.lambda_shared, penalty_form=grid.penalty_form)
 
 
@@ -99,8 +113,8 @@ class PhenomenonArtifact:
 
 
 def recipe_root(pair: Any, protocols: tuple[Protocol, ...], recipe: DictionaryRecipe) -> Path:
-    """``$GUARDRAIL_HOME/phenomenon/<pair>-<recipe key>``: one folder per pair, protocols and recipe."""
-    return home() / "phenomenon" / f"{pair.name or 'pair'}-{recipe.key(pair, protocols)}"
+    """``$GUARDRAIL_HOME/phenomenon/<pair>-<collection key>``: the activations of one pair, protocols and prompts."""
+    return home() / "phenomenon" / f"{pair.name or 'pair'}-{recipe.collection_key(pair, protocols)}"
 
 
 def ensure_artifact(pair: Any, protocols: tuple[Protocol, ...], recipe: DictionaryRecipe,
@@ -120,7 +134,7 @@ def ensure_artifact(pair: Any, protocols: tuple[Protocol, ...], recipe: Dictiona
         prompts = protocol_prompts(pair, p, recipe)
         say(f"collecting A and B at layer {layer} under the {p.name} protocol ({len(prompts)} prompts, last {recipe.last_n} tokens)")
         caches[p.name] = collect(pair, prompts, site, root / f"cache-{p.name}")
-    art = root / "dfc"
+    art = root / f"dfc-{recipe.training_key()}" / "dfc"
     if not (art / RANKING_FILE).exists():
         cfg = dfc_config(pair, recipe)
         rows = torch.cat([c.load().acts for c in caches.values()])
