@@ -15,11 +15,17 @@ Environment:
     GUARDRAIL_ALERT_LOG                     one JSONL alert log for every policy (default: each policy's own)
 
 Requests choose a policy through ``vllm_xargs`` / ``extra_args``: ``{"guardrail_policy": name}``.
+
+Once the guard is installed, a daemon thread of the worker copies its hook-error total into
+the ``guardrail_hook_errors_total`` Prometheus counter every second (the hook itself only
+adds to an integer); the other counters are kept by the telemetry writer thread.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+import time
 
 log = logging.getLogger("guardrail.vllm")
 _PATCHED = "_guardrail_patched"
@@ -59,7 +65,28 @@ def _wrap_load_model(original, cfg):
             specs = [(name, path, cfg["artifact"]) for name, path in cfg["policies"].items()]
             names = _install_on_worker(self, specs, cfg["default"], cfg["allow_none"], False, cfg["watch"], cfg["watch_interval"], cfg["alert_log"])
             log.warning("guardrail: installed policies %s (default %s)", names, cfg["default"])
+            start_hook_error_counter(self._guardrail_guard)
         return result
 
     load_model.__wrapped__ = original
     return load_model
+
+
+def start_hook_error_counter(guard, interval: float = 1.0) -> threading.Thread:
+    """Publish ``guard.stats["hook_errors"]`` as ``guardrail_hook_errors_total`` from a daemon thread.
+
+    The counters are made here, at install, so that ``/metrics`` lists them at zero from the start.
+    """
+    from guardrail.policy.telemetry import HookErrorCounter, counters
+
+    counters()
+    counter = HookErrorCounter()
+
+    def run() -> None:
+        while True:
+            counter.update(guard.stats.get("hook_errors", 0))
+            time.sleep(interval)
+
+    thread = threading.Thread(target=run, name="guardrail-hook-errors", daemon=True)
+    thread.start()
+    return thread

