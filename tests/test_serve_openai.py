@@ -103,6 +103,12 @@ def test_chat_completion_under_the_default_policy(server):
     text = out.choices[0].message.content
     assert out.model == "tiny" and isinstance(text, str) and text
     assert "[guardrail]" not in text and out.usage.completion_tokens <= 8
+    alerts = server["root"] / "alerts.jsonl"
+    for _ in range(100):  # the events name the response id the client got (gen_ai.guardrail.target.id)
+        if alerts.exists() and f'"request": "{out.id}"' in alerts.read_text():
+            break
+        time.sleep(0.1)
+    assert f'"request": "{out.id}"' in alerts.read_text()
 
 
 def test_streamed_chat_completion(server):
