@@ -194,6 +194,9 @@ def test_counters_of_rule_events_aborts_drops_and_hook_errors():
         sink.emit({"policy": "cnt", "rule": "halt", "action": "abort", "request": request})
     assert sink.flush()
     assert events() == before["events"] + 3 and _count("guardrail_aborts_total", policy="cnt", rule="halt") == before["aborts"] + 2
+    for _ in range(2):  # the transformers engine reuses request ids across calls: one step, one stop each
+        sink.emit_many([{"policy": "cnt", "rule": "halt", "action": "abort", "request": "0"} for _ in range(3)])
+    assert sink.flush() and _count("guardrail_aborts_total", policy="cnt", rule="halt") == before["aborts"] + 4
 
     full = Telemetry(None, otel=False, queue_size=1)
     release = threading.Event()

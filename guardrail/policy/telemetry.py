@@ -28,6 +28,7 @@ attached when ``capture_content`` is set; by default nothing of the prompt leave
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import queue
@@ -61,6 +62,7 @@ ENFORCEMENT = {"alert": "audit", "abort": "block", "clamp": "modify", "steer": "
 DECISION = {"alert": "warn", "abort": "deny", "clamp": "modify", "steer": "modify", "amplify": "modify", "splice": "modify", "error": "error"}
 
 _CONTEXT_KEY = "_otel_context"  # the emitter's OpenTelemetry context, never written out
+_STEP_KEY = "_emit_step"  # which emit_many call queued the event, never written out
 _EXCEPTION_NAME = re.compile(r"\b([A-Z][A-Za-z0-9_]*(?:Error|Exception|Exit|Interrupt))\b")
 
 
@@ -265,7 +267,8 @@ class Telemetry:
         self.dropped = 0
         self.export_errors = 0
         self._dropped_counted = 0
-        self._aborted: OrderedDict[tuple[str, str], None] = OrderedDict()  # (policy, request) already counted
+        self._aborted: OrderedDict[tuple[str, str, int | None], None] = OrderedDict()  # stopped requests already counted
+        self._steps = itertools.count()
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self._tracer: Any = None
         self._logger: Any = None
@@ -310,7 +313,10 @@ class Telemetry:
             return False
 
     def emit_many(self, events: list[dict[str, Any]]) -> None:
+        """Queue the events of one engine step; they are marked as such (see :meth:`_first_abort`)."""
+        step = next(self._steps)
         for event in events:
+            event[_STEP_KEY] = step
             self.emit(event)
 
     # ------------------------------------------------------------------ writer thread
@@ -337,6 +343,7 @@ class Telemetry:
 
     def _write(self, batch: list[dict[str, Any]]) -> None:
         contexts = [event.pop(_CONTEXT_KEY, None) for event in batch]
+        steps = [event.pop(_STEP_KEY, None) for event in batch]
         if self.alert_log is not None:
             try:
                 self.alert_log.parent.mkdir(parents=True, exist_ok=True)
@@ -350,7 +357,7 @@ class Telemetry:
                 self._export(batch, contexts)
             except Exception:  # noqa: BLE001
                 self._export_failed()
-        self._count(batch)
+        self._count(batch, steps)
         self.written += len(batch)
 
     def _export(self, batch: list[dict[str, Any]], contexts: list[Any]) -> None:
@@ -373,20 +380,26 @@ class Telemetry:
             self._logger = _logs.get_logger(SCOPE, guardrail.__version__)
         return self._tracer, self._logger
 
-    def _count(self, batch: list[dict[str, Any]]) -> None:
+    def _count(self, batch: list[dict[str, Any]], steps: list[int | None]) -> None:
         """Prometheus counts of the events written: every event, and each stopped request once."""
         found = counters()
         if found is None:
             return
-        for event in batch:
+        for event, step in zip(batch, steps):
             policy, rule, action = str(event.get("policy", "")), str(event.get("rule", "")), str(event.get("action", ""))
             found.rule_events.labels(policy, rule, action).inc()
-            if verdict_of(event)[1] == "block" and self._first_abort(policy, str(event.get("request", ""))):
+            if verdict_of(event)[1] == "block" and self._first_abort(policy, str(event.get("request", "")), step):
                 found.aborts.labels(policy, rule).inc()
 
-    def _first_abort(self, policy: str, request: str) -> bool:
-        """True the first time a request is stopped (a prefill can fire an abort on many tokens)."""
-        key = (policy, request)
+    def _first_abort(self, policy: str, request: str, step: int | None) -> bool:
+        """True the first time a request is stopped: a prefill can fire an abort on many tokens.
+
+        Both engines stop a request in the step its abort fires, so its abort events arrive
+        together. The transformers engine queues a step with :meth:`emit_many` and reuses
+        request ids (``"0"``, ``"1"``) across calls: its events are told apart by step. vLLM
+        queues them one by one, under request ids unique to the server's life.
+        """
+        key = (policy, request, step)
         if key in self._aborted:
             return False
         self._aborted[key] = None
