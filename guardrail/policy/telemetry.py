@@ -40,6 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from opentelemetry import context as otel_context
+
 # Keys that carry user content; removed unless capture_content is on.
 CONTENT_KEYS = ("prompt", "token_id", "token_text", "text")
 
@@ -433,9 +435,8 @@ class Telemetry:
 
 
 def _current_context() -> Any:
-    from opentelemetry import context
-
-    return context.get_current()
+    """The calling thread's OpenTelemetry context (an immutable snapshot: cheap to keep)."""
+    return otel_context.get_current()
 
 
 def _export_current(tracer: Any, logger: Any, event: dict[str, Any], parent: Any) -> None:
