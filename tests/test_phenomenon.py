@@ -136,16 +136,20 @@ def test_output_store_generates_each_condition_once_and_refuses_other_prompts(tm
     from guardrail.eval.backends import GenerationSettings
 
     backend = _CountingBackend()
-    store = OutputStore(tmp_path, backend, None, GenerationSettings(max_new_tokens=2), 0, say=lambda _: None)
+    store = OutputStore(tmp_path, backend, None, GenerationSettings(max_new_tokens=2), 0, say=lambda _: None, clean_folder=tmp_path / "clean")
     items = [EvalItem("a", "tool", "x"), EvalItem("b", "tool", "y")]
     out = store.patched(items, {"clean": None, "patched": [torch.zeros(2), None]})
     assert out == {"clean": ["x:c", "y:c"], "patched": ["x:p", "y:c"]}
     calls = backend.calls
-    assert store.patched(items, {"clean": None, "patched": None}) == out and backend.calls == calls
+    assert store.patched(items, {"clean": None, "patched": [torch.zeros(2), None]}) == out and backend.calls == calls
+    assert [p.name.split("-")[0] for p in (tmp_path / "clean").glob("*.json")] == ["clean"]  # unpatched: beside the activations
+    another_dfc = OutputStore(tmp_path / "dfc2", backend, None, GenerationSettings(max_new_tokens=2), 0, say=lambda _: None,
+                              clean_folder=tmp_path / "clean")
+    assert another_dfc.patched(items, {"clean": None}) == {"clean": out["clean"]} and backend.calls == calls
     other = [EvalItem("c", "tool", "z")]  # another sample: its own file, the first one untouched
     assert store.patched(other, {"clean": None}) == {"clean": ["z:c"]}
     assert store.patched(items, {"clean": None}) == {"clean": out["clean"]}
-    path = next(p for p in tmp_path.glob("clean-*.json") if json.loads(p.read_text())["ids"] == ["c"])
+    path = next(p for p in (tmp_path / "clean").glob("clean-*.json") if json.loads(p.read_text())["ids"] == ["c"])
     path.write_text(json.dumps({"ids": ["x"], "outputs": ["?"]}))  # a file that does not hold what its name says
     with pytest.raises(ValueError, match="other prompts"):
         store.patched(other, {"clean": None})

@@ -31,17 +31,26 @@ def ids_digest(items: Sequence[EvalItem]) -> str:
 
 
 class OutputStore:
-    """Outputs of one model, per condition name, cached as JSON under ``folder``."""
+    """Outputs of one model, per condition name, cached as JSON.
+
+    Patched and guarded conditions depend on the dictionary and live in ``folder``; clean
+    ones (no patch) depend only on the model, the prompts and the decoding, and live in
+    ``clean_folder`` (default ``folder``), where every dictionary trained on the same
+    activations finds them.
+    """
 
     def __init__(self, folder: Path, backend: Backend, loaded: Any, settings: GenerationSettings, layer: int,
-                 say: Callable[[str], None] = print) -> None:
+                 say: Callable[[str], None] = print, clean_folder: Path | None = None) -> None:
         self.folder, self.backend, self.loaded, self.settings, self.layer, self.say = Path(folder), backend, loaded, settings, layer, say
-        self.folder.mkdir(parents=True, exist_ok=True)
+        self.clean_folder = Path(clean_folder) if clean_folder is not None else self.folder
+        self._clean: set[str] = set()
+        for f in (self.folder, self.clean_folder):
+            f.mkdir(parents=True, exist_ok=True)
 
     def _path(self, name: str, items: Sequence[EvalItem]) -> Path:
         if not SAFE_NAME.match(name):
             raise ValueError(f"condition name {name!r} must be a plain file name")
-        return self.folder / f"{name}-{ids_digest(items)}.json"
+        return (self.clean_folder if name in self._clean else self.folder) / f"{name}-{ids_digest(items)}.json"
 
     def _read(self, name: str, items: Sequence[EvalItem]) -> list[str] | None:
         path = self._path(name, items)
@@ -60,6 +69,7 @@ class OutputStore:
 
     def patched(self, items: Sequence[EvalItem], conditions: dict[str, Sequence[torch.Tensor | None] | None]) -> dict[str, list[str]]:
         """Outputs of every condition; the missing ones decode together (one prefill per prompt)."""
+        self._clean.update(n for n, p in conditions.items() if p is None)
         out = {n: self._read(n, items) for n in conditions}
         todo = {n: conditions[n] for n, o in out.items() if o is None}
         if todo:

@@ -235,8 +235,9 @@ def run_phenomenon(cfg: PhenomenonConfig, say: Callable[[str], None] = print, pa
     art = ensure_artifact(pair, protocols, cfg.recipe, say, root=artifact_root(pair, cfg))
     backend = make_backend(cfg.backend)
     settings = GenerationSettings(max_new_tokens=cfg.max_new_tokens, stop=STOP)
-    store = OutputStore(art.path.parent / f"outputs-{cfg.max_new_tokens}", backend, pair.a, settings, art.layer, say)  # depends on the DFC
-    residuals = Residuals(art.path.parent.parent / "residuals", art.layer)  # on the models and the layer only
+    root, outputs = art.path.parent.parent, f"outputs-{cfg.max_new_tokens}"  # the activations' folder, and the DFC's beside them
+    store = OutputStore(art.path.parent / outputs, backend, pair.a, settings, art.layer, say, clean_folder=root / outputs)
+    residuals = Residuals(root / "residuals", art.layer)  # depend on the models and the layer only
     ctx = Context(pair, art, dictionary_view(load_artifact(art.path)), store, residuals, cfg, say)
     hedge_dev = tool_items("dev", HEDGE, pair.tokenizer, limit=cfg.dev_prompts, seed=cfg.seed)
     hedge_test = tool_items("test", HEDGE, pair.tokenizer, limit=cfg.test_prompts, seed=cfg.seed)
