@@ -477,24 +477,33 @@ def test_kill9_during_sweep_then_resume_equals_uninterrupted(tmp_path):
 MARKER = "zebra quartz xylograph"  # no digits: a number could turn up inside an exported activation value
 
 
-def _memory_tracer():
+def _memory_otel():
+    """SDK tracer and logger providers with in-memory exporters (the sinks are bound to them)."""
+    from opentelemetry.sdk._logs import LoggerProvider
+    from opentelemetry.sdk._logs.export import InMemoryLogRecordExporter, SimpleLogRecordProcessor
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    return provider.get_tracer("guardrail"), exporter
+    spans, logs = InMemorySpanExporter(), InMemoryLogRecordExporter()
+    tracer_provider, logger_provider = TracerProvider(), LoggerProvider()
+    tracer_provider.add_span_processor(SimpleSpanProcessor(spans))
+    logger_provider.add_log_record_processor(SimpleLogRecordProcessor(logs))
+    return {"tracer_provider": tracer_provider, "logger_provider": logger_provider}, spans, logs
 
 
-def _span_text(spans) -> str:
+def _otel_text(spans, logs) -> str:
+    """Everything the spans, their events and the log records carry, one ``name=value`` a line."""
     parts = []
-    for s in spans:
+    for s in spans.get_finished_spans():
         parts.append(s.name)
         parts.extend(f"{k}={v}" for k, v in (s.attributes or {}).items())
         for ev in s.events:
             parts.extend(f"{k}={v}" for k, v in (ev.attributes or {}).items())
+    for r in logs.get_finished_logs():
+        parts.append(str(r.log_record.event_name))
+        parts.extend(f"{k}={v}" for k, v in (r.log_record.attributes or {}).items())
+        parts.append(str(r.log_record.body))
     return "\n".join(parts)
 
 
@@ -506,33 +515,31 @@ def test_default_telemetry_exports_no_prompt_text(tiny_pair, art, tmp_path):
                   {"id": "s", "action": "steer", "select": {"indices": art["shared"][:2]}, "mode": "additive", "gain": 0.5}],
     })
     assert pol.telemetry.otel and not pol.telemetry.capture_content
-    tracer, exporter = _memory_tracer()
+    providers, spans, logs = _memory_otel()
     prompt = f"Tell me about {MARKER}, then call the tool."
     with guard(tiny_pair.a, art["path"], pol) as g:
-        g.compiled.telemetry._tracer = tracer
+        g.compiled.telemetry.bind(**providers)
         res = g.generate(prompt, max_new_tokens=4)
         assert g.compiled.telemetry.flush()
     prompt_ids = tiny_pair.a.tokenizer(prompt, add_special_tokens=False).input_ids
     lines = log.read_text().splitlines()
-    spans = exporter.get_finished_spans()
-    assert res.events and len(lines) >= len(res.events) and len(spans) >= len(res.events)
-    exported = "\n".join(lines) + "\n" + _span_text(spans)
+    assert res.events and len(lines) >= len(res.events) and len(spans.get_finished_spans()) >= len(res.events) and len(logs.get_finished_logs()) >= len(res.events)
+    exported = "\n".join(lines) + "\n" + _otel_text(spans, logs)
     for word in MARKER.split() + ["Tell me about"]:
         assert word not in exported
     assert "guardrail.content" not in exported and '"prompt":' not in exported and str(prompt_ids[:6])[1:-1] not in exported
-    assert {"gen_ai.guardrail.name", "gen_ai.guardrail.id"} <= set(spans[0].attributes)
+    assert {"gen_ai.guardrail.security.policy.id", "gen_ai.guardrail.security.policy.rule.id"} <= set(spans.get_finished_spans()[0].attributes)
 
 
 @pytest.mark.parametrize("capture", [False, True])
 def test_content_keys_leave_the_process_only_when_opted_in(tmp_path, capture):
-    tracer, exporter = _memory_tracer()
-    sink = Telemetry(tmp_path / "a.jsonl", otel=True, capture_content=capture)
-    sink._tracer = tracer
+    providers, spans, logs = _memory_otel()
+    sink = Telemetry(tmp_path / "a.jsonl", otel=True, capture_content=capture).bind(**providers)
     sink.emit({"policy": "p", "rule": "r", "action": "alert", "prompt": MARKER, "token_text": MARKER, "token_id": 7781})
     assert sink.flush()
-    exported = (tmp_path / "a.jsonl").read_text() + _span_text(exporter.get_finished_spans())
+    exported = (tmp_path / "a.jsonl").read_text() + _otel_text(spans, logs)
     assert (MARKER in exported) is capture and ("guardrail.content.prompt" in exported) is capture
-    assert "gen_ai.guardrail.name=p" in exported
+    assert "gen_ai.guardrail.security.policy.id=p" in exported
 
 
 # --------------------------------------------------------------------------- vLLM: failing rules, one engine
