@@ -77,7 +77,9 @@ def dfc_config(pair: Any, recipe: DictionaryRecipe):
 
     free = [s.crosscoder for s in variants("quick", pair.d_model) if s.crosscoder.is_dfc and s.crosscoder.lambda_excl == 0]
     grid = min(free, key=lambda c: c.k)
-    return DFCConfig(dict_size=recipe.dict_size or grid.dict_size, k=recipe.k or grid.k, exclusive=recipe.exclusive, k_exclusive=recipe.k_exclusive,
+    k = recipe.k or grid.k
+    k_excl = None if recipe.k_exclusive is None else min(recipe.k_exclusive, k // 4)  # the shared features keep half the slots
+    return DFCConfig(dict_size=recipe.dict_size or grid.dict_size, k=k, exclusive=recipe.exclusive, k_exclusive=k_excl,
                      lambda_shared=grid.lambda_shared, penalty_form=grid.penalty_form)
 
 
