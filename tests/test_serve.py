@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from serve_fixtures import free_port, stop, wait_ready
 from starlette.testclient import TestClient
 
 from guardrail.paths import home
@@ -154,12 +153,6 @@ def art_path(tiny_pair, tmp_path_factory):
 
 
 # --------------------------------------------------------------------------- the real server, once
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _post(port: int, body: dict, timeout: float = 120) -> tuple[int, dict]:
     req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
     try:
@@ -176,7 +169,7 @@ def test_guardrail_serve_tiny_refuses_unknown_policy_with_400_and_keeps_serving(
     policy = tmp_path / "watch.yaml"
     policy.write_text(yaml.safe_dump({"name": "watch", "artifact": str(art_path), "telemetry": {"otel": False, "alert_log": "serve-alerts.jsonl"},
                                       "rules": [{"id": "look", "action": "alert", "select": {"partition": "a_exclusive"}, "threshold": 0.0, "positions": "all"}]}))
-    port = _free_port()
+    port = free_port()
     exe = Path(sys.executable).with_name("guardrail")
     log = tmp_path / "server.log"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GUARDRAIL_WATCH": "0"}
@@ -184,16 +177,7 @@ def test_guardrail_serve_tiny_refuses_unknown_policy_with_400_and_keeps_serving(
     proc = subprocess.Popen([str(exe), "serve", "--model", "tiny", "--policy", str(policy), "--port", str(port)], env=env,
                             stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        for _ in range(600):
-            assert proc.poll() is None, log.read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                time.sleep(1.0)
-        else:
-            pytest.fail(f"server not ready; log tail:\n{log.read_text()[-3000:]}")
+        wait_ready(proc, port, log)
         body = {"model": "tiny", "prompt": "hello there", "max_tokens": 8, "temperature": 0.0}
         status, out = _post(port, {**body, "vllm_xargs": {"guardrail_policy": "no-such-policy"}})
         assert status == 400 and "unknown guardrail policy 'no-such-policy'" in out["error"]["message"]
@@ -209,12 +193,6 @@ def test_guardrail_serve_tiny_refuses_unknown_policy_with_400_and_keeps_serving(
                 break
             time.sleep(0.1)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=30)
+        stop(proc)
     assert alerts.exists() and '"rule": "look"' in alerts.read_text()  # under $GUARDRAIL_HOME, not beside the policy
     assert not (tmp_path / "serve-alerts.jsonl").exists()

