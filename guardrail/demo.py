@@ -66,7 +66,7 @@ class StageClock:
 @dataclass
 class DemoResult:
     phenomenon: dict  # run_phenomenon's results (the eval's numbers)
-    live: dict[str, dict]  # policy name -> {"prompt", "output", "events"} from the guard
+    live: dict[str, dict]  # policy name -> {"policy", "output", "events", "n_events"} from the guard
     audit: dict
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage (StageClock)
     notices: list[str] = field(default_factory=list)  # what the pair did not show, first on the page

@@ -35,6 +35,14 @@ from guardrail.eval.phenomenon.protocols import Protocol
 from guardrail.paths import home
 
 DEPLOYMENT_RANKING = "ranking-deployment.json"
+LIVE_FIRE = 0.01  # a feature is live when it fires on at least this share of the ranking's tool prompts
+
+
+def live_a_exclusive(ranking: Any, avoid: int = 0, min_fire: float = LIVE_FIRE) -> list[int]:
+    """Live A-exclusive features by index, without the top ``avoid`` tool features: the pool every
+    control and the alarm draw from."""
+    top = set(ranking.top("tool", "a_exclusive", avoid)) if avoid else set()
+    return sorted(s.index for s in ranking.features if s.partition == "a_exclusive" and s.fire_rate_tool >= min_fire and s.index not in top)
 
 
 @dataclass(frozen=True)

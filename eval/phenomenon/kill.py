@@ -14,6 +14,7 @@ import random
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from guardrail.eval.phenomenon.artifact import live_a_exclusive
 from guardrail.eval.phenomenon.errors import NotMeasurable
 from guardrail.policy import Policy
 
@@ -29,10 +30,9 @@ def clamp_policy(name: str, features: Sequence[int]) -> Policy:
     }, source=f"phenomenon kill switch ({name})")
 
 
-def random_live_features(ranking: Any, n: int, seed: int, avoid: int = 3, min_fire: float = 0.01) -> list[int]:
+def random_live_features(ranking: Any, n: int, seed: int, avoid: int = 3) -> list[int]:
     """``n`` random live A-exclusive features outside the top ``avoid`` tool features."""
-    top = set(ranking.top("tool", "a_exclusive", avoid))
-    live = sorted(s.index for s in ranking.features if s.partition == "a_exclusive" and s.fire_rate_tool >= min_fire and s.index not in top)
+    live = live_a_exclusive(ranking, avoid)
     if len(live) < n:
         raise NotMeasurable(f"only {len(live)} live A-exclusive features outside the top {avoid}: cannot draw {n} controls")
     return sorted(random.Random(seed).sample(live, n))

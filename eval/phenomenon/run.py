@@ -18,8 +18,9 @@ import torch
 from guardrail.eval.backends import GenerationSettings, last_token_residual, make_backend
 from guardrail.eval.phenomenon import alert, kill, steer
 from guardrail.eval.phenomenon.errors import NotMeasurable
-from guardrail.eval.phenomenon.artifact import DictionaryRecipe, PhenomenonArtifact, ensure_artifact, recipe_root
+from guardrail.eval.phenomenon.artifact import DictionaryRecipe, PhenomenonArtifact, ensure_artifact, live_a_exclusive, recipe_root
 from guardrail.eval.phenomenon.outputs import OutputStore, scored
+from guardrail.eval.scoring import aggregate
 from guardrail.eval.phenomenon.protocols import HEDGE, Protocol, deployment
 from guardrail.eval.suites import EvalItem
 from guardrail.stats import wilson
@@ -107,15 +108,19 @@ class Context:
     say: Callable[[str], None]
 
 
+def clean_rows(ctx: Context, name: str, items: list[EvalItem]) -> list[dict[str, Any]]:
+    """Scored unpatched outputs of ``items`` (condition ``name``), generated once."""
+    return scored(items, ctx.store.patched(items, {name: None})[name], "clean")
+
+
 def measure_hedge(ctx: Context, hedge_test: list[EvalItem], deploy_test: list[EvalItem]) -> dict[str, Any]:
-    hedge = scored(hedge_test, ctx.store.patched(hedge_test, {"test-hedge-clean": None})["test-hedge-clean"], "clean")
-    chat = scored(deploy_test, ctx.store.patched(deploy_test, {"test-deployment-clean": None})["test-deployment-clean"], "clean")
-    n, k = len(hedge), sum(r["format_accuracy"] for r in hedge)
-    rate = lambda rows, key: sum(r[key] for r in rows) / max(len(rows), 1)  # noqa: E731
+    rows = clean_rows(ctx, "test-hedge-clean", hedge_test)
+    hedge, chat = aggregate(rows), aggregate(clean_rows(ctx, "test-deployment-clean", deploy_test))
+    n, k = len(rows), sum(r["format_accuracy"] for r in rows)
     return {"n": n, "format_rate_clean": k / max(n, 1), "format_rate_ci": list(wilson(k, n, 1.959964)),
-            "tool_correctness_clean": rate(hedge, "tool_correctness"), "strict_name_clean": rate(hedge, "name_correct"),
-            "chat_n": len(chat), "chat_format_rate": rate(chat, "format_accuracy"), "chat_strict_name_accuracy": rate(chat, "name_correct"),
-            "chat_tool_correctness": rate(chat, "tool_correctness")}
+            "tool_correctness_clean": hedge.get("tool_correctness", 0.0), "strict_name_clean": hedge.get("name_correct", 0.0),
+            "chat_n": chat["n"], "chat_format_rate": chat.get("format_accuracy", 0.0), "chat_strict_name_accuracy": chat.get("name_correct", 0.0),
+            "chat_tool_correctness": chat.get("tool_correctness", 0.0)}
 
 
 def steer_dev_curve(ctx: Context, items: list[EvalItem], feature: int, control: int) -> dict[float, dict[str, dict[str, steer.Gain]]]:
@@ -161,7 +166,7 @@ def kill_switch(ctx: Context, items: list[EvalItem], backend: Any) -> kill.KillR
     top = ranking.top("tool", "a_exclusive", kill.KILL_TOP)
     if not top:
         raise NotMeasurable("the deployment ranking has no tool-signed A-exclusive feature to clamp")
-    clean = scored(items, ctx.store.patched(items, {"test-deployment-clean": None})["test-deployment-clean"], "clean")
+    clean = clean_rows(ctx, "test-deployment-clean", items)
     if not any(r["tool_call"] for r in clean):
         raise NotMeasurable(f"A calls a tool on none of the {len(items)} test prompts under the deployment protocol: nothing to switch off")
     control = kill.random_live_features(ranking, len(top), ctx.cfg.seed)
@@ -176,17 +181,15 @@ def kill_switch(ctx: Context, items: list[EvalItem], backend: Any) -> kill.KillR
 
 def alarm(ctx: Context, hedge_dev: list[EvalItem], hedge_test: list[EvalItem], irrelevance: list[EvalItem]) -> alert.AlertResult:
     ranking = ctx.art.ranking("hedge")
-    dev_calls = [r["format_accuracy"] for r in scored(hedge_dev, ctx.store.patched(hedge_dev, {"dev-hedge-clean": None})["dev-hedge-clean"], "clean")]
-    test_calls = [r["format_accuracy"] for r in scored(hedge_test, ctx.store.patched(hedge_test, {"test-hedge-clean": None})["test-hedge-clean"], "clean")]
-    irr_out = ctx.store.patched(irrelevance, {"test-deployment-irrelevance-clean": None})["test-deployment-irrelevance-clean"]
-    irr_calls = torch.tensor([r["tool_call"] for r in scored(irrelevance, irr_out, "clean")], dtype=torch.bool)
+    calls = lambda name, items, key="format_accuracy": torch.tensor([r[key] for r in clean_rows(ctx, name, items)], dtype=torch.bool)  # noqa: E731
+    dev_calls, test_calls = calls("dev-hedge-clean", hedge_dev), calls("test-hedge-clean", hedge_test)
+    irr_calls = calls("test-deployment-irrelevance-clean", irrelevance, "tool_call")
     ordinary = ordinary_items(ctx.cfg.ordinary_prompts, ctx.cfg.seed)
     f = {name: alert.scores(ctx.view, ctx.residuals.get(name, ctx.pair.a, items))
          for name, items in (("dev-hedge-A", hedge_dev), ("test-hedge-A", hedge_test), ("test-ordinary-A", ordinary),
                              ("test-deployment-irrelevance-A", irrelevance))}
-    live = [s.index for s in ranking.features if s.partition == "a_exclusive" and s.fire_rate_tool >= 0.01]
-    choice = alert.choose(f["dev-hedge-A"], torch.tensor(dev_calls, dtype=torch.bool), live)
-    return alert.AlertResult.of(choice, f["test-hedge-A"], torch.tensor(test_calls, dtype=torch.bool), f["test-ordinary-A"],
+    choice = alert.choose(f["dev-hedge-A"], dev_calls, live_a_exclusive(ranking))
+    return alert.AlertResult.of(choice, f["test-hedge-A"], test_calls, f["test-ordinary-A"],
                                 f["test-deployment-irrelevance-A"], irr_calls, [i.id for i in hedge_test])
 
 
@@ -238,7 +241,8 @@ def run_phenomenon(cfg: PhenomenonConfig, say: Callable[[str], None] = print, pa
     root, outputs = art.path.parent.parent, f"outputs-{cfg.max_new_tokens}"  # the activations' folder, and the DFC's beside them
     store = OutputStore(art.path.parent / outputs, backend, pair.a, settings, art.layer, say, clean_folder=root / outputs)
     residuals = Residuals(root / "residuals", art.layer)  # depend on the models and the layer only
-    ctx = Context(pair, art, dictionary_view(load_artifact(art.path)), store, residuals, cfg, say)
+    cc = load_artifact(art.path)
+    ctx = Context(pair, art, dictionary_view(cc), store, residuals, cfg, say)
     hedge_dev = tool_items("dev", HEDGE, pair.tokenizer, limit=cfg.dev_prompts, seed=cfg.seed)
     hedge_test = tool_items("test", HEDGE, pair.tokenizer, limit=cfg.test_prompts, seed=cfg.seed)
     deploy_test = tool_items("test", protocols[1], pair.tokenizer, limit=cfg.test_prompts, seed=cfg.seed)
@@ -255,7 +259,7 @@ def run_phenomenon(cfg: PhenomenonConfig, say: Callable[[str], None] = print, pa
     alarmed = measured(say, lambda: asdict(alarm(ctx, hedge_dev, hedge_test, irrelevance)))
     return {
         "adapter_sha256": sha, "model_a": pair.a.spec, "model_b": pair.b.spec, "artifact": str(art.path), "layer": art.layer,
-        "recipe": asdict(cfg.recipe), "dfc": load_artifact(art.path).config.model_dump(mode="json"),
+        "recipe": asdict(cfg.recipe), "dfc": cc.config.model_dump(mode="json"),
         "protocol": {"hedge": HEDGE.as_dict(), "deployment": protocols[1].as_dict(),
                      "decoding": f"greedy, at most {cfg.max_new_tokens} new tokens, stopped after the first </tool_call>"},
         "hedge": hedge,

@@ -25,6 +25,7 @@ from typing import Any, Sequence
 
 import torch
 
+from guardrail.eval.phenomenon.artifact import live_a_exclusive
 from guardrail.eval.phenomenon.errors import NotMeasurable
 from guardrail.eval.phenomenon.outputs import OutputStore, scored
 from guardrail.eval.suites import EvalItem
@@ -54,13 +55,12 @@ def random_directions(n: int, d: int, seed: int) -> torch.Tensor:
     return torch.randn(n, d, generator=torch.Generator().manual_seed(seed))
 
 
-def control_feature(ranking: Any, seed: int, avoid: int = 3, min_fire: float = 0.01) -> int:
+def control_feature(ranking: Any, seed: int, avoid: int = 3) -> int:
     """A random live A-exclusive feature outside the top ``avoid`` tool features."""
-    top = set(ranking.top("tool", "a_exclusive", avoid))
-    live = [s.index for s in ranking.features if s.partition == "a_exclusive" and s.fire_rate_tool >= min_fire and s.index not in top]
+    live = live_a_exclusive(ranking, avoid)
     if not live:
         raise NotMeasurable("no live A-exclusive feature outside the top tool features: nothing to use as a control")
-    return random.Random(seed).choice(sorted(live))
+    return random.Random(seed).choice(live)
 
 
 def conditions(view: iv.DictionaryView, xa: torch.Tensor, xb: torch.Tensor, feature: int, control: int, alpha: float,
