@@ -93,14 +93,16 @@ def live_policies(res: dict) -> dict[str, Any]:
     """The three shipped policies with the features and settings the measurement chose, by index."""
     from guardrail.policy import Policy
 
-    def load(name: str, rule: dict) -> Policy:
+    def load(name: str, rule: dict, drop: tuple[str, ...] = ()) -> Policy:
         data = Policy.load(policy_file(name)).model_dump(mode="json", exclude_unset=True)
-        data["rules"] = [{**data["rules"][0], **rule}]
+        data["rules"] = [{**{k: v for k, v in data["rules"][0].items() if k not in drop}, **rule}]
         return Policy.from_data(data, source=f"{name} (demo: features chosen by the measurement)")
 
     out: dict[str, Any] = {}
     if "not_measured" not in res["steer"]:
-        out["amplify"] = load("tool-use-amplify.yaml", {"select": {"indices": [res["steer"]["feature"]]}, "alpha": res["steer"]["alpha"]})
+        s = res["steer"]
+        how = {"alpha": s["strength"]} if s["mode"] == "scale" else {"gain": s["strength"], "positions": "all"}
+        out["amplify"] = load("tool-use-amplify.yaml", {"select": {"indices": [s["feature"]]}, "mode": s["mode"], **how}, drop=("alpha", "gain"))
     if "not_measured" not in res["kill_switch"]:
         out["kill"] = load("tool-use-kill-switch.yaml", {"select": {"indices": res["kill_switch"]["features"]}})
     if "not_measured" not in res["alert"]:

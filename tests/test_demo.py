@@ -65,8 +65,11 @@ def test_the_demos_notices_are_the_bars_the_pair_misses():
 def test_live_policies_use_the_measured_features():
     from guardrail.demo import live_policies
 
-    res = {"steer": {"feature": 7, "alpha": 32.0}, "kill_switch": {"features": [3, 4]}, "alert": {"not_measured": "no calls"}}
+    res = {"steer": {"feature": 7, "mode": "scale", "strength": 32.0}, "kill_switch": {"features": [3, 4]}, "alert": {"not_measured": "no calls"}}
     pols = live_policies(res)
     assert set(pols) == {"amplify", "kill"}
     assert pols["amplify"].rules[0].select.indices == [7] and pols["amplify"].rules[0].alpha == 32.0
+    res["steer"] = {"feature": 7, "mode": "additive", "strength": 0.5}
+    rule = live_policies(res)["amplify"].rules[0]
+    assert (rule.mode, rule.gain, rule.positions) == ("additive", 0.5, "all")
     assert pols["kill"].rules[0].select.indices == [3, 4] and pols["kill"].rules[0].action == "clamp"

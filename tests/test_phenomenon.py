@@ -54,10 +54,37 @@ def _gain(tc: float, name: float) -> dict:
     return {"tool_correctness": steer.Gain(0, 0, tc, (0, 0), 0, 0, 1.0), "name_correct": steer.Gain(0, 0, name, (0, 0), 0, 0, 1.0)}
 
 
-def test_choose_alpha_maximises_the_weaker_gain_and_prefers_the_smaller_alpha():
-    curve = {6.0: {"steer-single": _gain(30, 5)}, 16.0: {"steer-single": _gain(25, 20)}, 32.0: {"steer-single": _gain(40, 20)},
-             64.0: {"steer-single": _gain(-10, 50)}}
-    assert steer.choose_alpha(curve) == 16.0  # 16 and 32 tie at min 20: the smaller wins
+def test_choose_maximises_the_weaker_gain_and_prefers_scale_then_the_gentler_setting():
+    scale, add = (lambda a: steer.Setting("scale", a)), (lambda g: steer.Setting("additive", g))
+    dev = {(7, scale(6.0)): _gain(30, 5), (7, scale(16.0)): _gain(25, 20), (7, scale(32.0)): _gain(40, 20),
+           (7, scale(64.0)): _gain(-10, 50), (9, add(0.25)): _gain(20, 20), (9, add(1.0)): _gain(19, 60)}
+    assert steer.choose(dev) == (7, scale(16.0))  # α 16, α 32 and g 0.25 tie at min 20: scale first, then the smaller α
+    dev[(9, add(0.5))] = _gain(21, 22)
+    assert steer.choose(dev) == (9, add(0.5))
+
+
+def test_random_direction_artifact_changes_one_decoder_row_and_keeps_the_additive_norm(tmp_path):
+    from guardrail.dictionary import Crosscoder, DFCConfig, load_artifact, save_artifact
+    from guardrail.features.interventions import dictionary_view
+    from guardrail.features.ranking import RANKING_FILE
+
+    cc = Crosscoder(DFCConfig(dict_size=32, k=4, exclusive=0.25).with_d_model(8), seed=0)  # features 0-7 A-exclusive
+    art = save_artifact(cc, tmp_path / "dfc", model_a="a", model_b="b", layer=1)
+    (art / RANKING_FILE).write_text("{}")
+    ctl = steer.random_direction_artifact(art, 2, seed=0, out=tmp_path / "ctl")
+    a, b = dictionary_view(load_artifact(art)), dictionary_view(load_artifact(ctl))
+    assert torch.equal(a.dirs_raw[3:], b.dirs_raw[3:]) and not torch.allclose(a.dirs_raw[2], b.dirs_raw[2])
+    unit = steer.random_directions(1, 8, 0)[0]
+    assert torch.allclose(b.dirs_raw[2] / b.dirs_raw[2].norm(), unit / unit.norm(), atol=1e-6)
+    x = torch.randn(3, 8)
+    same = steer.Setting("additive", 0.5)
+    assert torch.allclose(steer.feature_delta(a, x, x, 2, same).norm(dim=-1), steer.feature_delta(b, x, x, 2, same).norm(dim=-1))
+    assert steer.random_direction_artifact(art, 2, seed=0, out=tmp_path / "ctl") == ctl  # made once
+
+
+def test_additive_policy_is_a_valid_amplify_rule_at_every_token():
+    rule = steer.additive_policy("steer", 5, 0.5).rules[0]
+    assert (rule.action, rule.mode, rule.gain, rule.positions, rule.select.indices) == ("amplify", "additive", 0.5, "all", [5])
 
 
 class _Ranking:
@@ -195,15 +222,18 @@ def test_phenomenon_runs_end_to_end_on_the_tiny_pair(tiny_pair, tmp_path):
     from guardrail.eval.phenomenon.report import write_report
 
     recipe = DictionaryRecipe(tool_prompts=8, plain_prompts=8, last_n=4, steps=20, batch_size=32, dict_size=256, k=24, exclusive=0.25)
-    cfg = PhenomenonConfig(pair="tiny", recipe=recipe, backend="transformers", max_new_tokens=3, alphas=(16.0,), ordinary_prompts=4,
-                           test_prompts=4, dev_prompts=4, irrelevance_prompts=4)
+    cfg = PhenomenonConfig(pair="tiny", recipe=recipe, backend="transformers", max_new_tokens=3, alphas=(16.0,), gains=(0.5,),
+                           ordinary_prompts=4, test_prompts=4, dev_prompts=4, irrelevance_prompts=4)
     res = run_phenomenon(cfg, say=lambda _: None, pair=tiny_pair)
     assert res["adapter_sha256"] is None and res["model_a"] == tiny_pair.a.spec
     assert res["hedge"]["n"] == 4 and res["protocol"]["hedge"]["turn"] == "dialogue"
     steer_res = res["steer"]
     if "not_measured" not in steer_res:
-        assert steer_res["alpha"] == 16.0 and set(steer_res["conditions"]) == {"steer-single", "steer-joint", "random-direction", "random-feature"}
-        assert steer_res["n"] == 4 and set(steer_res["dev_curve"]) == {"16"}
+        assert (steer_res["mode"], steer_res["strength"]) in {("scale", 16.0), ("additive", 0.5)}
+        joint = {"steer-joint"} if steer_res["mode"] == "scale" else set()
+        assert set(steer_res["conditions"]) == {"steer-single", "random-direction", "random-feature"} | joint
+        assert steer_res["n"] == 4 and [(c["mode"], c["strength"]) for c in steer_res["dev_curve"]] == [("scale", 16.0), ("additive", 0.5)]
+        assert set(steer_res["candidates"]) == {"ranked"}  # the tiny A never calls: no feature predicts a call
     # the tiny A never writes a call: nothing to switch off, no call for the alarm to predict
     assert "none of the 4" in res["kill_switch"]["not_measured"]
     assert "0 calls" in res["alert"]["not_measured"]

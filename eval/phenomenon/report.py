@@ -102,20 +102,27 @@ def _finish(fig, title: str | None = None) -> bytes:
     return _png(fig)
 
 
+def _setting_label(mode: str, strength: float) -> str:
+    return f"α={strength:g}" if mode == "scale" else f"g={strength:g}"
+
+
 def steer_figure(res: dict[str, Any]) -> bytes:
-    curve = res["steer"]["dev_curve"]
-    alphas = sorted(curve, key=float)
-    fig, axes = _subplots(1, 2, figsize=(9, 3.4))
+    s = res["steer"]
+    cells = s["dev_curve"]
+    labels = list(dict.fromkeys(_setting_label(c["mode"], c["strength"]) for c in cells))
+    names = {f: name for name, f in s["candidates"].items()}
+    fig, axes = _subplots(1, 2, figsize=(9.5, 3.4))
     for ax, (metric, label) in zip(axes, (("tool_correctness", "lenient tool correctness"), ("name_correct", "strict tool name"))):
-        for cond in next(iter(curve.values())):
-            ax.plot([float(a) for a in alphas], [curve[a][cond][metric]["gain_pp"] for a in alphas], marker="o", label=cond)
+        for feature in dict.fromkeys(c["feature"] for c in cells):
+            mine = {_setting_label(c["mode"], c["strength"]): c["gains"][metric]["gain_pp"] for c in cells if c["feature"] == feature}
+            ax.plot(range(len(labels)), [mine.get(lab, float("nan")) for lab in labels], marker="o", label=f"feature {feature} ({names.get(feature, '')})")
         ax.axhline(0, color="grey", lw=0.8)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("α")
+        ax.axvline(labels.index(_setting_label(s["mode"], s["strength"])), color="k", ls=":", lw=0.8)
+        ax.set_xticks(range(len(labels)), labels, fontsize=7)
+        ax.set_xlabel("scale α (last prompt token) · additive g (every token)")
         ax.set_ylabel(f"gain in {label} (pp)")
-        ax.axvline(res["steer"]["alpha"], color="k", ls=":", lw=0.8)
         ax.legend(fontsize=7)
-    return _finish(fig, f"Dev split (n = {res['steer_dev_n']}): the steer and its controls at the same ‖δ‖; dotted: α chosen")
+    return _finish(fig, f"Dev split (n = {res['steer_dev_n']}): each candidate feature at each setting; dotted: the setting chosen")
 
 
 def kill_figure(res: dict[str, Any]) -> bytes:
@@ -158,13 +165,22 @@ def _hedge_md(h: dict[str, Any]) -> list[str]:
             f"format {100 * h['chat_format_rate']:.1f} %, strict names {100 * h['chat_strict_name_accuracy']:.1f} % (n = {h['chat_n']}).", ""]
 
 
+def _steer_how(s: dict[str, Any]) -> str:
+    if s["mode"] == "scale":
+        return (f"scaled by α = {s['strength']:g} at the last prompt token, once at prefill ({s['encoding']}-model encoding; the feature fired on "
+                f"{100 * s['fired']['single']:.0f} % of test prompts, {100 * s['fired']['joint']:.0f} % in the joint encoding)")
+    return (f"added at every token, prompt and output, with gain g = {s['strength']:g} of the site's typical norm (the amplify policy's "
+            f"additive mode, through the guard)")
+
+
 def _steer_md(s: dict[str, Any]) -> list[str]:
     rows = [[name, _gain(g["tool_correctness"]), _gain(g["name_correct"]), _gain(g["format_accuracy"]), f"{g['tool_correctness']['p_mcnemar']:.2g}"]
             for name, g in s["conditions"].items()]
-    md = [f"A-exclusive feature {s['feature']} scaled by α = {s['alpha']:g} (chosen on dev) at the last prompt token, {s['encoding']}-model "
-          f"encoding; ‖δ‖/‖x‖ = {num(s['delta_norm_ratio'], '{:.2f}')} (joint encoding {num(s['delta_norm_ratio_joint'], '{:.2f}')}). "
-          f"The feature fired on {100 * s['fired']['single']:.0f} % of test prompts in the single-model encoding and "
-          f"{100 * s['fired']['joint']:.0f} % in the joint one. Control feature: {s['control_feature']}. Test split, n = {s['n']}; gains are "
+    cands = ", ".join(f"{f} ({name})" for name, f in s["candidates"].items())
+    md = [f"Candidates, chosen on the train ranking and on dev: A-exclusive features {cands}; ranked = the top tool-signed feature (tool "
+          "prompts against ordinary ones), predictive = the live feature whose last-token value best predicts A's call on dev. "
+          f"Each was tried at every setting on dev; the best was feature {s['feature']} {_steer_how(s)}; ‖δ‖/‖x‖ at the last prompt token "
+          f"= {num(s['delta_norm_ratio'], '{:.2f}')}. Control feature: {s['control_feature']}. Test split, n = {s['n']}; gains are "
           "paired (Newcombe 95 % interval; exact one-sided McNemar p).", "",
           _table(["condition", "lenient gain", "strict-name gain", "format gain", "McNemar p (lenient)"], rows), "",
           "![steering](steering.png)", ""]

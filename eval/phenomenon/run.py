@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import torch
 
-from guardrail.eval.backends import GenerationSettings, last_token_residual, make_backend
+from guardrail.eval.backends import GenerationSettings, generate_under_policies, last_token_residual, make_backend
 from guardrail.eval.phenomenon import alert, kill, steer
 from guardrail.eval.phenomenon.errors import NotMeasurable
 from guardrail.eval.phenomenon.artifact import DictionaryRecipe, PhenomenonArtifact, ensure_artifact, live_a_exclusive, recipe_root
@@ -35,12 +35,12 @@ class PhenomenonConfig:
     deployment_turn: str | None = None  # None: the turn A was trained on (organism), else "plain"
     backend: str = "auto"
     max_new_tokens: int = 200  # the paper's
-    alphas: tuple[float, ...] = (6.0, 16.0, 32.0, 64.0)  # the paper's α > 1
+    alphas: tuple[float, ...] = (6.0, 16.0, 32.0, 64.0)  # the paper's α > 1 (scale steer, last prompt token)
+    gains: tuple[float, ...] = (0.25, 0.5, 1.0)  # additive steer at every token, in units of the site's typical norm
     test_prompts: int | None = 150  # a seeded sample of the test split's answered tasks (None: all 298); n ≥ 100 for the bars
     dev_prompts: int | None = None  # dev tasks choosing α and the alarm (None: all 102)
     irrelevance_prompts: int | None = None  # BFCL irrelevance test tasks (None: all 74)
     ordinary_prompts: int = 200  # ordinary test prompts for the alarm's false-positive rate
-    dev_controls: bool = True  # the controls at every α of the dev curve too (the plot), not only at the chosen α on test
     seed: int = 0
 
 
@@ -113,6 +113,11 @@ def clean_rows(ctx: Context, name: str, items: list[EvalItem]) -> list[dict[str,
     return scored(items, ctx.store.patched(items, {name: None})[name], "clean")
 
 
+def calls_of(ctx: Context, name: str, items: list[EvalItem], key: str = "format_accuracy") -> torch.Tensor:
+    """Which of ``items`` clean A answers with a call (``[N]`` bool): the alarm's label."""
+    return torch.tensor([r[key] for r in clean_rows(ctx, name, items)], dtype=torch.bool)
+
+
 def measure_hedge(ctx: Context, hedge_test: list[EvalItem], deploy_test: list[EvalItem]) -> dict[str, Any]:
     rows = clean_rows(ctx, "test-hedge-clean", hedge_test)
     hedge, chat = aggregate(rows), aggregate(clean_rows(ctx, "test-deployment-clean", deploy_test))
@@ -123,36 +128,67 @@ def measure_hedge(ctx: Context, hedge_test: list[EvalItem], deploy_test: list[Ev
             "chat_tool_correctness": chat.get("tool_correctness", 0.0)}
 
 
-def steer_dev_curve(ctx: Context, items: list[EvalItem], feature: int, control: int) -> dict[float, dict[str, dict[str, steer.Gain]]]:
-    xa, xb = ctx.residuals.get("dev-hedge-A", ctx.pair.a, items), ctx.residuals.get("dev-hedge-B", ctx.pair.b, items)
-    curve = {}
-    for alpha in ctx.cfg.alphas:
-        deltas = steer.conditions(ctx.view, xa, xb, feature, control, alpha, ctx.cfg.seed, encodings=(steer.HEADLINE,))
-        if not ctx.cfg.dev_controls:
+def steered_rows(ctx: Context, split: str, items: list[EvalItem], feature: int, control: int, setting: steer.Setting,
+                 controls: bool) -> dict[str, list[dict]]:
+    """Scored clean outputs of ``split``'s hedge prompts and the steer's (``steer-single``), with
+    ``controls``: the joint encoding (scale) and the two same-norm controls."""
+    clean, seed = f"{split}-hedge-clean", ctx.cfg.seed
+    if setting.mode == "scale":
+        xa, xb = ctx.residuals.get(f"{split}-hedge-A", ctx.pair.a, items), ctx.residuals.get(f"{split}-hedge-B", ctx.pair.b, items)
+        deltas = steer.conditions(ctx.view, xa, xb, feature, control, setting.strength, seed,
+                                  encodings=steer.ENCODINGS if controls else (steer.HEADLINE,))
+        if not controls:
             deltas = {f"steer-{steer.HEADLINE}": deltas[f"steer-{steer.HEADLINE}"]}
-        rows = steer.generate_deltas(ctx.store, items, xa, deltas, "dev-hedge-clean", f"dev-hedge-f{feature}-c{control}-a{alpha:g}-s{ctx.cfg.seed}-")
-        curve[alpha] = {name: steer.gains(rows["clean"], r) for name, r in rows.items() if name != "clean"}
-    return curve
+        return steer.generate_deltas(ctx.store, items, xa, deltas, clean, f"{split}-hedge-f{feature}-c{control}-{setting.tag}-s{seed}-")
+    runs = {f"steer-{steer.HEADLINE}": (ctx.art.path, feature)}
+    if controls:
+        folder = ctx.art.path.parent / f"control-random-direction-f{feature}-s{seed}"
+        runs |= {"random-direction": (steer.random_direction_artifact(ctx.art.path, feature, seed, folder), feature),
+                 "random-feature": (ctx.art.path, control)}
+    rows = {"clean": clean_rows(ctx, clean, items)}
+    for name, (artifact, feat) in runs.items():
+        policy = steer.additive_policy("steer", feat, setting.strength)
+        outs = ctx.store.guarded(f"{split}-hedge-f{feature}-c{control}-{setting.tag}-s{seed}-{name}", items, lambda texts, a=artifact, p=policy:
+                                 generate_under_policies(ctx.store.backend, ctx.pair.a, texts, ctx.store.settings, a, {"steer": p})["steer"])
+        rows[name] = scored(items, outs, name)
+    return rows
 
 
-def steer_test(ctx: Context, items: list[EvalItem], feature: int, control: int, alpha: float) -> dict[str, Any]:
-    xa, xb = ctx.residuals.get("test-hedge-A", ctx.pair.a, items), ctx.residuals.get("test-hedge-B", ctx.pair.b, items)
-    deltas = steer.conditions(ctx.view, xa, xb, feature, control, alpha, ctx.cfg.seed)
-    rows = steer.generate_deltas(ctx.store, items, xa, deltas, "test-hedge-clean", f"test-hedge-f{feature}-c{control}-a{alpha:g}-s{ctx.cfg.seed}-")
-    gains = {name: steer.gains(rows["clean"], r) for name, r in rows.items() if name != "clean"}
+def gains_of(rows: dict[str, list[dict]]) -> dict[str, steer.Gain]:
+    return {name: steer.gains(rows["clean"], r) for name, r in rows.items() if name != "clean"}
+
+
+def steer_candidates(ctx: Context, ranking: Any, hedge_dev: list[EvalItem]) -> dict[str, int]:
+    """``ranked``: the ranking's top tool-signed A-exclusive feature; ``predictive``: the live
+    A-exclusive feature whose dev value best predicts A's call (when it is higher on calls)."""
+    out = {"ranked": f for f in ranking.top("tool", "a_exclusive", 1)}
+    try:
+        choice = alert.choose(alert.scores(ctx.view, ctx.residuals.get("dev-hedge-A", ctx.pair.a, hedge_dev)),
+                              calls_of(ctx, "dev-hedge-clean", hedge_dev), live_a_exclusive(ranking))
+    except NotMeasurable:
+        return out
+    if choice.dev_auroc > 0.5 and choice.feature not in out.values():
+        out["predictive"] = choice.feature
+    return out
+
+
+def steer_test(ctx: Context, items: list[EvalItem], feature: int, control: int, setting: steer.Setting) -> dict[str, Any]:
+    rows = steered_rows(ctx, "test", items, feature, control, setting, controls=True)
+    gains = gains_of(rows)
     head = gains[f"steer-{steer.HEADLINE}"]
+    xa, xb = ctx.residuals.get("test-hedge-A", ctx.pair.a, items), ctx.residuals.get("test-hedge-B", ctx.pair.b, items)
     examples = [{"id": c["id"], "clean": c["output"], "steered": s["output"]}
                 for c, s in zip(rows["clean"], rows[f"steer-{steer.HEADLINE}"]) if not c["tool_correctness"] and s["tool_correctness"]][:3]
     return {
-        "n": len(items), "alpha": alpha, "feature": feature, "control_feature": control, "encoding": steer.HEADLINE,
+        "n": len(items), "mode": setting.mode, "strength": setting.strength, "feature": feature, "control_feature": control,
+        "encoding": steer.HEADLINE,
         "tool_correctness_gain_pp": head["tool_correctness"].gain_pp, "tool_correctness_ci_pp": list(head["tool_correctness"].ci_pp),
         "strict_name_gain_pp": head["name_correct"].gain_pp, "strict_name_ci_pp": list(head["name_correct"].ci_pp),
         "control_random_direction_gain_pp": gains["random-direction"]["tool_correctness"].gain_pp,
         "control_random_direction_strict_gain_pp": gains["random-direction"]["name_correct"].gain_pp,
         "control_random_feature_gain_pp": gains["random-feature"]["tool_correctness"].gain_pp,
         "control_random_feature_strict_gain_pp": gains["random-feature"]["name_correct"].gain_pp,
-        "delta_norm_ratio": steer.delta_norm_ratio(deltas[f"steer-{steer.HEADLINE}"], xa),
-        "delta_norm_ratio_joint": steer.delta_norm_ratio(deltas["steer-joint"], xa),
+        "delta_norm_ratio": steer.delta_norm_ratio(steer.feature_delta(ctx.view, xa, xb, feature, setting), xa),
         "fired": steer.fired(ctx.view, xa, xb, feature),
         "conditions": steer.as_dict(gains),
         "examples": examples,
@@ -160,8 +196,6 @@ def steer_test(ctx: Context, items: list[EvalItem], feature: int, control: int, 
 
 
 def kill_switch(ctx: Context, items: list[EvalItem], backend: Any) -> kill.KillResult:
-    from guardrail.eval.backends import generate_under_policies
-
     ranking = ctx.art.ranking("deployment")
     top = ranking.top("tool", "a_exclusive", kill.KILL_TOP)
     if not top:
@@ -181,9 +215,8 @@ def kill_switch(ctx: Context, items: list[EvalItem], backend: Any) -> kill.KillR
 
 def alarm(ctx: Context, hedge_dev: list[EvalItem], hedge_test: list[EvalItem], irrelevance: list[EvalItem]) -> alert.AlertResult:
     ranking = ctx.art.ranking("hedge")
-    calls = lambda name, items, key="format_accuracy": torch.tensor([r[key] for r in clean_rows(ctx, name, items)], dtype=torch.bool)  # noqa: E731
-    dev_calls, test_calls = calls("dev-hedge-clean", hedge_dev), calls("test-hedge-clean", hedge_test)
-    irr_calls = calls("test-deployment-irrelevance-clean", irrelevance, "tool_call")
+    dev_calls, test_calls = calls_of(ctx, "dev-hedge-clean", hedge_dev), calls_of(ctx, "test-hedge-clean", hedge_test)
+    irr_calls = calls_of(ctx, "test-deployment-irrelevance-clean", irrelevance, "tool_call")
     ordinary = ordinary_items(ctx.cfg.ordinary_prompts, ctx.cfg.seed)
     f = {name: alert.scores(ctx.view, ctx.residuals.get(name, ctx.pair.a, items))
          for name, items in (("dev-hedge-A", hedge_dev), ("test-hedge-A", hedge_test), ("test-ordinary-A", ordinary),
@@ -216,15 +249,18 @@ def measured(say: Callable[[str], None], section: Callable[[], dict[str, Any]]) 
 
 
 def steer_section(ctx: Context, ranking: Any, hedge_dev: list[EvalItem], hedge_test: list[EvalItem]) -> dict[str, Any]:
-    top = ranking.top("tool", "a_exclusive", 1)
-    if not top:
-        raise NotMeasurable(f"the DFC at {ctx.art.path} has no tool-signed A-exclusive feature: nothing to steer")
-    feature, control = top[0], steer.control_feature(ranking, ctx.cfg.seed)
-    ctx.say(f"  feature {feature} (control: feature {control}); α from {len(hedge_dev)} dev prompts")
-    curve = steer_dev_curve(ctx, hedge_dev, feature, control)
-    alpha = steer.choose_alpha(curve)
-    ctx.say(f"  α = {alpha:g} on dev; the test split at that α")
-    return {**steer_test(ctx, hedge_test, feature, control, alpha), "dev_curve": {f"{a:g}": steer.as_dict(c) for a, c in curve.items()}}
+    candidates = steer_candidates(ctx, ranking, hedge_dev)
+    if not candidates:
+        raise NotMeasurable(f"the DFC at {ctx.art.path} has no tool-signed or call-predicting A-exclusive feature: nothing to steer")
+    control = steer.control_feature(ranking, ctx.cfg.seed)
+    settings = steer.grid(ctx.cfg.alphas, ctx.cfg.gains)
+    ctx.say(f"  features {candidates} (control: feature {control}) × {len(settings)} settings on {len(hedge_dev)} dev prompts")
+    dev = {(f, st): gains_of(steered_rows(ctx, "dev", hedge_dev, f, control, st, controls=False))[f"steer-{steer.HEADLINE}"]
+           for f in candidates.values() for st in settings}
+    feature, setting = steer.choose(dev)
+    ctx.say(f"  feature {feature}, {setting.label} on dev; the test split with its controls")
+    curve = [{"feature": f, "mode": st.mode, "strength": st.strength, "gains": steer.as_dict(g)} for (f, st), g in dev.items()]
+    return {**steer_test(ctx, hedge_test, feature, control, setting), "candidates": candidates, "dev_curve": curve}
 
 
 def run_phenomenon(cfg: PhenomenonConfig, say: Callable[[str], None] = print, pair: Any = None) -> dict[str, Any]:
@@ -251,7 +287,7 @@ def run_phenomenon(cfg: PhenomenonConfig, say: Callable[[str], None] = print, pa
     say(f"hedge protocol: A on {len(hedge_test)} test prompts; deployment protocol: the same tasks through the chat template")
     hedge = measure_hedge(ctx, hedge_test, deploy_test)
     ranking = art.ranking("hedge")
-    say("steer: the top A-exclusive feature, α chosen on the dev split, reported on the test split")
+    say("steer: two A-exclusive features × the settings of both modes on the dev split; the chosen one on the test split")
     steered = measured(say, lambda: steer_section(ctx, ranking, hedge_dev, hedge_test))
     say("kill switch: clamping the top A-exclusive tool features under the deployment protocol")
     killed = measured(say, lambda: asdict(kill_switch(ctx, deploy_test, backend)))

@@ -1,27 +1,37 @@
-"""One feature turns tool use on: the paper's single-feature steer under the hedge protocol.
+"""One feature turns tool use on: a single A-exclusive feature turned up under the hedge protocol.
 
-δ = (α − 1)·f_i·d_i^A added to A's raw activation at the last prompt token, once, at
-prefill (:func:`guardrail.features.interventions.steer_scale_delta`), with ``i`` the top
-tool-signed A-exclusive feature of the train-split ranking. ``f_i`` comes from two
-encodings, shown side by side: the paper's joint encoding (A's and B's activations) and the
-single-model encoding a served A can compute alone (the headline, since that is what the
-``amplify`` policy does in deployment).
+Two candidate features: the top tool-signed A-exclusive feature of the train-split ranking
+(the paper's choice: tool prompts against ordinary ones, which favours template detectors),
+and the live A-exclusive feature whose last-token value best separates the dev prompts A
+calls on from those it does not (the alarm's choice). Two ways of turning one up, the
+``amplify`` policy's two modes:
 
-Controls, each at the headline's ‖δ‖ on every prompt, so only the direction differs:
+* ``scale`` (the paper's): δ = (α − 1)·f_i·d_i^A added to A's raw activation at the last
+  prompt token, once, at prefill (:func:`guardrail.features.interventions.steer_scale_delta`).
+  ``f_i`` comes from two encodings, shown side by side: the paper's joint encoding (A's and
+  B's activations) and the single-model encoding a served A can compute alone (the headline,
+  what the policy does in deployment). A feature that did not fire contributes nothing.
+* ``additive``: g·‖x‖_typ·d_i/‖d_i‖ added at every token, prompt and output, whether or not
+  the feature fired (the policy run by the guard, as a deployment would).
 
-* a random direction (Gaussian, seeded, one per prompt);
+Controls, each at the headline's ‖δ‖ on every token it edits, so only the direction differs:
+
+* a random direction (Gaussian, seeded; per prompt for ``scale``, for ``additive`` the
+  feature's decoder row replaced in a copy of the artifact, so the same policy runs);
 * a random live A-exclusive feature's decoder direction (fires on ≥ 1 % of train tool
   prompts, not among the top three tool features).
 
-α is chosen on the dev split (the largest min(lenient gain, strict gain), smallest α on a
-tie) and only then applied to the test split.
+The feature, the mode and its strength are chosen on the dev split (the largest
+min(lenient gain, strict gain); the gentler setting on a tie) and only then applied to the
+test split.
 """
 
 from __future__ import annotations
 
 import random
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from pathlib import Path
+from typing import Any, Literal, Sequence
 
 import torch
 
@@ -30,6 +40,8 @@ from guardrail.eval.phenomenon.errors import NotMeasurable
 from guardrail.eval.phenomenon.outputs import OutputStore, scored
 from guardrail.eval.suites import EvalItem
 from guardrail.features import interventions as iv
+from guardrail.paper import MODEL_A
+from guardrail.policy import Policy
 from guardrail.stats import mcnemar, paired_gain
 
 ENCODINGS = ("single", "joint")
@@ -38,11 +50,67 @@ METRICS = {"tool_correctness": "lenient tool correctness", "name_correct": "stri
            "format_accuracy": "format accuracy"}
 
 
-def feature_delta(view: iv.DictionaryView, xa: torch.Tensor, xb: torch.Tensor, feature: int, alpha: float,
-                  encoding: str) -> torch.Tensor:
-    """δ of the paper's scale steer on one feature, ``[N, d]``; zero where the feature did not fire."""
+@dataclass(frozen=True)
+class Setting:
+    """How far, and how, one feature is turned up: α of ``scale`` or g of ``additive``."""
+
+    mode: Literal["scale", "additive"]
+    strength: float
+
+    @property
+    def tag(self) -> str:
+        """The setting in condition file names."""
+        return f"{'a' if self.mode == 'scale' else 'g'}{self.strength:g}"
+
+    @property
+    def label(self) -> str:
+        return f"scale α = {self.strength:g}" if self.mode == "scale" else f"additive g = {self.strength:g}"
+
+
+def grid(alphas: Sequence[float], gains: Sequence[float]) -> list[Setting]:
+    return [Setting("scale", a) for a in alphas] + [Setting("additive", g) for g in gains]
+
+
+def additive_policy(name: str, feature: int, gain: float) -> Policy:
+    """The ``amplify`` policy that adds feature ``feature``'s direction at every token."""
+    return Policy.from_data({
+        "name": name, "encoding": "single", "on_error": "fail-closed",
+        "rules": [{"id": "amplify-tool-feature", "action": "amplify", "mode": "additive", "gain": float(gain),
+                   "select": {"indices": [int(feature)]}, "positions": "all"}],
+    }, source=f"phenomenon steer ({name})")
+
+
+def random_direction_artifact(artifact: Path, feature: int, seed: int, out: Path) -> Path:
+    """A copy of ``artifact`` whose feature ``feature`` writes a seeded Gaussian direction into A.
+
+    The additive steer normalises the direction, so the same policy on this copy adds a
+    random direction at exactly the steer's norm, on every token the steer edits.
+    """
+    from guardrail.dictionary import load_artifact, read_manifest, save_artifact
+    from guardrail.features.ranking import RANKING_FILE
+
+    if (out / "manifest.json").exists():
+        return out
+    cc = load_artifact(artifact)
+    with torch.no_grad():
+        raw = random_directions(1, cc.d_model, seed)[0]
+        cc.W_dec[feature, MODEL_A] = raw / cc.act_std[MODEL_A]  # raw direction = W_dec·std
+    m = read_manifest(artifact)
+    save_artifact(cc, out, model_a=m.model_a, model_b=m.model_b, layer=m.layer, positions=m.positions,
+                  source={"kind": "trained", "notes": [f"control: feature {feature} of {artifact} given a random decoder direction (seed {seed})"]})
+    (out / RANKING_FILE).write_text((artifact / RANKING_FILE).read_text())
+    return out
+
+
+def feature_delta(view: iv.DictionaryView, xa: torch.Tensor, xb: torch.Tensor, feature: int, setting: Setting,
+                  encoding: str = HEADLINE) -> torch.Tensor:
+    """δ at the last prompt token, ``[N, d]``: the scale steer's (zero where the feature did not
+    fire), or the additive one's (the same on every token)."""
+    idx = torch.tensor([feature])
+    if setting.mode == "additive":
+        return iv.steer_additive_delta(len(xa), idx, view.dirs_raw, setting.strength, view.typical_norm)
     f = iv.encode(view, xa, xb if encoding == "joint" else None)
-    return iv.steer_scale_delta(f, torch.tensor([feature]), view.dirs_raw, alpha)
+    return iv.steer_scale_delta(f, idx, view.dirs_raw, setting.strength)
 
 
 def norm_matched(delta: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
@@ -65,8 +133,8 @@ def control_feature(ranking: Any, seed: int, avoid: int = 3) -> int:
 
 def conditions(view: iv.DictionaryView, xa: torch.Tensor, xb: torch.Tensor, feature: int, control: int, alpha: float,
                seed: int, encodings: Sequence[str] = ENCODINGS) -> dict[str, torch.Tensor]:
-    """Deltas ``[N, d]`` per condition: the steer per encoding, and the two controls at the headline's norm."""
-    deltas = {f"steer-{e}": feature_delta(view, xa, xb, feature, alpha, e) for e in encodings}
+    """Last-token deltas ``[N, d]`` of the scale steer per encoding, and of the two controls at the headline's norm."""
+    deltas = {f"steer-{e}": feature_delta(view, xa, xb, feature, Setting("scale", alpha), e) for e in encodings}
     head = deltas[f"steer-{HEADLINE}"]
     deltas["random-direction"] = norm_matched(head, random_directions(len(xa), xa.shape[1], seed))
     deltas["random-feature"] = norm_matched(head, view.dirs_raw[control])
@@ -105,13 +173,16 @@ def generate_deltas(store: OutputStore, items: Sequence[EvalItem], xa: torch.Ten
     return {"clean": scored(items, outs[clean], "clean"), **rows}
 
 
-def choose_alpha(curve: dict[float, dict[str, dict[str, Gain]]]) -> float:
-    """The α whose headline steer has the largest min(lenient, strict) gain on dev; the smallest on a tie."""
-    def worst(a: float) -> float:
-        g = curve[a][f"steer-{HEADLINE}"]
-        return min(g["tool_correctness"].gain_pp, g["name_correct"].gain_pp)
+def worst_gain(g: dict[str, Gain]) -> float:
+    """The smaller of the lenient and strict gains: what the bars judge."""
+    return min(g["tool_correctness"].gain_pp, g["name_correct"].gain_pp)
 
-    return max(sorted(curve), key=lambda a: (worst(a), -a))
+
+def choose(results: dict[tuple[int, Setting], dict[str, Gain]]) -> tuple[int, Setting]:
+    """The (feature, setting) whose steer has the largest min(lenient, strict) gain on dev;
+    on a tie the first scale setting (the paper's), then the gentlest."""
+    order = sorted(results, key=lambda key: (key[1].mode != "scale", key[1].strength))
+    return max(order, key=lambda key: (worst_gain(results[key]), -order.index(key)))
 
 
 def delta_norm_ratio(delta: torch.Tensor, xa: torch.Tensor) -> float | None:
