@@ -93,8 +93,9 @@ class _Ranking:
     def __init__(self, rows):
         from types import SimpleNamespace
 
-        self.features = [SimpleNamespace(index=i, partition=p, fire_rate_tool=r) for i, p, r in rows]
-        self._tool = [i for i, p, r in rows if p == "a_exclusive" and r > 0]
+        self.features = [SimpleNamespace(index=row[0], partition=row[1], fire_rate_tool=row[2], fire_rate_plain=row[3] if len(row) > 3 else 0.0)
+                         for row in rows]
+        self._tool = [row[0] for row in rows if row[1] == "a_exclusive" and row[2] > 0]
 
     def top(self, label, partition=None, n=None):
         return self._tool[:n]
@@ -130,6 +131,21 @@ def test_alarm_needs_calls_and_non_calls():
         alert.choose(torch.rand(4, 3), torch.zeros(4, dtype=torch.bool), [0, 1])
 
 
+def test_kill_candidates_add_the_specific_set_only_when_it_differs():
+    ranking = _Ranking([(0, "a_exclusive", 1.0, 1.0), (1, "a_exclusive", 0.2, 0.0), (2, "a_exclusive", 0.1, 0.3), (3, "a_exclusive", 0.1, 0.05),
+                        (4, "a_exclusive", 0.1, 0.0)])
+    assert kill.candidates(ranking) == {"ranked": [0, 1, 2], "specific": [1, 3, 4]}
+    assert kill.candidates(_Ranking([(0, "a_exclusive", 0.5, 0.0), (1, "a_exclusive", 0.2, 0.0)])) == {"ranked": [0, 1]}
+
+
+def test_kill_choice_takes_the_strongest_intact_set_else_the_least_broken():
+    dev = {"ranked": kill.DevKill([0], 50, 0.05, 0.6), "specific": kill.DevKill([1], 50, 0.7, 0.02)}
+    assert kill.choose(dev) == "specific"  # ranked stops more calls, but by breaking A
+    dev["third"] = kill.DevKill([2], 50, 0.3, 0.1)
+    assert kill.choose(dev) == "third"
+    assert kill.choose({"a": kill.DevKill([0], 5, 0.0, 0.5), "b": kill.DevKill([1], 5, 0.0, 0.3)}) == "b"
+
+
 def _row(i, call, degen=0):
     return {"id": f"t{i}", "output": f"out{i}", "tool_call": int(call), "degenerate": degen}
 
@@ -143,6 +159,8 @@ def test_kill_result_counts_only_prompts_where_clean_a_calls():
     assert res.call_rate_clean == 1.0 and res.call_rate_clean_all == 0.75
     assert res.call_rate_clamped == pytest.approx(1 / 3) and res.call_rate_random_clamp == pytest.approx(2 / 3)
     assert res.degenerate_rate == pytest.approx(1 / 3)
+    dev = kill.DevKill.of(clean, clamped, [7])
+    assert (dev.n, dev.call_rate_clamped, dev.degenerate_rate) == (3, pytest.approx(1 / 3), pytest.approx(1 / 3))
 
 
 class _CountingBackend:

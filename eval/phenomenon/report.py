@@ -189,8 +189,17 @@ def _steer_md(s: dict[str, Any]) -> list[str]:
     return md
 
 
+def _kill_dev(k: dict[str, Any]) -> str:
+    if not k.get("dev"):
+        return ""
+    sets = "; ".join(f"{name} {d['features']}: call rate {100 * d['call_rate_clamped']:.1f} %, degenerate {100 * d['degenerate_rate']:.1f} %"
+                     for name, d in k["dev"].items())
+    n = next(iter(k["dev"].values()))["n"]
+    return f"On dev ({n} prompts where A calls) — {sets}; chosen: {k['chosen']}. "
+
+
 def _kill_md(k: dict[str, Any]) -> list[str]:
-    return [f"Clamping A-exclusive features {k['features']} to 0 at every token (encoder method, the kill-switch policy) on the {k['n']} of "
+    return [_kill_dev(k) + f"Clamping A-exclusive features {k['features']} to 0 at every token (encoder method, the kill-switch policy) on the {k['n']} of "
             f"{k['n_prompts']} test prompts where A calls under the deployment protocol: call rate {100 * k['call_rate_clean']:.1f} % → "
             f"{100 * k['call_rate_clamped']:.1f} %, degenerate outputs {100 * k['degenerate_rate']:.1f} % (clean {100 * k['degenerate_rate_clean']:.1f} %). "
             f"Clamping random live features {k['control_features']}: {100 * k['call_rate_random_clamp']:.1f} % "

@@ -145,13 +145,10 @@ def steered_rows(ctx: Context, split: str, items: list[EvalItem], feature: int, 
         folder = ctx.art.path.parent / f"control-random-direction-f{feature}-s{seed}"
         runs |= {"random-direction": (steer.random_direction_artifact(ctx.art.path, feature, seed, folder), feature),
                  "random-feature": (ctx.art.path, control)}
-    rows = {"clean": clean_rows(ctx, clean, items)}
-    for name, (artifact, feat) in runs.items():
-        policy = steer.additive_policy("steer", feat, setting.strength)
-        outs = ctx.store.guarded(f"{split}-hedge-f{feature}-c{control}-{setting.tag}-s{seed}-{name}", items, lambda texts, a=artifact, p=policy:
-                                 generate_under_policies(ctx.store.backend, ctx.pair.a, texts, ctx.store.settings, a, {"steer": p})["steer"])
-        rows[name] = scored(items, outs, name)
-    return rows
+    prefix = f"{split}-hedge-f{feature}-c{control}-{setting.tag}-s{seed}-"
+    return {"clean": clean_rows(ctx, clean, items),
+            **{name: policy_rows(ctx, prefix + name, items, steer.additive_policy("steer", feat, setting.strength), artifact)
+               for name, (artifact, feat) in runs.items()}}
 
 
 def gains_of(rows: dict[str, list[dict]]) -> dict[str, steer.Gain]:
@@ -195,22 +192,33 @@ def steer_test(ctx: Context, items: list[EvalItem], feature: int, control: int, 
     }
 
 
-def kill_switch(ctx: Context, items: list[EvalItem], backend: Any) -> kill.KillResult:
+def policy_rows(ctx: Context, name: str, items: list[EvalItem], policy: Any, artifact: Path | None = None) -> list[dict[str, Any]]:
+    """Scored outputs of A under ``policy`` (the guard, at every token its rules say), generated once."""
+    art = artifact or ctx.art.path
+    outs = ctx.store.guarded(name, items, lambda texts: generate_under_policies(
+        ctx.store.backend, ctx.pair.a, texts, ctx.store.settings, art, {policy.name: policy})[policy.name])
+    return scored(items, outs, name)
+
+
+def clamped_rows(ctx: Context, split: str, items: list[EvalItem], features: list[int]) -> list[dict[str, Any]]:
+    return policy_rows(ctx, f"{split}-deployment-clamp-{'-'.join(map(str, features))}", items, kill.clamp_policy("kill", features))
+
+
+def kill_switch(ctx: Context, dev_items: list[EvalItem], items: list[EvalItem]) -> kill.KillResult:
     ranking = ctx.art.ranking("deployment")
-    top = ranking.top("tool", "a_exclusive", kill.KILL_TOP)
-    if not top:
+    sets = kill.candidates(ranking)
+    if not sets:
         raise NotMeasurable("the deployment ranking has no tool-signed A-exclusive feature to clamp")
     clean = clean_rows(ctx, "test-deployment-clean", items)
     if not any(r["tool_call"] for r in clean):
         raise NotMeasurable(f"A calls a tool on none of the {len(items)} test prompts under the deployment protocol: nothing to switch off")
-    control = kill.random_live_features(ranking, len(top), ctx.cfg.seed)
-    names = {f"test-deployment-clamp-{'-'.join(map(str, top))}": top, f"test-deployment-clamp-{'-'.join(map(str, control))}": control}
-    outs = {}
-    for name, feats in names.items():
-        outs[name] = ctx.store.guarded(name, items, lambda texts, feats=feats: generate_under_policies(
-            backend, ctx.pair.a, texts, ctx.store.settings, ctx.art.path, {"kill": kill.clamp_policy("kill", feats)})["kill"])
-    clamped, rand = (scored(items, o, n) for n, o in outs.items())
-    return kill.KillResult.of(clean, clamped, rand, top, control)
+    dev_clean = clean_rows(ctx, "dev-deployment-clean", dev_items)
+    dev = {name: kill.DevKill.of(dev_clean, clamped_rows(ctx, "dev", dev_items, feats), feats) for name, feats in sets.items()}
+    chosen = kill.choose(dev)
+    ctx.say(f"  candidate sets {sets}; dev chose {chosen}: the test split with a random clamp")
+    control = kill.random_live_features(ranking, len(sets[chosen]), ctx.cfg.seed)
+    return kill.KillResult.of(clean, clamped_rows(ctx, "test", items, sets[chosen]), clamped_rows(ctx, "test", items, control),
+                              sets[chosen], control, chosen=chosen, dev=dev)
 
 
 def alarm(ctx: Context, hedge_dev: list[EvalItem], hedge_test: list[EvalItem], irrelevance: list[EvalItem]) -> alert.AlertResult:
@@ -281,6 +289,7 @@ def run_phenomenon(cfg: PhenomenonConfig, say: Callable[[str], None] = print, pa
     ctx = Context(pair, art, dictionary_view(cc), store, residuals, cfg, say)
     hedge_dev = tool_items("dev", HEDGE, pair.tokenizer, limit=cfg.dev_prompts, seed=cfg.seed)
     hedge_test = tool_items("test", HEDGE, pair.tokenizer, limit=cfg.test_prompts, seed=cfg.seed)
+    deploy_dev = tool_items("dev", protocols[1], pair.tokenizer, limit=cfg.dev_prompts, seed=cfg.seed)
     deploy_test = tool_items("test", protocols[1], pair.tokenizer, limit=cfg.test_prompts, seed=cfg.seed)
     irrelevance = tool_items("test", protocols[1], pair.tokenizer, ("irrelevance",), limit=cfg.irrelevance_prompts, seed=cfg.seed)
 
@@ -289,8 +298,8 @@ def run_phenomenon(cfg: PhenomenonConfig, say: Callable[[str], None] = print, pa
     ranking = art.ranking("hedge")
     say("steer: two A-exclusive features × the settings of both modes on the dev split; the chosen one on the test split")
     steered = measured(say, lambda: steer_section(ctx, ranking, hedge_dev, hedge_test))
-    say("kill switch: clamping the top A-exclusive tool features under the deployment protocol")
-    killed = measured(say, lambda: asdict(kill_switch(ctx, deploy_test, backend)))
+    say("kill switch: two sets of A-exclusive tool features clamped on the dev split; the chosen one on the test split")
+    killed = measured(say, lambda: asdict(kill_switch(ctx, deploy_dev, deploy_test)))
     say("alarm: feature and threshold from dev, AUROC on test")
     alarmed = measured(say, lambda: asdict(alarm(ctx, hedge_dev, hedge_test, irrelevance)))
     return {
