@@ -23,6 +23,7 @@ from guardrail.eval.phenomenon.outputs import OutputStore, scored
 from guardrail.eval.scoring import aggregate
 from guardrail.eval.phenomenon.protocols import HEDGE, Protocol, deployment
 from guardrail.eval.suites import EvalItem
+from guardrail.paper import PAPER_ALPHAS
 from guardrail.stats import wilson
 
 STOP = ("</tool_call>",)  # every metric reads the first call block; decoding past it changes no score
@@ -35,7 +36,7 @@ class PhenomenonConfig:
     deployment_turn: str | None = None  # None: the turn A was trained on (organism), else "plain"
     backend: str = "auto"
     max_new_tokens: int = 200  # the paper's
-    alphas: tuple[float, ...] = (6.0, 16.0, 32.0, 64.0)  # the paper's α > 1 (scale steer, last prompt token)
+    alphas: tuple[float, ...] = tuple(a for a in PAPER_ALPHAS if a > 1)  # the paper's α > 1 (scale steer, last prompt token)
     gains: tuple[float, ...] = (0.25, 0.5, 1.0)  # additive steer at every token, in units of the site's typical norm
     test_prompts: int | None = 150  # a seeded sample of the test split's answered tasks (None: all 298); n ≥ 100 for the bars
     dev_prompts: int | None = None  # dev tasks choosing α and the alarm (None: all 102)
