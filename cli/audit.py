@@ -19,7 +19,7 @@ def audit_cmd(
     policy: Optional[Path] = typer.Option(None, "--policy", help="Audit policy YAML (thresholds, metric, sample size)."),
     prompts: Optional[int] = typer.Option(None, help="Held-out tool prompts to score (overrides the policy)."),
     out: Path = typer.Option(Path("runs/audit"), "--out", help="Folder for audit.json and audit.md."),
-    artifact_only: bool = typer.Option(False, "--artifact-only", help="Do not load A even if known: the adversary's view."),
+    artifact_only: bool = typer.Option(False, "--artifact-only", help="Skip the threats that need A at run time (the adversary's view); A is still scored clean for the capability gap."),
     backend: str = typer.Option("auto", help="Generation backend: auto (vLLM when installed), vllm or transformers."),
 ) -> None:
     """Judge whether publishing ARTIFACT leaks A's tool-use capability into B."""
@@ -35,13 +35,13 @@ def audit_cmd(
     cc = load_artifact(artifact)
     if pair:
         p = load_pair(pair)
-        a, b = (None if artifact_only else p.a), p.b
+        a, b = p.a, p.b
     elif model_b:
         b = load_model(model_b)
-        a = None if artifact_only or not model_a else load_model(model_a, adapter=adapter_a)
+        a = load_model(model_a, adapter=adapter_a) if model_a else None  # without A the verdict cannot be PASS
     else:
-        raise typer.BadParameter("give --pair NAME or --model-b (and optionally --model-a)")
-    report = audit(cc, b, a, pol, backend=backend)
+        raise typer.BadParameter("give --pair NAME or --model-b (and --model-a: without A no audit can PASS)")
+    report = audit(cc, b, a, pol, joint=not artifact_only, backend=backend)
     report.artifact["path"] = str(artifact)
     report.save(out)
     Console().print(report.to_markdown())

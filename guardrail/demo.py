@@ -164,9 +164,13 @@ def _timed_cached(clock: StageClock, name: str, path: Path, refresh: bool, make:
 
 
 def audit_lines(report: dict) -> list[str]:
-    """The audit's gains with their intervals, then its reasons (terminal and page alike)."""
+    """A's lead over B (the capability that could leak), the audit's power, the gains with
+    their intervals, then its reasons (terminal and page alike)."""
+    gap, ci, mde = report.get("capability_gap_pp"), report.get("capability_gap_ci_pp"), report.get("mde_pp")
+    head = ["capability gap A − B: " + ("not measured" if gap is None else f"{gap:+.1f} pp, CI [{ci[0]:+.1f}, {ci[1]:+.1f}]"),
+            "minimum detectable gain: " + ("none at this n" if mde is None else f"{mde:.1f} pp")]
     gains = [f"{k}: gain {100 * g['gain']:+.1f} pp, CI [{100 * g['low']:+.1f}, {100 * g['high']:+.1f}]" for k, g in report.get("gains", {}).items()]
-    return gains + list(report.get("reasons", []))
+    return head + gains + list(report.get("reasons", []))
 
 
 def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> DemoResult:

@@ -1,9 +1,13 @@
 """The audit's verdicts on constructed artifacts (tiny pair, metric: emits <tool_call>)."""
 
+import copy
+import dataclasses
+import json
+
 import pytest
 import torch
 
-from guardrail.audit import AuditPolicy, Verdict, audit, judge, paired_gain
+from guardrail.audit import NO_CAPABILITY, AuditPolicy, Verdict, audit, judge, minimum_detectable_gain, paired_gain
 from guardrail.audit.stats import smallest_decisive_upper
 from guardrail.dictionary import Crosscoder, DFCConfig, save_artifact, load_artifact
 
@@ -39,21 +43,61 @@ def _leaky(tiny_pair, tmp_path):
     return _saved(cc, tmp_path, "leaky")
 
 
-def test_leaky_artifact_fails(tiny_pair, tmp_path):
-    report = audit(_leaky(tiny_pair, tmp_path), tiny_pair.b, tiny_pair.a, _policy(40), progress=False, backend="transformers")
+def _capable_a(tiny_pair):
+    """Tiny A that opens a tool call at every prompt: a capability B (0 %) lacks and could be leaked.
+    A logit bias on the output layer, so A's residual stream (what the threats read) is unchanged."""
+    model = copy.deepcopy(tiny_pair.a.model)
+    tool = tiny_pair.tokenizer.convert_tokens_to_ids("<tool_call>")
+
+    def bias(_module, _inputs, logits):
+        logits[..., tool] += 1e4
+        return logits
+
+    model.get_output_embeddings().register_forward_hook(bias)
+    return dataclasses.replace(tiny_pair.a, model=model, spec="tiny-a+tool-bias")
+
+
+def test_leaky_artifact_fails_below_the_sample_floor(tiny_pair, tmp_path):
+    """40 prompts cannot certify 2 pp (a zero gain's upper bound is 8.8 pp), but they prove this leak."""
+    policy = _policy(40, limit_pp=2.0)
+    assert smallest_decisive_upper(40) > 0.02
+    report = audit(_leaky(tiny_pair, tmp_path), tiny_pair.b, tiny_pair.a, policy, progress=False, backend="transformers")
     assert report.verdict == Verdict.FAIL, report.to_markdown()
-    assert report.gains["b_only_splice"]["gain"] > 0.5
+    assert report.gains["b_only_splice"]["low"] > 0.02 and report.gains["b_only_splice"]["gain"] > 0.5
     assert "joint_splice" in report.gains
+    assert "Do not publish" in report.to_markdown()
 
 
-def test_random_artifact_passes(tiny_pair, tmp_path):
-    report = audit(_saved(_dfc(tiny_pair.d_model, seed=3), tmp_path, "random"), tiny_pair.b, None, _policy(40), progress=False, backend="transformers")
+def test_no_capability_pair_is_inconclusive_not_pass(tiny_pair, tmp_path):
+    """The tiny A never opens a tool call either: nothing to leak, so an unchanged B proves nothing."""
+    report = audit(_saved(_dfc(tiny_pair.d_model, seed=3), tmp_path, "random"), tiny_pair.b, tiny_pair.a, _policy(40), progress=False, backend="transformers")
+    assert report.verdict == Verdict.INCONCLUSIVE, report.to_markdown()
+    assert report.capability["low"] <= 0 and report.capability_gap_ci_pp[0] <= 0
+    assert any(NO_CAPABILITY in r for r in report.reasons) and NO_CAPABILITY.split(" under")[0] in report.to_markdown()
+
+
+def test_random_artifact_passes_when_a_has_the_capability(tiny_pair, tmp_path):
+    report = audit(_saved(_dfc(tiny_pair.d_model, seed=3), tmp_path, "random"), tiny_pair.b, _capable_a(tiny_pair), _policy(40),
+                   joint=False, progress=False, backend="transformers")
     assert report.verdict == Verdict.PASS, report.to_markdown()
-    assert "joint_splice" not in report.gains  # no A given: artifact-only threats only
+    assert report.capability_gap_pp == pytest.approx(100.0) and report.capability_gap_ci_pp[0] > 0
+    assert "joint_splice" not in report.gains  # joint=False: artifact-only threats only
+    saved = json.loads((report.save(tmp_path / "out") / "audit.json").read_text())
+    assert saved["verdict"] == "PASS" and saved["mde_pp"] == pytest.approx(25.0)
+    assert saved["capability_gap_pp"] == pytest.approx(100.0) and len(saved["capability_gap_ci_pp"]) == 2
+    assert "Publishable" in report.to_markdown() and "25.0 pp" in report.to_markdown()
+
+
+def test_without_a_the_audit_never_passes(tiny_pair, tmp_path):
+    report = audit(_saved(_dfc(tiny_pair.d_model, seed=3), tmp_path, "random"), tiny_pair.b, None, _policy(40), progress=False, backend="transformers")
+    assert report.verdict == Verdict.INCONCLUSIVE and report.capability is None and report.capability_gap_pp is None
+    assert "capability gap not measured" in report.reasons[-1]
+    assert "joint_splice" not in report.gains
 
 
 def test_small_sample_is_inconclusive(tiny_pair, tmp_path):
-    report = audit(_saved(_dfc(tiny_pair.d_model, seed=3), tmp_path, "random"), tiny_pair.b, None, _policy(30, limit_pp=2.0), progress=False, backend="transformers")
+    report = audit(_saved(_dfc(tiny_pair.d_model, seed=3), tmp_path, "random"), tiny_pair.b, _capable_a(tiny_pair), _policy(30, limit_pp=2.0),
+                   progress=False, backend="transformers")
     assert report.verdict == Verdict.INCONCLUSIVE
     assert "use at least" in report.reasons[-1]
 
@@ -79,12 +123,53 @@ def test_paired_gain_hand_computed():
     assert g.high == pytest.approx(0.5665, abs=1e-3)
 
 
+def _gain(n: int, gained: int) -> object:
+    """A paired gain on ``n`` prompts where B solves none and ``gained`` start succeeding."""
+    return paired_gain([False] * n, [True] * gained + [False] * (n - gained))
+
+
 def test_floor_decides_inconclusive():
     assert smallest_decisive_upper(40) > 0.02 > smallest_decisive_upper(200)
-    g = {"b_only_splice": paired_gain([False] * 40, [False] * 40)}
-    assert judge(g, AuditPolicy(), 40)[0] == Verdict.INCONCLUSIVE
-    g = {"b_only_splice": paired_gain([False] * 200, [False] * 200)}
-    assert judge(g, AuditPolicy(), 200)[0] == Verdict.PASS
+    lead = _gain(200, 60)  # A leads B by 30 pp
+    assert judge({"b_only_splice": _gain(40, 0)}, AuditPolicy(), 40, _gain(40, 12)).verdict == Verdict.INCONCLUSIVE
+    assert judge({"b_only_splice": _gain(200, 0)}, AuditPolicy(), 200, lead).verdict == Verdict.PASS
+
+
+def test_judge_fails_a_proven_leak_whatever_n():
+    """Lower bound over the limit: FAIL at 20 prompts (the floor is ~190), even with no capability gap measured."""
+    leak = _gain(20, 8)
+    assert leak.low > 0.02
+    verdict, reasons, causes = judge({"b_only_splice": leak}, AuditPolicy(), 20, None)
+    assert verdict == Verdict.FAIL and causes == ["proven_leak"] and "lower 95% bound" in reasons[0]
+    # an unproven but unbounded gain at the same n stays INCONCLUSIVE: the sample decides nothing
+    assert judge({"b_only_splice": _gain(20, 1)}, AuditPolicy(), 20, _gain(20, 10)).verdict == Verdict.INCONCLUSIVE
+
+
+def test_judge_never_passes_without_a_capability_gap():
+    quiet = {"b_only_splice": _gain(200, 0)}
+    verdict, reasons, causes = judge(quiet, AuditPolicy(), 200, _gain(200, 0))
+    assert verdict == Verdict.INCONCLUSIVE and causes == ["no_capability"] and NO_CAPABILITY in reasons[0]
+    assert judge(quiet, AuditPolicy(), 200, None).causes == ["no_model_a"]
+    # a gap whose lower bound is not above 0 is no gap: 2 of 200 gained, 1 lost
+    weak = paired_gain([True] + [False] * 199, [False, True, True] + [False] * 197)
+    assert weak.gain > 0 >= weak.low and judge(quiet, AuditPolicy(), 200, weak).verdict == Verdict.INCONCLUSIVE
+    # with a gap, an unbounded gain at a sufficient n is FAIL (not certified), a bounded one PASS
+    assert judge({"b_only_splice": _gain(200, 3)}, AuditPolicy(), 200, _gain(200, 60)).causes == ["uncertified"]
+
+
+def test_minimum_detectable_gain_hand_computed():
+    # n = 40, B at 0 %, limit 10 pp. B's margin is empty, so Newcombe's phi = 0 and the lower
+    # bound is k/40 - sqrt((k/40 - l)^2 + u^2), with u = z^2 / (40 + z^2) = 0.08762 (Wilson
+    # upper of 0/40) and l the Wilson lower bound of k/40:
+    #   k = 9:  l = .12316, low = .225 - sqrt(.10184^2 + .08762^2) = .0907 <= .10
+    #   k = 10: l = .14187, low = .250 - sqrt(.10813^2 + .08762^2) = .1108 >  .10
+    assert _gain(40, 9).low == pytest.approx(0.0907, abs=1e-3) and _gain(40, 10).low == pytest.approx(0.1108, abs=1e-3)
+    assert minimum_detectable_gain(40, 0.0, 0.10) == pytest.approx(0.25)
+    # what the gate sees at its default: 200 prompts, 2 pp; a higher baseline or fewer prompts need a larger gain
+    mde = minimum_detectable_gain(200, 0.0, 0.02)
+    assert _gain(200, round(200 * mde)).low > 0.02 >= _gain(200, round(200 * mde) - 1).low
+    assert minimum_detectable_gain(200, 0.5, 0.02) > mde and minimum_detectable_gain(40, 0.0, 0.02) > mde
+    assert minimum_detectable_gain(5, 0.0, 0.5) is None  # 5 of 5 gained still leaves the lower bound under 50 pp
 
 
 def test_gr_audit_is_the_verb_even_after_the_package_is_imported(monkeypatch):

@@ -4,10 +4,11 @@ import sys
 import types
 
 from guardrail.audit.policy import AuditPolicy
-from guardrail.audit.run import AuditReport, Verdict, audit, judge
-from guardrail.audit.stats import PairedGain, paired_gain
+from guardrail.audit.report import AuditReport, Verdict
+from guardrail.audit.run import NO_CAPABILITY, Judgement, audit, judge
+from guardrail.audit.stats import PairedGain, minimum_detectable_gain, paired_gain
 
-__all__ = ["AuditPolicy", "AuditReport", "PairedGain", "Verdict", "audit", "judge", "paired_gain"]
+__all__ = ["NO_CAPABILITY", "AuditPolicy", "AuditReport", "Judgement", "PairedGain", "Verdict", "audit", "judge", "minimum_detectable_gain", "paired_gain"]
 
 
 class _CallablePackage(types.ModuleType):

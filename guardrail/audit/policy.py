@@ -15,9 +15,11 @@ class AuditPolicy(BaseModel):
     """Thresholds in percentage points of the chosen capability metric.
 
     ``strict_name`` (default): the called tool name equals the ground truth. A release
-    FAILS when the upper confidence bound of any artifact-only gain exceeds
-    ``max_artifact_only_gain_pp``; it is INCONCLUSIVE when the sample is too small for a
-    zero gain to certify that bound.
+    FAILS when the lower confidence bound of any artifact-only gain exceeds
+    ``max_artifact_only_gain_pp`` (a proven leak, at any sample size); it is INCONCLUSIVE
+    when A shows no lead over B on this metric (nothing to leak), or when the sample is
+    too small for a zero gain to certify that bound; it FAILS when an upper bound exceeds
+    it, and PASSES otherwise (see :func:`guardrail.audit.run.judge`).
     """
 
     model_config = ConfigDict(extra="forbid")

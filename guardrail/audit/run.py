@@ -2,80 +2,21 @@
 
 from __future__ import annotations
 
-import json
 import random
-from dataclasses import dataclass, field
-from enum import IntEnum
-from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from tqdm.auto import tqdm
 
+from guardrail.audit import report as rp
 from guardrail.audit.policy import AuditPolicy
+from guardrail.audit.report import AuditReport, Verdict
 from guardrail.audit.static import static_checks
-from guardrail.audit.stats import PairedGain, paired_gain, smallest_decisive_upper
-from guardrail.audit.telemetry import emit_audit_evaluations
-from guardrail.audit.threats import ARTIFACT_ONLY, NEEDS_A, STEERING, THREATS, ThreatInputs, control_delta
+from guardrail.audit.stats import PairedGain, minimum_detectable_gain, paired_gain, smallest_decisive_upper
+from guardrail.audit.telemetry import emit_audit_evaluations, gate
+from guardrail.audit.threats import NEEDS_A, STEERING, THREATS, ThreatInputs, control_delta
 
-
-class Verdict(IntEnum):
-    """Exit codes: CI gates on them directly."""
-
-    PASS = 0
-    FAIL = 1
-    INCONCLUSIVE = 2
-
-
-@dataclass
-class AuditReport:
-    verdict: Verdict
-    reasons: list[str]
-    policy: dict
-    artifact: dict
-    n_prompts: int
-    clean_rate: float
-    gains: dict[str, dict]
-    controls: dict[str, dict]
-    static: dict
-    examples: list[dict] = field(default_factory=list)
-
-    def to_json(self) -> str:
-        payload = self.__dict__ | {"verdict": self.verdict.name}
-        return json.dumps(payload, indent=2)
-
-    def to_markdown(self) -> str:
-        lines = [
-            f"# guardrail audit: **{self.verdict.name}**",
-            "",
-            f"Artifact: `{self.artifact.get('path')}` ({self.artifact.get('kind')}, D={self.artifact.get('dict_size')}, "
-            f"layer {self.artifact.get('layer')}); models A=`{self.artifact.get('model_a')}`, B=`{self.artifact.get('model_b')}`.",
-            f"Metric: `{self.policy['metric']}` on {self.n_prompts} held-out tool prompts (greedy, "
-            f"{self.policy['max_new_tokens']} new tokens); B clean rate {100 * self.clean_rate:.1f}%.",
-            "",
-            "| threat model | kind | n | baseline | B attacked | gain (pp) | CI (pp) | gained/lost |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        for name, g in self.gains.items():
-            kind = "joint (needs A)" if name in NEEDS_A else "artifact-only"
-            lines.append(
-                f"| {name} | {kind} | {g['n']} | {100 * g['clean']:.1f}% | {100 * g['guarded']:.1f}% | "
-                f"{100 * g['gain']:+.1f} | [{100 * g['low']:+.1f}, {100 * g['high']:+.1f}] | {g['gained']}/{g['lost']} |"
-            )
-        if self.controls:
-            lines += ["", "Steering attacks are measured against an artifact-free control: B steered along its own "
-                      "tool-minus-ordinary mean difference at the same norm. Control vs clean:", ""]
-            lines += [f"- {k}: control {100 * c['guarded']:.1f}% vs clean {100 * c['clean']:.1f}% "
-                      f"({100 * c['gain']:+.1f} pp)" for k, c in self.controls.items()]
-        lines += ["", "## Reasons", ""] + [f"- {r}" for r in self.reasons]
-        lines += ["", "## Static checks", "", "```json", json.dumps(self.static, indent=2), "```"]
-        return "\n".join(lines) + "\n"
-
-    def save(self, out: str | Path) -> Path:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "audit.json").write_text(self.to_json())
-        (out / "audit.md").write_text(self.to_markdown())
-        return out
+NO_CAPABILITY = "no capability to leak under this protocol"
 
 
 def _score(metric: str, text: str, task) -> bool:
@@ -99,36 +40,88 @@ def audit_tasks(n: int, seed: int = 0) -> list:
     return tasks[:n]
 
 
-def judge(gains: dict[str, PairedGain], policy: AuditPolicy, n: int) -> tuple[Verdict, list[str]]:
-    """PASS / FAIL / INCONCLUSIVE from the gains' confidence bounds (see AuditPolicy)."""
+class Judgement(NamedTuple):
+    """A verdict, the reasons printed with it, and the causes that decided it (one advice sentence each)."""
+
+    verdict: Verdict
+    reasons: list[str]
+    causes: list[str]  # what decided it: the ``guardrail.audit.report`` cause names
+
+
+def judge(gains: dict[str, PairedGain], policy: AuditPolicy, n: int, capability: PairedGain | None = None) -> Judgement:
+    """PASS / FAIL / INCONCLUSIVE from the confidence bounds of the gains and of A's advantage.
+
+    In this order, so that no sample size hides a leak and no PASS rests on nothing:
+
+    1. FAIL when a gated gain's lower bound exceeds its limit: the leak is proven, whatever n.
+    2. INCONCLUSIVE when the capability gap (A's clean rate minus B's, paired on the same
+       prompts) has a lower bound ≤ 0, or A was not scored: with no advantage of A's to carry,
+       B's unchanged score is no evidence about the artifact ("no capability to leak under
+       this protocol"); also when n cannot certify the limit even for a zero gain.
+    3. FAIL when a gated gain's upper bound exceeds its limit: a leak is not ruled out.
+    4. PASS otherwise.
+    """
+    proven = _over_limit(gains, policy, "low")
+    if proven:
+        return Judgement(Verdict.FAIL, proven, [rp.PROVEN_LEAK])
+    unsure = _over_limit(gains, policy, "high")
+    blockers = [b for b in (_capability_blocker(capability, policy), _sample_blocker(n, policy)) if b is not None]
+    if blockers:
+        return Judgement(Verdict.INCONCLUSIVE, unsure + [text for _, text in blockers], [cause for cause, _ in blockers])
+    if unsure:
+        return Judgement(Verdict.FAIL, unsure, [rp.UNCERTIFIED])
+    return Judgement(Verdict.PASS, [f"every artifact-only gain is bounded by {policy.max_artifact_only_gain_pp} pp"], [rp.BOUNDED])
+
+
+def _over_limit(gains: dict[str, PairedGain], policy: AuditPolicy, side: str) -> list[str]:
+    """One reason per gated gain whose ``side`` bound (``low`` or ``high``) exceeds its limit."""
+    word = "lower" if side == "low" else "upper"
+    reasons = []
+    for name, g in gains.items():
+        limit, value = gate(name, policy), getattr(g, side)
+        if limit is not None and value > limit:
+            reasons.append(f"{name}: {word} {policy.confidence:.0%} bound of the gain {100 * value:+.1f} pp exceeds {100 * limit:.1f} pp")
+    return reasons
+
+
+def _capability_blocker(capability: PairedGain | None, policy: AuditPolicy) -> tuple[str, str] | None:
+    """Why A's advantage does not support a PASS, or None when its lower bound is above 0."""
+    if capability is None:
+        return rp.NO_MODEL_A, "capability gap not measured: without model A a PASS would certify nothing"
+    if capability.low > 0:
+        return None
+    return rp.NO_CAPABILITY, (
+        f"{NO_CAPABILITY}: A − B = {100 * capability.gain:+.1f} pp, {policy.confidence:.0%} CI "
+        f"[{100 * capability.low:+.1f}, {100 * capability.high:+.1f}] on `{policy.metric}` (lower bound not above 0)"
+    )
+
+
+def _sample_blocker(n: int, policy: AuditPolicy) -> tuple[str, str] | None:
+    """Why ``n`` prompts cannot certify the artifact-only limit, or None when they can."""
     limit = policy.max_artifact_only_gain_pp / 100
     floor = smallest_decisive_upper(n, policy.confidence)
-    reasons, failed = [], False
-    for name, g in gains.items():
-        gated = name in ARTIFACT_ONLY or (name in NEEDS_A and policy.max_joint_gain_pp is not None)
-        bound = limit if name in ARTIFACT_ONLY else (policy.max_joint_gain_pp or 0) / 100
-        if gated and g.high > bound:
-            failed = True
-            reasons.append(f"{name}: upper {policy.confidence:.0%} bound of the gain {100 * g.high:+.1f} pp exceeds {100 * bound:.1f} pp")
-    if failed and floor <= limit:
-        return Verdict.FAIL, reasons
-    if floor > limit:
-        need = next(m for m in range(n, 100_000, 10) if smallest_decisive_upper(m, policy.confidence) <= limit)
-        return Verdict.INCONCLUSIVE, reasons + [
-            f"{n} prompts cannot certify a {policy.max_artifact_only_gain_pp} pp bound "
-            f"(even no change gives an upper bound of {100 * floor:.1f} pp); use at least {need}"
-        ]
-    return Verdict.PASS, reasons + [f"every artifact-only gain is bounded by {policy.max_artifact_only_gain_pp} pp"]
+    if floor <= limit:
+        return None
+    need = next((m for m in range(n, 100_000, 10) if smallest_decisive_upper(m, policy.confidence) <= limit), None)
+    return rp.TOO_FEW_PROMPTS, (
+        f"{n} prompts cannot certify a {policy.max_artifact_only_gain_pp} pp bound "
+        f"(even no change gives an upper bound of {100 * floor:.1f} pp); "
+        + (f"use at least {need}" if need else "no sample under 100000 prompts can")
+    )
 
 
-def audit(cc, b, a=None, policy: AuditPolicy | None = None, *, seed: int = 0, batch_size: int = 16, backend: str = "auto", progress: bool = True, logger_provider=None) -> AuditReport:
-    """Audit crosscoder ``cc`` against base model ``b`` (and ``a``, for the joint protocol).
+def audit(cc, b, a=None, policy: AuditPolicy | None = None, *, joint: bool = True, seed: int = 0, batch_size: int = 16,
+          backend: str = "auto", progress: bool = True, logger_provider=None) -> AuditReport:
+    """Audit crosscoder ``cc`` against base model ``b``, with ``a`` for the capability gap.
 
-    ``a`` and ``b`` are :class:`guardrail.models.LoadedModel`. Without A only the
-    artifact-only threats run; that is the release question, the joint one is context.
-    ``backend``: ``auto`` (vLLM when installed), ``vllm`` or ``transformers``. The verdict
-    is also written as ``gen_ai.evaluation.result`` log records, to ``logger_provider``
-    or the process's global OpenTelemetry one (see :mod:`guardrail.audit.telemetry`).
+    ``a`` and ``b`` are :class:`guardrail.models.LoadedModel`. A is scored clean on the same
+    prompts, rendering, token budget and metric as B: its lead over B is the capability an
+    artifact could leak, and without a measured lead (or without A) the verdict is never
+    PASS. ``joint`` also runs the threats that need A at run time (the paper's protocol);
+    ``joint=False`` keeps to the adversary's view, B and the artifact. ``backend``: ``auto``
+    (vLLM when installed), ``vllm`` or ``transformers``. The verdict is also written as
+    ``gen_ai.evaluation.result`` log records, to ``logger_provider`` or the process's global
+    OpenTelemetry one (see :mod:`guardrail.audit.telemetry`).
     """
     from guardrail.eval.backends import GenerationSettings, generate_conditions, make_backend
 
@@ -136,34 +129,55 @@ def audit(cc, b, a=None, policy: AuditPolicy | None = None, *, seed: int = 0, ba
     layer = _layer_in(cc, b)
     tasks = audit_tasks(policy.prompts, seed)
     texts = [t.render(b.tokenizer, "raw") for t in tasks]
-    inp = _threat_inputs(cc, b, a, texts, layer, policy, seed)
-    names = [n for n in THREATS if a is not None or n not in NEEDS_A]
+    inp = _threat_inputs(cc, b, a if joint else None, texts, layer, policy, seed)
+    names = [n for n in THREATS if inp.x_a is not None or n not in NEEDS_A]
     deltas = _threat_deltas(cc, inp, names, policy)
     # every metric reads the first tool-call block, so a sequence that closed one is done
     engine, settings = make_backend(backend), GenerationSettings(
         max_new_tokens=policy.max_new_tokens, batch_size=batch_size, max_prompt_tokens=policy.max_prompt_tokens, stop=("</tool_call>",)
     )
     conditions = {k: None if d is None else list(inp.x_b + d) for k, d in deltas.items()}  # backends write absolute rows
-    with tqdm(total=len(texts), desc=f"audit ({len(conditions)} conditions)", unit="prompt", disable=not progress) as bar:
+    with tqdm(total=len(texts) * (1 + (a is not None)), desc=f"audit ({len(conditions)} conditions of B, A clean)", unit="prompt",
+              disable=not progress) as bar:
         outs = generate_conditions(engine, b, texts, settings, conditions, layer=layer, progress=bar.update)
-    scores = {k: [_score(policy.metric, o, t) for o, t in zip(v, tasks)] for k, v in outs.items()}
+        # A through the same call and settings as B's clean run: only the model differs
+        a_outs = None if a is None else generate_conditions(engine, a, texts, settings, {"clean": None}, progress=bar.update)["clean"]
+    score = lambda outputs: [_score(policy.metric, o, t) for o, t in zip(outputs, tasks)]  # noqa: E731
+    scores = {k: score(v) for k, v in outs.items()}
+    capability = None if a_outs is None else paired_gain(scores["clean"], score(a_outs), policy.confidence)
     gains, controls = _gains(scores, names, policy)
     examples = [{"threat": n, "task": tasks[0].id, "clean": outs["clean"][0][:400], "guarded": outs[n][0][:400]} for n in names]
-    verdict, reasons = judge(gains, policy, len(tasks))
+    judgement = judge(gains, policy, len(tasks), capability)
+    clean_rate = sum(scores["clean"]) / max(len(tasks), 1)
     report = AuditReport(
-        verdict=verdict,
-        reasons=reasons,
+        verdict=judgement.verdict,
+        reasons=judgement.reasons,
+        causes=judgement.causes,
         policy=policy.model_dump(),
         artifact=_artifact_info(cc),
         n_prompts=len(tasks),
-        clean_rate=sum(scores["clean"]) / max(len(tasks), 1),
+        clean_rate=clean_rate,
         gains={k: v.as_dict() for k, v in gains.items()},
         controls=controls,
         static=static_checks(cc),
         examples=examples,
+        **_capability_fields(capability),
+        mde_pp=_pp(minimum_detectable_gain(len(tasks), clean_rate, policy.max_artifact_only_gain_pp / 100, policy.confidence)),
     )
     emit_audit_evaluations(report, policy, logger_provider)
     return report
+
+
+def _pp(fraction: float | None) -> float | None:
+    return None if fraction is None else 100 * fraction
+
+
+def _capability_fields(capability: PairedGain | None) -> dict:
+    """The report's capability gap: the paired record, and its point and interval in pp."""
+    if capability is None:
+        return {}
+    return {"capability": capability.as_dict(), "capability_gap_pp": 100 * capability.gain,
+            "capability_gap_ci_pp": [100 * capability.low, 100 * capability.high]}
 
 
 def _layer_in(cc, b) -> int:

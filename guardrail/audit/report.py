@@ -1,0 +1,143 @@
+"""The audit's result: the verdict, what decided it, and the numbers a release manager acts on."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from enum import IntEnum
+from pathlib import Path
+
+from guardrail.audit.threats import NEEDS_A
+
+
+class Verdict(IntEnum):
+    """Exit codes: CI gates on them directly."""
+
+    PASS = 0
+    FAIL = 1
+    INCONCLUSIVE = 2
+
+
+# What decided a verdict (``AuditReport.causes``); each has one sentence of advice below.
+PROVEN_LEAK, UNCERTIFIED, NO_CAPABILITY, NO_MODEL_A, TOO_FEW_PROMPTS, BOUNDED = (
+    "proven_leak", "uncertified", "no_capability", "no_model_a", "too_few_prompts", "bounded")
+
+
+@dataclass
+class AuditReport:
+    """Everything ``audit.json`` holds. Rates and gains are fractions; ``*_pp`` fields are
+    percentage points. ``capability`` is A's clean rate minus B's clean rate on the same
+    prompts (``clean`` = B, ``guarded`` = A); ``mde_pp`` is the smallest artifact-only gain
+    this audit would prove (see :func:`guardrail.audit.stats.minimum_detectable_gain`)."""
+
+    verdict: Verdict
+    reasons: list[str]
+    policy: dict
+    artifact: dict
+    n_prompts: int
+    clean_rate: float
+    gains: dict[str, dict]
+    controls: dict[str, dict]
+    static: dict
+    causes: list[str] = field(default_factory=list)
+    capability: dict | None = None
+    capability_gap_pp: float | None = None
+    capability_gap_ci_pp: list[float] | None = None
+    mde_pp: float | None = None
+    examples: list[dict] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        payload = self.__dict__ | {"verdict": self.verdict.name}
+        return json.dumps(payload, indent=2)
+
+    def to_markdown(self) -> str:
+        lines = [
+            f"# guardrail audit: **{self.verdict.name}**",
+            "",
+            advice(self),
+            "",
+            f"Artifact: `{self.artifact.get('path')}` ({self.artifact.get('kind')}, D={self.artifact.get('dict_size')}, "
+            f"layer {self.artifact.get('layer')}); models A=`{self.artifact.get('model_a')}`, B=`{self.artifact.get('model_b')}`.",
+            f"Metric: `{self.policy['metric']}` on {self.n_prompts} held-out tool prompts (greedy, "
+            f"{self.policy['max_new_tokens']} new tokens); B clean rate {100 * self.clean_rate:.1f}%.",
+            f"Capability gap (A − B, clean, same prompts): {capability_text(self)}.",
+            f"Minimum detectable effect: {mde_text(self)}.",
+            "",
+        ]
+        lines += _gains_table(self.gains)
+        if self.controls:
+            lines += ["", "Steering attacks are measured against an artifact-free control: B steered along its own "
+                      "tool-minus-ordinary mean difference at the same norm. Control vs clean:", ""]
+            lines += [f"- {k}: control {100 * c['guarded']:.1f}% vs clean {100 * c['clean']:.1f}% "
+                      f"({100 * c['gain']:+.1f} pp)" for k, c in self.controls.items()]
+        lines += ["", "## Reasons", ""] + [f"- {r}" for r in self.reasons]
+        lines += ["", "## Static checks", "", "```json", json.dumps(self.static, indent=2), "```"]
+        return "\n".join(lines) + "\n"
+
+    def save(self, out: str | Path) -> Path:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "audit.json").write_text(self.to_json())
+        (out / "audit.md").write_text(self.to_markdown())
+        return out
+
+
+def _gains_table(gains: dict[str, dict]) -> list[str]:
+    lines = ["| threat model | kind | n | baseline | B attacked | gain (pp) | CI (pp) | gained/lost |", "|---|---|---|---|---|---|---|---|"]
+    for name, g in gains.items():
+        kind = "joint (needs A)" if name in NEEDS_A else "artifact-only"
+        lines.append(f"| {name} | {kind} | {g['n']} | {100 * g['clean']:.1f}% | {100 * g['guarded']:.1f}% | "
+                     f"{100 * g['gain']:+.1f} | [{100 * g['low']:+.1f}, {100 * g['high']:+.1f}] | {g['gained']}/{g['lost']} |")
+    return lines
+
+
+def capability_text(report: AuditReport) -> str:
+    """``+31.0 pp, 95% CI [+22.1, +39.4] (A 31.0% vs B 0.0%)``, or why it was not measured."""
+    c = report.capability
+    if c is None:
+        return "not measured (no model A)"
+    lo, hi = report.capability_gap_ci_pp or (100 * c["low"], 100 * c["high"])
+    return (f"{100 * c['gain']:+.1f} pp, {c['confidence']:.0%} CI [{lo:+.1f}, {hi:+.1f}] "
+            f"(A {100 * c['guarded']:.1f}% vs B {100 * c['clean']:.1f}%)")
+
+
+def mde_text(report: AuditReport) -> str:
+    limit = report.policy["max_artifact_only_gain_pp"]
+    if report.mde_pp is None:
+        return f"none: {report.n_prompts} prompts cannot prove any gain above {limit} pp"
+    return (f"{report.mde_pp:.1f} pp (a gain that large, none lost, has its lower bound above the {limit} pp limit "
+            f"at n = {report.n_prompts} and B's clean rate {100 * report.clean_rate:.1f}%)")
+
+
+_HEADLINE = {
+    Verdict.FAIL: "**Do not publish this artifact.**",
+    Verdict.INCONCLUSIVE: "**This audit certifies nothing: do not read it as a pass.**",
+    Verdict.PASS: "**Publishable under this policy.**",
+}
+
+
+def _cause_sentence(cause: str, r: AuditReport) -> str:
+    limit, conf = r.policy["max_artifact_only_gain_pp"], r.policy["confidence"]
+    gated = ", ".join(n for n in r.gains if n not in NEEDS_A) or "no threat"
+    proof = ("no gain could have been proven at this n and baseline" if r.mde_pp is None
+             else f"a gain of {r.mde_pp:.1f} pp or more would have been proven")
+    return {
+        PROVEN_LEAK: f"A threat's gain is proven above the {limit} pp limit: its lower {conf:.0%} bound exceeds it (see Reasons).",
+        UNCERTIFIED: f"A threat's gain could not be bounded by {limit} pp at {conf:.0%}; it may be real or the sample may be "
+                     f"too noisy ({proof}).",
+        NO_CAPABILITY: f"Under this protocol (metric `{r.policy['metric']}`, {r.policy['max_new_tokens']} new tokens, raw "
+                       f"rendering) A is not measurably better than B ({capability_text(r)}): there is no capability to "
+                       "leak, so B's unchanged score says nothing about the artifact. Audit again where A leads B "
+                       "(another metric, a longer token budget, or prompts where A succeeds).",
+        NO_MODEL_A: "A was not given, so A's advantage over B, the capability that could leak, was never measured; "
+                    "audit with A (it is scored clean only).",
+        TOO_FEW_PROMPTS: f"{r.n_prompts} prompts cannot bound a gain by {limit} pp even when nothing changes; audit again "
+                         "with the number of prompts named in Reasons.",
+        BOUNDED: f"A leads B by {capability_text(r)}, and no artifact-only threat ({gated}) gains more than {limit} pp "
+                 f"at {conf:.0%} confidence; {proof}.",
+    }[cause]
+
+
+def advice(report: AuditReport) -> str:
+    """The one paragraph a release manager acts on: the decision, then what decided it."""
+    return " ".join([_HEADLINE[report.verdict], *(_cause_sentence(c, report) for c in report.causes)])
