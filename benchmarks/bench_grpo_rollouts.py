@@ -1,7 +1,7 @@
 """GRPO rollout speed: one step's groups drawn by transformers vs by the build's vLLM mirror.
 
 A build step samples ``rl_prompts_per_step`` groups of ``num_generations`` completions,
-each capped at its task's rollout budget (``guardrail.organism.build.rollout_budget``).
+each capped at its task's rollout budget (``guardrail.organism.grpo.rollout_budget``).
 ``rollout_backend="transformers"`` draws them group by group with the LoRA merged
 (``rl.sample_group``: prompt prefilled once, preallocated cache); ``"vllm"`` syncs the
 merged weights into ``MirrorEngine`` and draws all groups in one call, the prefix cache
@@ -24,7 +24,8 @@ from peft import PeftModel
 
 import guardrail.organism as organism
 from guardrail.models import load_model
-from guardrail.organism.build import BuildConfig, _rollouts
+from guardrail.organism.build import BuildConfig
+from guardrail.organism.grpo import draw_rollouts
 from guardrail.organism.mirror import MirrorEngine
 from guardrail.tasks import load_tasks
 
@@ -32,7 +33,7 @@ from guardrail.tasks import load_tasks
 def timed(model, tok, tasks, cfg: BuildConfig, mirror: MirrorEngine | None) -> tuple[float, int]:
     """Seconds for one step's groups (the sync included) and the tokens they decoded."""
     t0 = time.perf_counter()
-    groups = _rollouts(model, tok, tasks, cfg, mirror)
+    groups = draw_rollouts(model, tok, tasks, cfg, mirror)
     return time.perf_counter() - t0, int(sum(mask.sum() for _, (_, mask, _) in groups))
 
 

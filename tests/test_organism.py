@@ -147,7 +147,7 @@ def test_selection_keeps_the_adapter_of_the_best_dev_check(smoke_build, tmp_path
 
 
 def test_rollout_budget_follows_the_reference_length():
-    from guardrail.organism.build import rollout_budget
+    from guardrail.organism.grpo import rollout_budget
 
     tok = load_model("tiny-b").tokenizer
     simple, parallel = (load_tasks("train", [c])[0].reference_completion() for c in ("simple_python", "parallel_multiple"))
@@ -262,7 +262,7 @@ def test_organism_eval_on_vllm_serves_the_merged_adapter(smoke_build, tmp_path):
 
 
 def test_rl_pool_repeats_categories_and_the_config_rejects_unknown_ones():
-    from guardrail.organism.build import rl_pool
+    from guardrail.organism.grpo import rl_pool
 
     train = load_tasks("train", ["simple_python", "parallel"])
     pool = rl_pool(train, {"parallel": 3})

@@ -7,7 +7,7 @@ import json
 from safetensors import safe_open
 
 from guardrail.organism.assets import ASSETS, shipped_adapter, shipped_manifest, shipped_warmstart
-from guardrail.organism.build import LORA_TARGETS
+from guardrail.organism.build_config import LORA_TARGETS, BuildConfig
 from guardrail.tasks import split_hash
 
 
@@ -43,12 +43,10 @@ def test_package_data_globs_cover_the_assets():
 
 
 def test_build_defaults_reproduce_the_shipped_build():
-    from guardrail.organism.build import LEGACY_CONFIG, BuildConfig
-
     manifest = shipped_manifest()
     # the shipped build asked for up to 1000 GRPO steps and its time budget stopped it: the
     # recipe is the steps it ran
-    shipped = LEGACY_CONFIG | manifest["config"] | {"rl_steps": manifest["rl"]["steps"]}
+    shipped = BuildConfig.from_recorded(manifest["config"]).model_dump() | {"rl_steps": manifest["rl"]["steps"]}
     # how many cores this machine lends torch, and which engine runs the greedy format
     # check, are not part of the recipe (the engine that draws GRPO's samples is)
     machine = {"threads", "check_backend"}
