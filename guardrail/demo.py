@@ -166,8 +166,12 @@ def _timed_cached(clock: StageClock, name: str, path: Path, refresh: bool, make:
 def audit_lines(report: dict) -> list[str]:
     """A's lead over B (the capability that could leak), the audit's power, the gains with
     their intervals, then its reasons (terminal and page alike)."""
-    gap, ci, mde = report.get("capability_gap_pp"), report.get("capability_gap_ci_pp"), report.get("mde_pp")
-    head = ["capability gap A − B: " + ("not measured" if gap is None else f"{gap:+.1f} pp, CI [{ci[0]:+.1f}, {ci[1]:+.1f}]"),
+    def interval(key: str) -> str:
+        pp, ci = report.get(f"{key}_pp"), report.get(f"{key}_ci_pp")
+        return "not measured" if pp is None else f"{pp:+.1f} pp, CI [{ci[0]:+.1f}, {ci[1]:+.1f}]"
+
+    mde = report.get("mde_pp")
+    head = [f"capability gap A − B: {interval('capability_gap')}", f"oracle transplant (A's row in B): {interval('oracle_gain')}",
             "minimum detectable gain: " + ("none at this n" if mde is None else f"{mde:.1f} pp")]
     gains = [f"{k}: gain {100 * g['gain']:+.1f} pp, CI [{100 * g['low']:+.1f}, {100 * g['high']:+.1f}]" for k, g in report.get("gains", {}).items()]
     return head + gains + list(report.get("reasons", []))

@@ -43,18 +43,20 @@ def _leaky(tiny_pair, tmp_path):
     return _saved(cc, tmp_path, "leaky")
 
 
+@torch.no_grad()
 def _capable_a(tiny_pair):
     """Tiny A that opens a tool call at every prompt: a capability B (0 %) lacks and could be leaked.
-    A logit bias on the output layer, so A's residual stream (what the threats read) is unchanged."""
+    Its audited layer (the last) writes the <tool_call> unembedding direction at every position,
+    so the capability sits in A's last-prompt-token activation, where the oracle transplant reads it."""
     model = copy.deepcopy(tiny_pair.a.model)
-    tool = tiny_pair.tokenizer.convert_tokens_to_ids("<tool_call>")
+    tool_dir = model.get_output_embeddings().weight[tiny_pair.tokenizer.convert_tokens_to_ids("<tool_call>")]
+    push = 50.0 * tool_dir / tool_dir.norm()
 
-    def bias(_module, _inputs, logits):
-        logits[..., tool] += 1e4
-        return logits
+    def write(_module, _inputs, out):
+        return (out[0] + push, *out[1:]) if isinstance(out, tuple) else out + push
 
-    model.get_output_embeddings().register_forward_hook(bias)
-    return dataclasses.replace(tiny_pair.a, model=model, spec="tiny-a+tool-bias")
+    model.model.layers[LAYER].register_forward_hook(write)
+    return dataclasses.replace(tiny_pair.a, model=model, spec="tiny-a+tool-direction")
 
 
 def test_leaky_artifact_fails_below_the_sample_floor(tiny_pair, tmp_path):
@@ -86,6 +88,22 @@ def test_random_artifact_passes_when_a_has_the_capability(tiny_pair, tmp_path):
     assert saved["verdict"] == "PASS" and saved["mde_pp"] == pytest.approx(25.0)
     assert saved["capability_gap_pp"] == pytest.approx(100.0) and len(saved["capability_gap_ci_pp"]) == 2
     assert "Publishable" in report.to_markdown() and "25.0 pp" in report.to_markdown()
+    # the oracle (A's own last-token row in B) carries all of A's lead; this artifact's splice none of it
+    assert saved["oracle_gain_pp"] == pytest.approx(100.0) and saved["oracle_gain_ci_pp"][0] > 80
+    assert saved["oracle_fraction"]["b_only_splice"] == pytest.approx(report.gains["b_only_splice"]["gain"]) == 0.0
+
+
+def test_oracle_fraction_of_a_leaky_artifact(tiny_pair, tmp_path):
+    """The leaky artifact's B-only splice opens as many tool calls as A's own activation does."""
+    report = audit(_leaky(tiny_pair, tmp_path), tiny_pair.b, _capable_a(tiny_pair), _policy(20), progress=False, backend="transformers")
+    assert report.verdict == Verdict.FAIL and report.oracle["gain"] == pytest.approx(1.0)
+    assert report.oracle_fraction["b_only_splice"] == pytest.approx(1.0)
+    assert "| 100% |" in report.to_markdown()
+
+
+def test_oracle_share_is_not_given_when_the_oracle_gains_nothing(tiny_pair, tmp_path):
+    report = audit(_leaky(tiny_pair, tmp_path), tiny_pair.b, tiny_pair.a, _policy(12), progress=False, backend="transformers")
+    assert report.oracle_gain_pp == pytest.approx(0.0) and set(report.oracle_fraction.values()) == {None}
 
 
 def test_without_a_the_audit_never_passes(tiny_pair, tmp_path):

@@ -27,8 +27,10 @@ PROVEN_LEAK, UNCERTIFIED, NO_CAPABILITY, NO_MODEL_A, TOO_FEW_PROMPTS, BOUNDED = 
 class AuditReport:
     """Everything ``audit.json`` holds. Rates and gains are fractions; ``*_pp`` fields are
     percentage points. ``capability`` is A's clean rate minus B's clean rate on the same
-    prompts (``clean`` = B, ``guarded`` = A); ``mde_pp`` is the smallest artifact-only gain
-    this audit would prove (see :func:`guardrail.audit.stats.minimum_detectable_gain`)."""
+    prompts (``clean`` = B, ``guarded`` = A); ``oracle`` is B's gain when its last prompt
+    token carries A's own activation (the most that row can carry), and ``oracle_fraction``
+    each threat's gain over the oracle's; ``mde_pp`` is the smallest artifact-only gain this
+    audit would prove (see :func:`guardrail.audit.stats.minimum_detectable_gain`)."""
 
     verdict: Verdict
     reasons: list[str]
@@ -43,6 +45,10 @@ class AuditReport:
     capability: dict | None = None
     capability_gap_pp: float | None = None
     capability_gap_ci_pp: list[float] | None = None
+    oracle: dict | None = None
+    oracle_gain_pp: float | None = None
+    oracle_gain_ci_pp: list[float] | None = None
+    oracle_fraction: dict[str, float | None] = field(default_factory=dict)
     mde_pp: float | None = None
     examples: list[dict] = field(default_factory=list)
 
@@ -61,10 +67,11 @@ class AuditReport:
             f"Metric: `{self.policy['metric']}` on {self.n_prompts} held-out tool prompts (greedy, "
             f"{self.policy['max_new_tokens']} new tokens); B clean rate {100 * self.clean_rate:.1f}%.",
             f"Capability gap (A − B, clean, same prompts): {capability_text(self)}.",
+            f"Oracle transplant (A's own activation at B's last prompt token): {oracle_text(self)}.",
             f"Minimum detectable effect: {mde_text(self)}.",
             "",
         ]
-        lines += _gains_table(self.gains)
+        lines += _gains_table(self.gains, self.oracle_fraction)
         if self.controls:
             lines += ["", "Steering attacks are measured against an artifact-free control: B steered along its own "
                       "tool-minus-ordinary mean difference at the same norm. Control vs clean:", ""]
@@ -82,13 +89,30 @@ class AuditReport:
         return out
 
 
-def _gains_table(gains: dict[str, dict]) -> list[str]:
-    lines = ["| threat model | kind | n | baseline | B attacked | gain (pp) | CI (pp) | gained/lost |", "|---|---|---|---|---|---|---|---|"]
+def _gains_table(gains: dict[str, dict], of_oracle: dict[str, float | None]) -> list[str]:
+    lines = ["| threat model | kind | n | baseline | B attacked | gain (pp) | CI (pp) | gained/lost | of oracle |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, g in gains.items():
         kind = "joint (needs A)" if name in NEEDS_A else "artifact-only"
+        share = of_oracle.get(name)
         lines.append(f"| {name} | {kind} | {g['n']} | {100 * g['clean']:.1f}% | {100 * g['guarded']:.1f}% | "
-                     f"{100 * g['gain']:+.1f} | [{100 * g['low']:+.1f}, {100 * g['high']:+.1f}] | {g['gained']}/{g['lost']} |")
+                     f"{100 * g['gain']:+.1f} | [{100 * g['low']:+.1f}, {100 * g['high']:+.1f}] | {g['gained']}/{g['lost']} | "
+                     f"{'—' if share is None else f'{100 * share:.0f}%'} |")
     return lines
+
+
+def _interval_text(g: dict) -> str:
+    return f"{100 * g['gain']:+.1f} pp, {g['confidence']:.0%} CI [{100 * g['low']:+.1f}, {100 * g['high']:+.1f}]"
+
+
+def oracle_text(report: AuditReport) -> str:
+    """The oracle's gain and how to read the table's last column."""
+    o = report.oracle
+    if o is None:
+        return "not measured (no model A)"
+    if o["gain"] <= 0:
+        return f"{_interval_text(o)}: the last-token row carries none of A's lead, so no share of it is given"
+    return f"{_interval_text(o)} (B {100 * o['guarded']:.1f}%); each threat's gain is also given as a share of it"
 
 
 def capability_text(report: AuditReport) -> str:
@@ -96,9 +120,7 @@ def capability_text(report: AuditReport) -> str:
     c = report.capability
     if c is None:
         return "not measured (no model A)"
-    lo, hi = report.capability_gap_ci_pp or (100 * c["low"], 100 * c["high"])
-    return (f"{100 * c['gain']:+.1f} pp, {c['confidence']:.0%} CI [{lo:+.1f}, {hi:+.1f}] "
-            f"(A {100 * c['guarded']:.1f}% vs B {100 * c['clean']:.1f}%)")
+    return f"{_interval_text(c)} (A {100 * c['guarded']:.1f}% vs B {100 * c['clean']:.1f}%)"
 
 
 def mde_text(report: AuditReport) -> str:

@@ -14,7 +14,7 @@ from guardrail.audit.report import AuditReport, Verdict
 from guardrail.audit.static import static_checks
 from guardrail.audit.stats import PairedGain, minimum_detectable_gain, paired_gain, smallest_decisive_upper
 from guardrail.audit.telemetry import emit_audit_evaluations, gate
-from guardrail.audit.threats import NEEDS_A, STEERING, THREATS, ThreatInputs, control_delta
+from guardrail.audit.threats import NEEDS_A, ORACLE, STEERING, THREATS, ThreatInputs, control_delta, oracle_transplant
 
 NO_CAPABILITY = "no capability to leak under this protocol"
 
@@ -123,30 +123,22 @@ def audit(cc, b, a=None, policy: AuditPolicy | None = None, *, joint: bool = Tru
     ``gen_ai.evaluation.result`` log records, to ``logger_provider`` or the process's global
     OpenTelemetry one (see :mod:`guardrail.audit.telemetry`).
     """
-    from guardrail.eval.backends import GenerationSettings, generate_conditions, make_backend
-
     policy = policy or AuditPolicy()
     layer = _layer_in(cc, b)
     tasks = audit_tasks(policy.prompts, seed)
     texts = [t.render(b.tokenizer, "raw") for t in tasks]
-    inp = _threat_inputs(cc, b, a if joint else None, texts, layer, policy, seed)
-    names = [n for n in THREATS if inp.x_a is not None or n not in NEEDS_A]
+    inp = _threat_inputs(cc, b, a, texts, layer, policy, seed)
+    names = [n for n in THREATS if n not in NEEDS_A or (joint and a is not None)]
     deltas = _threat_deltas(cc, inp, names, policy)
-    # every metric reads the first tool-call block, so a sequence that closed one is done
-    engine, settings = make_backend(backend), GenerationSettings(
-        max_new_tokens=policy.max_new_tokens, batch_size=batch_size, max_prompt_tokens=policy.max_prompt_tokens, stop=("</tool_call>",)
-    )
+    if a is not None:
+        deltas[ORACLE] = oracle_transplant(cc, inp)
     conditions = {k: None if d is None else list(inp.x_b + d) for k, d in deltas.items()}  # backends write absolute rows
-    with tqdm(total=len(texts) * (1 + (a is not None)), desc=f"audit ({len(conditions)} conditions of B, A clean)", unit="prompt",
-              disable=not progress) as bar:
-        outs = generate_conditions(engine, b, texts, settings, conditions, layer=layer, progress=bar.update)
-        # A through the same call and settings as B's clean run: only the model differs
-        a_outs = None if a is None else generate_conditions(engine, a, texts, settings, {"clean": None}, progress=bar.update)["clean"]
+    outs, a_outs = _generate(b, a, texts, conditions, layer, policy, backend=backend, batch_size=batch_size, progress=progress)
     score = lambda outputs: [_score(policy.metric, o, t) for o, t in zip(outputs, tasks)]  # noqa: E731
     scores = {k: score(v) for k, v in outs.items()}
     capability = None if a_outs is None else paired_gain(scores["clean"], score(a_outs), policy.confidence)
+    oracle = paired_gain(scores["clean"], scores[ORACLE], policy.confidence) if ORACLE in scores else None
     gains, controls = _gains(scores, names, policy)
-    examples = [{"threat": n, "task": tasks[0].id, "clean": outs["clean"][0][:400], "guarded": outs[n][0][:400]} for n in names]
     judgement = judge(gains, policy, len(tasks), capability)
     clean_rate = sum(scores["clean"]) / max(len(tasks), 1)
     report = AuditReport(
@@ -160,24 +152,50 @@ def audit(cc, b, a=None, policy: AuditPolicy | None = None, *, joint: bool = Tru
         gains={k: v.as_dict() for k, v in gains.items()},
         controls=controls,
         static=static_checks(cc),
-        examples=examples,
-        **_capability_fields(capability),
+        examples=[{"threat": n, "task": tasks[0].id, "clean": outs["clean"][0][:400], "guarded": outs[n][0][:400]} for n in names],
+        **_interval_fields("capability", capability),
+        **_interval_fields("oracle", oracle),
+        oracle_fraction=_oracle_fractions(gains, oracle),
         mde_pp=_pp(minimum_detectable_gain(len(tasks), clean_rate, policy.max_artifact_only_gain_pp / 100, policy.confidence)),
     )
     emit_audit_evaluations(report, policy, logger_provider)
     return report
 
 
+def _generate(b, a, texts: list[str], conditions: dict, layer: int, policy: AuditPolicy, *, backend: str, batch_size: int,
+              progress: bool) -> tuple[dict[str, list[str]], list[str] | None]:
+    """B's outputs under every condition, then A's clean outputs through the same call and
+    settings: only the model differs, so A's lead over B is the capability, not the protocol."""
+    from guardrail.eval.backends import GenerationSettings, generate_conditions, make_backend
+
+    # every metric reads the first tool-call block, so a sequence that closed one is done
+    engine, settings = make_backend(backend), GenerationSettings(
+        max_new_tokens=policy.max_new_tokens, batch_size=batch_size, max_prompt_tokens=policy.max_prompt_tokens, stop=("</tool_call>",)
+    )
+    desc = f"audit ({len(conditions)} conditions of B" + (", A clean)" if a is not None else ")")
+    with tqdm(total=len(texts) * (1 + (a is not None)), desc=desc, unit="prompt", disable=not progress) as bar:
+        outs = generate_conditions(engine, b, texts, settings, conditions, layer=layer, progress=bar.update)
+        a_outs = None if a is None else generate_conditions(engine, a, texts, settings, {"clean": None}, progress=bar.update)["clean"]
+    return outs, a_outs
+
+
 def _pp(fraction: float | None) -> float | None:
     return None if fraction is None else 100 * fraction
 
 
-def _capability_fields(capability: PairedGain | None) -> dict:
-    """The report's capability gap: the paired record, and its point and interval in pp."""
-    if capability is None:
+def _interval_fields(name: str, g: PairedGain | None) -> dict:
+    """A paired gain as the report holds it: ``name`` (the record), ``name_gain_pp`` and
+    ``name_gain_ci_pp``; the capability gap's are ``capability_gap_pp`` / ``capability_gap_ci_pp``."""
+    if g is None:
         return {}
-    return {"capability": capability.as_dict(), "capability_gap_pp": 100 * capability.gain,
-            "capability_gap_ci_pp": [100 * capability.low, 100 * capability.high]}
+    stem = "capability_gap" if name == "capability" else f"{name}_gain"
+    return {name: g.as_dict(), f"{stem}_pp": 100 * g.gain, f"{stem}_ci_pp": [100 * g.low, 100 * g.high]}
+
+
+def _oracle_fractions(gains: dict[str, PairedGain], oracle: PairedGain | None) -> dict[str, float | None]:
+    """Each threat's gain over the oracle transplant's; None when the oracle gained nothing to divide by."""
+    usable = oracle is not None and oracle.gain > 0
+    return {name: g.gain / oracle.gain if usable else None for name, g in gains.items()}
 
 
 def _layer_in(cc, b) -> int:

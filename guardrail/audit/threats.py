@@ -99,6 +99,17 @@ def control_delta(inp: ThreatInputs, attack: torch.Tensor) -> torch.Tensor:
     return attack.norm(dim=-1, keepdim=True) * unit
 
 
+@torch.no_grad()
+def oracle_transplant(cc, inp: ThreatInputs, **_) -> torch.Tensor:
+    """A's own activation in place of B's at the last prompt token: the most any patch of that
+    one row can carry into B, so a threat's gain is read as a share of it. A reference for the
+    auditor, who holds A; no threat (and no gate), and ``cc`` is not used."""
+    if inp.x_a is None:
+        raise ValueError("the oracle transplant needs model A's activations")
+    return inp.x_a - inp.x_b
+
+
+ORACLE = "oracle_transplant"
 STEERING = ("steer_contrast", "steer_asymmetry")
 
 THREATS = {
