@@ -116,8 +116,9 @@ def test_without_a_the_audit_never_passes(tiny_pair, tmp_path):
 def test_small_sample_is_inconclusive(tiny_pair, tmp_path):
     report = audit(_saved(_dfc(tiny_pair.d_model, seed=3), tmp_path, "random"), tiny_pair.b, _capable_a(tiny_pair), _policy(30, limit_pp=2.0),
                    progress=False, backend="transformers")
-    assert report.verdict == Verdict.INCONCLUSIVE
-    assert "use at least" in report.reasons[-1]
+    assert report.verdict == Verdict.INCONCLUSIVE and report.causes == ["too_few_prompts"]
+    assert "use at least 190" in report.reasons[-1] and "at least 190 prompts" in report.to_markdown()
+    assert smallest_decisive_upper(180) > 0.02 >= smallest_decisive_upper(190)
 
 
 def test_width_mismatch_is_refused(tiny_pair, tmp_path):

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
 
+from guardrail.audit.stats import prompts_to_certify
 from guardrail.audit.threats import NEEDS_A
 
 
@@ -65,7 +66,7 @@ class AuditReport:
             f"Artifact: `{self.artifact.get('path')}` ({self.artifact.get('kind')}, D={self.artifact.get('dict_size')}, "
             f"layer {self.artifact.get('layer')}); models A=`{self.artifact.get('model_a')}`, B=`{self.artifact.get('model_b')}`.",
             f"Metric: `{self.policy['metric']}` on {self.n_prompts} held-out tool prompts (greedy, "
-            f"{self.policy['max_new_tokens']} new tokens); B clean rate {100 * self.clean_rate:.1f}%.",
+            f"{_tokens(self.policy['max_new_tokens'])}); B clean rate {100 * self.clean_rate:.1f}%.",
             f"Capability gap (A − B, clean, same prompts): {capability_text(self)}.",
             f"Oracle transplant (A's own activation at B's last prompt token): {oracle_text(self)}.",
             f"Minimum detectable effect: {mde_text(self)}.",
@@ -99,6 +100,10 @@ def _gains_table(gains: dict[str, dict], of_oracle: dict[str, float | None]) -> 
                      f"{100 * g['gain']:+.1f} | [{100 * g['low']:+.1f}, {100 * g['high']:+.1f}] | {g['gained']}/{g['lost']} | "
                      f"{'—' if share is None else f'{100 * share:.0f}%'} |")
     return lines
+
+
+def _tokens(n: int) -> str:
+    return f"{n} new token" + ("" if n == 1 else "s")
 
 
 def _interval_text(g: dict) -> str:
@@ -141,20 +146,21 @@ _HEADLINE = {
 def _cause_sentence(cause: str, r: AuditReport) -> str:
     limit, conf = r.policy["max_artifact_only_gain_pp"], r.policy["confidence"]
     gated = ", ".join(n for n in r.gains if n not in NEEDS_A) or "no threat"
+    need = prompts_to_certify(limit / 100, conf, start=r.n_prompts) if cause == TOO_FEW_PROMPTS else None
     proof = ("no gain could have been proven at this n and baseline" if r.mde_pp is None
              else f"a gain of {r.mde_pp:.1f} pp or more would have been proven")
     return {
         PROVEN_LEAK: f"A threat's gain is proven above the {limit} pp limit: its lower {conf:.0%} bound exceeds it (see Reasons).",
         UNCERTIFIED: f"A threat's gain could not be bounded by {limit} pp at {conf:.0%}; it may be real or the sample may be "
                      f"too noisy ({proof}).",
-        NO_CAPABILITY: f"Under this protocol (metric `{r.policy['metric']}`, {r.policy['max_new_tokens']} new tokens, raw "
+        NO_CAPABILITY: f"Under this protocol (metric `{r.policy['metric']}`, {_tokens(r.policy['max_new_tokens'])}, raw "
                        f"rendering) A is not measurably better than B ({capability_text(r)}): there is no capability to "
                        "leak, so B's unchanged score says nothing about the artifact. Audit again where A leads B "
                        "(another metric, a longer token budget, or prompts where A succeeds).",
         NO_MODEL_A: "A was not given, so A's advantage over B, the capability that could leak, was never measured; "
                     "audit with A (it is scored clean only).",
-        TOO_FEW_PROMPTS: f"{r.n_prompts} prompts cannot bound a gain by {limit} pp even when nothing changes; audit again "
-                         "with the number of prompts named in Reasons.",
+        TOO_FEW_PROMPTS: f"{r.n_prompts} prompts cannot bound a gain by {limit} pp even when nothing changes; "
+                         + (f"audit again with at least {need} prompts." if need else "no feasible sample can."),
         BOUNDED: f"A leads B by {capability_text(r)}, and no artifact-only threat ({gated}) gains more than {limit} pp "
                  f"at {conf:.0%} confidence; {proof}.",
     }[cause]

@@ -12,7 +12,7 @@ from guardrail.audit import report as rp
 from guardrail.audit.policy import AuditPolicy
 from guardrail.audit.report import AuditReport, Verdict
 from guardrail.audit.static import static_checks
-from guardrail.audit.stats import PairedGain, minimum_detectable_gain, paired_gain, smallest_decisive_upper
+from guardrail.audit.stats import PairedGain, minimum_detectable_gain, paired_gain, prompts_to_certify, smallest_decisive_upper
 from guardrail.audit.telemetry import emit_audit_evaluations, gate
 from guardrail.audit.threats import NEEDS_A, ORACLE, STEERING, THREATS, ThreatInputs, control_delta, oracle_transplant
 
@@ -102,7 +102,7 @@ def _sample_blocker(n: int, policy: AuditPolicy) -> tuple[str, str] | None:
     floor = smallest_decisive_upper(n, policy.confidence)
     if floor <= limit:
         return None
-    need = next((m for m in range(n, 100_000, 10) if smallest_decisive_upper(m, policy.confidence) <= limit), None)
+    need = prompts_to_certify(limit, policy.confidence, start=n)
     return rp.TOO_FEW_PROMPTS, (
         f"{n} prompts cannot certify a {policy.max_artifact_only_gain_pp} pp bound "
         f"(even no change gives an upper bound of {100 * floor:.1f} pp); "

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from guardrail.stats import PairedGain, paired_gain, wilson
 
-__all__ = ["PairedGain", "minimum_detectable_gain", "paired_gain", "smallest_decisive_upper", "wilson"]
+__all__ = ["PairedGain", "minimum_detectable_gain", "paired_gain", "prompts_to_certify", "smallest_decisive_upper", "wilson"]
 
 
 def smallest_decisive_upper(n: int, confidence: float = 0.95) -> float:
@@ -20,6 +20,12 @@ def smallest_decisive_upper(n: int, confidence: float = 0.95) -> float:
     If even this best case exceeds the threshold, the sample cannot certify the artifact.
     """
     return paired_gain([False] * n, [False] * n, confidence).high
+
+
+def prompts_to_certify(limit: float, confidence: float = 0.95, start: int = 10) -> int | None:
+    """The first sample size (from ``start``, in steps of 10) whose floor is within ``limit``;
+    None when none under 100 000 is."""
+    return next((m for m in range(start, 100_000, 10) if smallest_decisive_upper(m, confidence) <= limit), None)
 
 
 def _lower_bound(n: int, solved: int, gained: int, confidence: float) -> float:
