@@ -40,6 +40,7 @@ class Record(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     def dump(self) -> dict[str, Any]:
+        """The record as JSON values (what ``json.dumps`` writes to the file)."""
         return self.model_dump(mode="json")
 
 
@@ -64,6 +65,7 @@ class WarmStartRecord(Record):
 
     @classmethod
     def read(cls, folder: Path) -> WarmStartRecord:
+        """The record of the warm start saved in ``folder``."""
         return cls.model_validate_json((folder / "warmstart.json").read_text())
 
     def write(self, folder: Path) -> None:
@@ -101,6 +103,8 @@ class SelectionRecord(Record):
 
 
 class _SegmentRun(Record):
+    """What a segment records of its run; ``RLSegment`` adds the config fields that shaped it."""
+
     steps: int
     seconds: float
     resumed_from: str | None = _absent()  # the built A this segment continued
@@ -200,6 +204,7 @@ class BuildManifest(Record):
 
     @classmethod
     def read(cls, folder: Path) -> BuildManifest:
+        """The manifest of the build in ``folder``."""
         return cls.model_validate_json((folder / "manifest.json").read_text())
 
     def write(self, folder: Path) -> None:
