@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from guardrail.audit import NO_CAPABILITY, AuditPolicy, Verdict, audit, judge, minimum_detectable_gain, paired_gain
+from guardrail.audit.selfcheck import leaky_artifact
 from guardrail.audit.stats import smallest_decisive_upper
 from guardrail.dictionary import Crosscoder, DFCConfig, save_artifact, load_artifact
 
@@ -30,17 +31,18 @@ def _policy(n: int, limit_pp: float = 10.0) -> AuditPolicy:
 
 
 @torch.no_grad()
+def _tool_direction(tiny_pair) -> torch.Tensor:
+    """Unit vector of B's <tool_call> unembedding row: at the tiny models' last layer, adding it makes B open a tool call."""
+    row = tiny_pair.b.model.get_output_embeddings().weight[tiny_pair.tokenizer.convert_tokens_to_ids("<tool_call>")]
+    return row / row.norm()
+
+
 def _leaky(tiny_pair, tmp_path):
-    """Shared feature 40 always fires from B alone and decodes, on B's side, to the direction
-    that makes the model write <tool_call>: exactly the leak the audit must catch."""
-    cc = _dfc(tiny_pair.d_model, seed=1)
-    tok = tiny_pair.tokenizer
-    tool_dir = tiny_pair.b.model.get_output_embeddings().weight[tok.convert_tokens_to_ids("<tool_call>")]
-    j = 40
-    cc.W_enc[:, :, j] = 0
-    cc.b_enc[j] = 50.0
-    cc.W_dec[j, 1] = 4.0 * tool_dir / tool_dir.norm() * (tiny_pair.d_model**0.5)
-    return _saved(cc, tmp_path, "leaky")
+    """A random DFC whose B-side reconstruction always adds the direction that makes the tiny B
+    write <tool_call>, through the library's one leaky construction (the self-check's): exactly
+    the leak the B-only splice must catch."""
+    leak = 200.0 * tiny_pair.d_model**0.5 * _tool_direction(tiny_pair)
+    return _saved(leaky_artifact(_dfc(tiny_pair.d_model, seed=1), leak), tmp_path, "leaky")
 
 
 @torch.no_grad()

@@ -11,12 +11,15 @@ from tqdm.auto import tqdm
 from guardrail.audit import report as rp
 from guardrail.audit.policy import AuditPolicy
 from guardrail.audit.report import AuditReport, Verdict
+from guardrail.audit.selfcheck import BLIND_ON_PAIR, PositiveControl, SelfCheckPlan, plan_self_check
 from guardrail.audit.static import static_checks
 from guardrail.audit.stats import PairedGain, minimum_detectable_gain, paired_gain, prompts_to_certify, smallest_decisive_upper
 from guardrail.audit.telemetry import emit_audit_evaluations, gate
-from guardrail.audit.threats import NEEDS_A, ORACLE, STEERING, THREATS, ThreatInputs, control_delta, oracle_transplant
+from guardrail.audit.threats import NEEDS_A, ORACLE, STEERING, THREATS, ThreatInputs, oracle_transplant, threat_deltas
 
 NO_CAPABILITY = "no capability to leak under this protocol"
+# reported beside a stricter gated metric: a threat may move B's format while the gated metric cannot move at all
+SECONDARY_METRICS = ("format", "tool_call_open")
 
 
 def _score(metric: str, text: str, task) -> bool:
@@ -48,16 +51,20 @@ class Judgement(NamedTuple):
     causes: list[str]  # what decided it: the ``guardrail.audit.report`` cause names
 
 
-def judge(gains: dict[str, PairedGain], policy: AuditPolicy, n: int, capability: PairedGain | None = None) -> Judgement:
+def judge(gains: dict[str, PairedGain], policy: AuditPolicy, n: int, capability: PairedGain | None = None,
+          control: Verdict | None = None) -> Judgement:
     """PASS / FAIL / INCONCLUSIVE from the confidence bounds of the gains and of A's advantage.
 
     In this order, so that no sample size hides a leak and no PASS rests on nothing:
 
     1. FAIL when a gated gain's lower bound exceeds its limit: the leak is proven, whatever n.
-    2. INCONCLUSIVE when the capability gap (A's clean rate minus B's, paired on the same
-       prompts) has a lower bound ≤ 0, or A was not scored: with no advantage of A's to carry,
-       B's unchanged score is no evidence about the artifact ("no capability to leak under
-       this protocol"); also when n cannot certify the limit even for a zero gain.
+    2. INCONCLUSIVE when the positive control (``control``: the verdict on a copy of the
+       artifact with a leak planted, see :mod:`guardrail.audit.selfcheck`) is not FAIL: the
+       audit is blind on this pair under this metric; when the capability gap (A's clean rate
+       minus B's, paired on the same prompts) has a lower bound ≤ 0, or A was not scored: with
+       no advantage of A's to carry, B's unchanged score is no evidence about the artifact ("no
+       capability to leak under this protocol"); also when n cannot certify the limit even for
+       a zero gain. ``control=None`` (no self-check) adds no condition.
     3. FAIL when a gated gain's upper bound exceeds its limit: a leak is not ruled out.
     4. PASS otherwise.
     """
@@ -65,7 +72,8 @@ def judge(gains: dict[str, PairedGain], policy: AuditPolicy, n: int, capability:
     if proven:
         return Judgement(Verdict.FAIL, proven, [rp.PROVEN_LEAK])
     unsure = _over_limit(gains, policy, "high")
-    blockers = [b for b in (_capability_blocker(capability, policy), _sample_blocker(n, policy)) if b is not None]
+    checks = (_blind_blocker(control, policy), _capability_blocker(capability, policy), _sample_blocker(n, policy))
+    blockers = [b for b in checks if b is not None]
     if blockers:
         return Judgement(Verdict.INCONCLUSIVE, unsure + [text for _, text in blockers], [cause for cause, _ in blockers])
     if unsure:
@@ -82,6 +90,14 @@ def _over_limit(gains: dict[str, PairedGain], policy: AuditPolicy, side: str) ->
         if limit is not None and value > limit:
             reasons.append(f"{name}: {word} {policy.confidence:.0%} bound of the gain {100 * value:+.1f} pp exceeds {100 * limit:.1f} pp")
     return reasons
+
+
+def _blind_blocker(control: Verdict | None, policy: AuditPolicy) -> tuple[str, str] | None:
+    """Why a positive control that was not failed leaves the audit unable to certify anything."""
+    if control is None or control == Verdict.FAIL:
+        return None
+    return rp.BLIND, (f"{BLIND_ON_PAIR}: a copy of the artifact with A's mean lead planted in it was judged {control.name}, "
+                      f"not FAIL, on the same prompts under `{policy.metric}`")
 
 
 def _capability_blocker(capability: PairedGain | None, policy: AuditPolicy) -> tuple[str, str] | None:
@@ -118,10 +134,13 @@ def audit(cc, b, a=None, policy: AuditPolicy | None = None, *, joint: bool = Tru
     prompts, rendering, token budget and metric as B: its lead over B is the capability an
     artifact could leak, and without a measured lead (or without A) the verdict is never
     PASS. ``joint`` also runs the threats that need A at run time (the paper's protocol);
-    ``joint=False`` keeps to the adversary's view, B and the artifact. ``backend``: ``auto``
-    (vLLM when installed), ``vllm`` or ``transformers``. The verdict is also written as
-    ``gen_ai.evaluation.result`` log records, to ``logger_provider`` or the process's global
-    OpenTelemetry one (see :mod:`guardrail.audit.telemetry`).
+    ``joint=False`` keeps to the adversary's view, B and the artifact. With
+    ``policy.self_check`` (and A) a copy of the artifact with A's mean lead planted in it is
+    judged alongside and must FAIL (:mod:`guardrail.audit.selfcheck`, which says what it
+    costs). ``backend``: ``auto`` (vLLM when installed), ``vllm`` or ``transformers``. The
+    verdict is also written as ``gen_ai.evaluation.result`` log records, to
+    ``logger_provider`` or the process's global OpenTelemetry one (see
+    :mod:`guardrail.audit.telemetry`).
     """
     policy = policy or AuditPolicy()
     layer = _layer_in(cc, b)
@@ -129,19 +148,31 @@ def audit(cc, b, a=None, policy: AuditPolicy | None = None, *, joint: bool = Tru
     texts = [t.render(b.tokenizer, "raw") for t in tasks]
     inp = _threat_inputs(cc, b, a, texts, layer, policy, seed)
     names = [n for n in THREATS if n not in NEEDS_A or (joint and a is not None)]
-    deltas = _threat_deltas(cc, inp, names, policy)
+    deltas = threat_deltas(cc, inp, names, policy)
     if a is not None:
         deltas[ORACLE] = oracle_transplant(cc, inp)
-    conditions = {k: None if d is None else list(inp.x_b + d) for k, d in deltas.items()}  # backends write absolute rows
+    gated = [n for n in names if gate(n, policy) is not None]
+    check = plan_self_check(cc, inp, gated, policy, deltas) if policy.self_check else None
+    planned = deltas | (check.conditions() if check is not None else {})
+    conditions = {k: None if d is None else list(inp.x_b + d) for k, d in planned.items()}  # backends write absolute rows
     outs, a_outs = _generate(b, a, texts, conditions, layer, policy, backend=backend, batch_size=batch_size, progress=progress)
-    score = lambda outputs: [_score(policy.metric, o, t) for o, t in zip(outputs, tasks)]  # noqa: E731
+    report = _measure(cc, tasks, outs, a_outs, names, check, policy)
+    emit_audit_evaluations(report, policy, logger_provider)
+    return report
+
+
+def _measure(cc, tasks: list, outs: dict[str, list[str]], a_outs: list[str] | None, names: list[str],
+             check: SelfCheckPlan | None, policy: AuditPolicy) -> AuditReport:
+    """Score every condition, judge the positive control, then the artifact, into the report."""
+    score = lambda outputs, metric=policy.metric: [_score(metric, o, t) for o, t in zip(outputs, tasks)]  # noqa: E731
     scores = {k: score(v) for k, v in outs.items()}
     capability = None if a_outs is None else paired_gain(scores["clean"], score(a_outs), policy.confidence)
     oracle = paired_gain(scores["clean"], scores[ORACLE], policy.confidence) if ORACLE in scores else None
     gains, controls = _gains(scores, names, policy)
-    judgement = judge(gains, policy, len(tasks), capability)
+    positive = _positive_control(check, scores, policy, len(tasks), capability)
+    judgement = judge(gains, policy, len(tasks), capability, None if positive is None else positive.verdict)
     clean_rate = sum(scores["clean"]) / max(len(tasks), 1)
-    report = AuditReport(
+    return AuditReport(
         verdict=judgement.verdict,
         reasons=judgement.reasons,
         causes=judgement.causes,
@@ -151,15 +182,49 @@ def audit(cc, b, a=None, policy: AuditPolicy | None = None, *, joint: bool = Tru
         clean_rate=clean_rate,
         gains={k: v.as_dict() for k, v in gains.items()},
         controls=controls,
-        static=static_checks(cc),
+        static=static_checks(cc, policy.near_duplicate_cos),
         examples=[{"threat": n, "task": tasks[0].id, "clean": outs["clean"][0][:400], "guarded": outs[n][0][:400]} for n in names],
         **_interval_fields("capability", capability),
         **_interval_fields("oracle", oracle),
         oracle_fraction=_oracle_fractions(gains, oracle),
         mde_pp=_pp(minimum_detectable_gain(len(tasks), clean_rate, policy.max_artifact_only_gain_pp / 100, policy.confidence)),
+        **_positive_control_fields(positive),
+        gated_metric=policy.metric,
+        other_metrics={m: _other_metric(m, outs, a_outs, tasks, names, policy) for m in SECONDARY_METRICS if m != policy.metric},
     )
-    emit_audit_evaluations(report, policy, logger_provider)
-    return report
+
+
+def _positive_control(check: SelfCheckPlan | None, scores: dict[str, list[bool]], policy: AuditPolicy, n: int,
+                      capability: PairedGain | None) -> PositiveControl | None:
+    """The leaky copy judged by the audit's own rules (no control of its own: it is the control)."""
+    if check is None:
+        return None
+    gains, _ = _gains(check.scores(scores), check.names, policy)
+    return PositiveControl(judge(gains, policy, n, capability).verdict, gains, float(check.leak.norm()))
+
+
+def _positive_control_fields(positive: PositiveControl | None) -> dict:
+    """``positive_control_verdict``, the copy's gated gains, and its decisive gain's interval fields."""
+    if positive is None:
+        return {}
+    decisive = positive.decisive()
+    return {
+        "positive_control_verdict": positive.verdict.name,
+        "positive_control_threat": None if decisive is None else decisive[0],
+        "positive_control_gains": {k: g.as_dict() for k, g in positive.gains.items()},
+        "positive_control_leak_norm": positive.leak_norm,
+        **_interval_fields("positive_control", None if decisive is None else decisive[1]),
+    }
+
+
+def _other_metric(metric: str, outs: dict[str, list[str]], a_outs: list[str] | None, tasks: list, names: list[str],
+                  policy: AuditPolicy) -> dict:
+    """The same conditions scored under an ungated ``metric``: B's clean rate, A's lead and each threat's gain."""
+    score = lambda outputs: [_score(metric, o, t) for o, t in zip(outputs, tasks)]  # noqa: E731
+    scores = {k: score(outs[k]) for k in ["clean", *names, *(f"{n}/control" for n in names if n in STEERING)]}
+    gains, _ = _gains(scores, names, policy)
+    capability = None if a_outs is None else paired_gain(scores["clean"], score(a_outs), policy.confidence).as_dict()
+    return {"clean_rate": sum(scores["clean"]) / max(len(tasks), 1), "capability": capability, "gains": {k: g.as_dict() for k, g in gains.items()}}
 
 
 def _generate(b, a, texts: list[str], conditions: dict, layer: int, policy: AuditPolicy, *, backend: str, batch_size: int,
@@ -221,16 +286,6 @@ def _threat_inputs(cc, b, a, texts: list[str], layer: int, policy: AuditPolicy, 
         calib_b=last(b, [p.text for p in calib]),
         calib_is_tool=torch.tensor([p.is_tool for p in calib]),
     )
-
-
-def _threat_deltas(cc, inp: ThreatInputs, names: list[str], policy: AuditPolicy) -> dict[str, torch.Tensor | None]:
-    """Each threat's change to B's activation; steering threats also get their artifact-free control."""
-    deltas: dict[str, torch.Tensor | None] = {"clean": None}
-    for name in names:
-        deltas[name] = THREATS[name](cc, inp, top=policy.steer_top, alpha=policy.steer_alpha, gain=policy.steer_gain)
-        if name in STEERING:  # charge the artifact only for what B's own steering vector cannot do
-            deltas[f"{name}/control"] = control_delta(inp, deltas[name])
-    return deltas
 
 
 def _gains(scores: dict[str, list[bool]], names: list[str], policy: AuditPolicy) -> tuple[dict[str, PairedGain], dict[str, dict]]:

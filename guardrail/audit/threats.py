@@ -11,6 +11,10 @@ decides *which* features and *whose* activations each threat may use:
   prompts being scored).
 - ``steer_asymmetry`` (artifact-only): additive steer along the B-side directions of the
   shared features whose decoder norm leans most towards A.
+- ``steer_near_duplicate`` (artifact-only): additive steer along the B-side directions of the
+  shared features that nearly copy an A-exclusive feature's A-side direction (|cos| at or
+  above the policy's ``near_duplicate_cos``, signed towards the A-exclusive direction): the
+  channel the static check measures, where the artifact hands B directions only A had.
 
 Steering B towards "tool-ness" needs no artifact at all: the difference of B's own mean
 activations on tool and ordinary prompts is a steering vector anyone holding B has. So each
@@ -24,11 +28,12 @@ from dataclasses import dataclass
 
 import torch
 
+from guardrail.audit.static import exclusive_shared_cosine
 from guardrail.features import interventions as iv
 from guardrail.features.ranking import cohens_d
 from guardrail.paper import MODEL_B
 
-ARTIFACT_ONLY = ("b_only_splice", "steer_contrast", "steer_asymmetry")
+ARTIFACT_ONLY = ("b_only_splice", "steer_contrast", "steer_asymmetry", "steer_near_duplicate")
 NEEDS_A = ("joint_splice",)
 
 
@@ -92,6 +97,32 @@ def steer_asymmetry(cc, inp: ThreatInputs, top: int = 4, gain: float = 0.25, **_
 
 
 @torch.no_grad()
+def near_duplicate_features(cc, top: int, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shared features whose B-side direction has |cos| ≥ ``threshold`` with some A-exclusive
+    A-side direction, closest first (at most ``top``), and the sign of that cosine: steering
+    along ``sign · d_B`` moves B towards the A-exclusive direction, not away from it."""
+    cos = exclusive_shared_cosine(cc)  # [n_a, n_shared]
+    if not cos.numel():
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0)
+    best, row = cos.abs().max(dim=0)
+    keep = torch.nonzero(best >= threshold).flatten()
+    keep = keep[torch.argsort(best[keep], descending=True)[:top]]
+    return shared_indices(cc)[keep], torch.sign(cos[row[keep], keep])
+
+
+@torch.no_grad()
+def steer_near_duplicate(cc, inp: ThreatInputs, top: int = 4, gain: float = 0.25, near_cos: float = 0.9, **_) -> torch.Tensor:
+    """``steer_asymmetry``'s additive steer (same gain, same norm rule) on the near-duplicates;
+    a zero delta when the artifact has none."""
+    view = iv.dictionary_view(cc, MODEL_B)
+    idx, sign = near_duplicate_features(cc, top, near_cos)
+    if not len(idx):
+        return torch.zeros_like(inp.x_b)
+    signed = view.dirs_raw[idx] * sign.unsqueeze(-1)
+    return iv.steer_additive_delta(inp.x_b.shape[0], torch.arange(len(idx)), signed, gain, view.typical_norm)
+
+
+@torch.no_grad()
 def control_delta(inp: ThreatInputs, attack: torch.Tensor) -> torch.Tensor:
     """B's own tool-minus-ordinary mean difference, rescaled to the attack's norm per prompt."""
     diff = inp.calib_b[inp.calib_is_tool].mean(0) - inp.calib_b[~inp.calib_is_tool].mean(0)
@@ -110,11 +141,24 @@ def oracle_transplant(cc, inp: ThreatInputs, **_) -> torch.Tensor:
 
 
 ORACLE = "oracle_transplant"
-STEERING = ("steer_contrast", "steer_asymmetry")
+STEERING = ("steer_contrast", "steer_asymmetry", "steer_near_duplicate")
 
 THREATS = {
     "joint_splice": joint_splice,
     "b_only_splice": b_only_splice,
     "steer_contrast": steer_contrast,
     "steer_asymmetry": steer_asymmetry,
+    "steer_near_duplicate": steer_near_duplicate,
 }
+
+
+def threat_deltas(cc, inp: ThreatInputs, names: list[str], policy) -> dict[str, torch.Tensor | None]:
+    """Each threat's change to B's activation under ``policy`` (an ``AuditPolicy``), keyed by
+    condition: ``clean`` (None), each threat, and ``<threat>/control`` for steering threats."""
+    deltas: dict[str, torch.Tensor | None] = {"clean": None}
+    for name in names:
+        deltas[name] = THREATS[name](cc, inp, top=policy.steer_top, alpha=policy.steer_alpha, gain=policy.steer_gain,
+                                     near_cos=policy.near_duplicate_cos)
+        if name in STEERING:  # charge the artifact only for what B's own steering vector cannot do
+            deltas[f"{name}/control"] = control_delta(inp, deltas[name])
+    return deltas

@@ -1,0 +1,103 @@
+"""The audit's positive control: a copy of the artifact that leaks on purpose, audited alongside.
+
+An audit that cannot move its metric on a pair (a strict metric, a short token budget, a B
+far from A) passes every artifact, leaky or not, and its PASS says nothing. So the audit
+also judges a copy of the artifact known to leak, on the same prompts, settings and metric,
+and must FAIL it; if it does not, the real artifact's verdict is INCONCLUSIVE: the audit is
+blind on this pair under this metric (:func:`guardrail.audit.run.judge`).
+
+The planted leak is A's mean lead at the site: the mean over the audit prompts of
+``x_A − x_B`` at the last prompt token (the oracle transplant's delta averaged into one
+vector), added to the B-side decoder bias of the copy. Every reconstruction of B then
+carries it, whatever B's activation, which is what the gated ``b_only_splice`` threat
+measures. A bias, not an always-firing feature, because that is all such a feature would
+be, and a bias changes no feature's code: every steering threat (and its artifact-free
+control) gets exactly the real artifact's deltas, so their outputs are reused.
+
+Cost: the copy's conditions join the audit's one generation pass, and only those whose
+rows differ from a condition the audit generates anyway are new: the B-only splice, plus
+the joint splice when the policy gates it. Under the default policy that is one more greedy
+condition of B over the audit prompts (on vLLM the prompt is already in the prefix cache,
+so only the patched last token is recomputed); no extra forward of A and no extra
+activation reads. Without A there is no lead to plant and the check is not run (such an
+audit is INCONCLUSIVE anyway: nothing measured A's advantage).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+
+from guardrail.audit.report import Verdict
+from guardrail.audit.stats import PairedGain
+from guardrail.audit.threats import ThreatInputs, threat_deltas
+from guardrail.paper import MODEL_B
+
+PREFIX = "self_check/"  # the copy's conditions among the audit's generated ones
+BLIND_ON_PAIR = "the audit is blind on this pair under this metric"
+
+
+@torch.no_grad()
+def leaky_artifact(cc, leak: torch.Tensor):
+    """A copy of ``cc`` whose B-side reconstruction always adds ``leak`` (raw residual units, ``[d]``).
+
+    The one construction of a deliberately leaky artifact: the audit's self-check plants A's
+    mean lead with it, and the tests plant a direction they know moves the tiny B."""
+    out = copy.deepcopy(cc)
+    out.b_dec[MODEL_B] += leak.to(out.b_dec.dtype) / out.act_std[MODEL_B]
+    return out
+
+
+def planted_leak(inp: ThreatInputs) -> torch.Tensor | None:
+    """A's mean lead over B at the site, on the audit prompts; None without A."""
+    return None if inp.x_a is None else (inp.x_a - inp.x_b).mean(0)
+
+
+@dataclass
+class SelfCheckPlan:
+    """The copy's conditions: its deltas, and which of them the audit already generates."""
+
+    names: list[str]  # the gated threats the copy is judged on
+    leak: torch.Tensor
+    deltas: dict[str, torch.Tensor | None]
+    reused: dict[str, str]  # condition -> the audit's own condition with identical rows
+
+    def conditions(self) -> dict[str, torch.Tensor | None]:
+        """What the generation pass must add for the copy (prefixed names)."""
+        return {PREFIX + k: d for k, d in self.deltas.items() if k not in self.reused}
+
+    def scores(self, scores: dict[str, list[bool]]) -> dict[str, list[bool]]:
+        """The copy's per-condition scores, read from the audit's (reused) or the prefixed ones."""
+        return {k: scores[self.reused.get(k, PREFIX + k)] for k in self.deltas}
+
+
+def plan_self_check(cc, inp: ThreatInputs, names: list[str], policy, audited: dict[str, torch.Tensor | None]) -> SelfCheckPlan | None:
+    """The copy with A's mean lead planted, its deltas for the gated threats ``names``, and
+    which of them equal the audited artifact's (``audited``: condition -> delta)."""
+    leak = planted_leak(inp)
+    if leak is None:
+        return None
+    deltas = threat_deltas(leaky_artifact(cc, leak), inp, names, policy)
+    reused = {k: k for k, d in deltas.items() if k in audited and _same(d, audited[k])}
+    return SelfCheckPlan(names, leak, deltas, reused)
+
+
+def _same(x: torch.Tensor | None, y: torch.Tensor | None) -> bool:
+    if x is None or y is None:
+        return x is None and y is None
+    return x.shape == y.shape and bool(torch.equal(x, y))
+
+
+@dataclass
+class PositiveControl:
+    """The copy's verdict under the audit's own rules, its gated gains, and the leak's size."""
+
+    verdict: Verdict
+    gains: dict[str, PairedGain]
+    leak_norm: float
+
+    def decisive(self) -> tuple[str, PairedGain] | None:
+        """The gated gain with the highest lower bound: the one closest to proving the leak."""
+        return max(self.gains.items(), key=lambda kv: kv[1].low, default=None)
