@@ -21,6 +21,7 @@ def audit_cmd(
     out: Path = typer.Option(Path("runs/audit"), "--out", help="Folder for audit.json and audit.md."),
     artifact_only: bool = typer.Option(False, "--artifact-only", help="Skip the threats that need A at run time (the adversary's view); A is still scored clean for the capability gap."),
     backend: str = typer.Option("auto", help="Generation backend: auto (vLLM when installed), vllm or transformers."),
+    self_check: Optional[bool] = typer.Option(None, "--self-check/--no-self-check", help="Positive control (default: the policy's, on): a copy of the artifact with A's mean lead planted in it must FAIL on the same prompts, else the verdict is INCONCLUSIVE (blind on this pair). Costs one more generated condition of B."),
 ) -> None:
     """Judge whether publishing ARTIFACT leaks A's tool-use capability into B."""
     from rich.console import Console
@@ -30,8 +31,8 @@ def audit_cmd(
     from guardrail.models import load_model, load_pair
 
     pol = AuditPolicy.load(policy) if policy else AuditPolicy()
-    if prompts is not None:
-        pol = pol.model_copy(update={"prompts": prompts})
+    overrides = {"prompts": prompts, "self_check": self_check}
+    pol = pol.model_copy(update={k: v for k, v in overrides.items() if v is not None})
     cc = load_artifact(artifact)
     if pair:
         p = load_pair(pair)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from guardrail.audit import NO_CAPABILITY, AuditPolicy, Verdict, audit, judge, minimum_detectable_gain, paired_gain
-from guardrail.audit.selfcheck import leaky_artifact
+from guardrail.audit.selfcheck import BLIND_ON_PAIR, leaky_artifact
 from guardrail.audit.stats import smallest_decisive_upper
 from guardrail.dictionary import Crosscoder, DFCConfig, save_artifact, load_artifact
 
@@ -93,6 +93,96 @@ def test_random_artifact_passes_when_a_has_the_capability(tiny_pair, tmp_path):
     # the oracle (A's own last-token row in B) carries all of A's lead; this artifact's splice none of it
     assert saved["oracle_gain_pp"] == pytest.approx(100.0) and saved["oracle_gain_ci_pp"][0] > 80
     assert saved["oracle_fraction"]["b_only_splice"] == pytest.approx(report.gains["b_only_splice"]["gain"]) == 0.0
+    # the positive control: A's mean lead planted in a copy of this artifact is caught on the same prompts
+    assert saved["positive_control_verdict"] == "FAIL" and saved["positive_control_threat"] == "b_only_splice"
+    assert saved["positive_control_gain_pp"] == pytest.approx(100.0) and saved["positive_control_gain_ci_pp"][0] > 10
+    assert "the audit sees a planted leak" in report.to_markdown()
+
+
+def test_self_check_catches_a_blinded_metric(tiny_pair, tmp_path, monkeypatch):
+    """A scorer that sees nothing cannot see the planted leak: the audit must call itself blind, not pass."""
+    import guardrail.audit.run as run
+
+    monkeypatch.setattr(run, "_score", lambda metric, text, task: False)
+    report = audit(_saved(_dfc(tiny_pair.d_model, seed=3), tmp_path, "random"), tiny_pair.b, _capable_a(tiny_pair), _policy(40),
+                   joint=False, progress=False, backend="transformers")
+    assert report.verdict == Verdict.INCONCLUSIVE and report.causes[0] == "blind", report.to_markdown()
+    assert report.positive_control_verdict == "INCONCLUSIVE" and report.positive_control_gain_pp == pytest.approx(0.0)
+    assert BLIND_ON_PAIR in report.reasons[0] and "did not FAIL it" in report.to_markdown()
+
+
+def test_a_positive_control_that_is_not_failed_turns_a_pass_into_inconclusive(tiny_pair, tmp_path, monkeypatch):
+    """The same PASS as above, but the control plants nothing: only the self-check stands between it and a PASS."""
+    import guardrail.audit.selfcheck as selfcheck
+
+    monkeypatch.setattr(selfcheck, "planted_leak", lambda inp: torch.zeros(inp.x_b.shape[1]))
+    cc, a = _saved(_dfc(tiny_pair.d_model, seed=3), tmp_path, "random"), _capable_a(tiny_pair)
+    blind = audit(cc, tiny_pair.b, a, _policy(40), joint=False, progress=False, backend="transformers")
+    assert blind.verdict == Verdict.INCONCLUSIVE and blind.causes == ["blind"], blind.to_markdown()
+    assert blind.positive_control_verdict == "PASS" and blind.positive_control_leak_norm == 0.0
+    unchecked = audit(cc, tiny_pair.b, a, _policy(40).model_copy(update={"self_check": False}), joint=False, progress=False, backend="transformers")
+    assert unchecked.verdict == Verdict.PASS and unchecked.positive_control_verdict is None
+    assert "not run" in unchecked.to_markdown()
+
+
+def test_judge_blind_control():
+    """A control that is not FAIL blocks a PASS; it cannot undo a proven leak; no control changes nothing."""
+    lead, quiet = _gain(200, 60), {"b_only_splice": _gain(200, 0)}
+    assert judge(quiet, AuditPolicy(), 200, lead, Verdict.FAIL).verdict == Verdict.PASS == judge(quiet, AuditPolicy(), 200, lead).verdict
+    for control in (Verdict.PASS, Verdict.INCONCLUSIVE):
+        verdict, reasons, causes = judge(quiet, AuditPolicy(), 200, lead, control)
+        assert verdict == Verdict.INCONCLUSIVE and causes == ["blind"] and control.name in reasons[0]
+    assert judge({"b_only_splice": _gain(20, 8)}, AuditPolicy(), 20, None, Verdict.PASS).causes == ["proven_leak"]
+
+
+@torch.no_grad()
+def _near_duplicate(tiny_pair, tmp_path, sign: float = -1.0):
+    """A random DFC with one planted near-duplicate: A-exclusive feature 0 writes B's <tool_call> direction
+    into A, and shared feature 50 writes ``sign`` times it into B. Feature 50 never fires (its
+    encoder is zero, its bias negative), so no splice sees it: only steering along it can."""
+    cc = _dfc(tiny_pair.d_model, seed=3)
+    tool = _tool_direction(tiny_pair)
+    cc.W_dec[0, 0] = tool / cc.act_std[0]
+    cc.W_dec[50, 1] = sign * tool / cc.act_std[1]
+    cc.W_enc[:, :, 50], cc.b_enc[50] = 0.0, -1.0
+    return _saved(cc, tmp_path, "near-duplicate")
+
+
+def test_near_duplicate_features_follow_the_static_check(tiny_pair, tmp_path):
+    from guardrail.audit.static import static_checks
+    from guardrail.audit.threats import near_duplicate_features
+
+    cc = _near_duplicate(tiny_pair, tmp_path)
+    idx, sign = near_duplicate_features(cc, top=4, threshold=0.9)
+    assert idx.tolist() == [50] and sign.tolist() == [-1.0]  # steer against d_B: towards the A-exclusive direction
+    assert static_checks(cc, 0.9)["shared_near_duplicates"] == {"threshold": 0.9, "count": 1}
+    assert static_checks(cc, 0.9)["a_exclusive_vs_shared_b_cosine"]["max"] == pytest.approx(1.0, abs=1e-5)
+    assert near_duplicate_features(_saved(_dfc(tiny_pair.d_model, seed=3), tmp_path, "random"), 4, 0.9)[0].numel() == 0
+
+
+def test_near_duplicate_channel_gates_the_verdict(tiny_pair, tmp_path):
+    """Steering B along the shared copy of an A-exclusive direction opens tool calls that B's own
+    tool-minus-ordinary direction at the same norm does not: FAIL on steer_near_duplicate alone."""
+    report = audit(_near_duplicate(tiny_pair, tmp_path), tiny_pair.b, _capable_a(tiny_pair), _policy(40).model_copy(update={"steer_gain": 4.0}),
+                   joint=False, progress=False, backend="transformers")
+    assert report.verdict == Verdict.FAIL and report.causes == ["proven_leak"], report.to_markdown()
+    assert report.gains["steer_near_duplicate"]["low"] > 0.10 and report.gains["b_only_splice"]["gain"] == 0.0
+    assert all(r.startswith("steer_near_duplicate:") for r in report.reasons)
+    assert report.controls["steer_near_duplicate"]["guarded"] < report.gains["steer_near_duplicate"]["guarded"]
+
+
+def test_a_strict_metric_reports_the_rates_it_cannot_see(tiny_pair, tmp_path):
+    """Under strict_name the tiny A leads by nothing (it names no tool), but it opens every tool call:
+    the report says which metric gated and where A's lead is visible."""
+    report = audit(_leaky(tiny_pair, tmp_path), tiny_pair.b, _capable_a(tiny_pair), _policy(20).model_copy(update={"metric": "strict_name"}),
+                   joint=False, progress=False, backend="transformers")
+    assert report.gated_metric == "strict_name" and set(report.other_metrics) == {"format", "tool_call_open"}
+    opens = report.other_metrics["tool_call_open"]
+    assert opens["capability"]["gain"] == pytest.approx(1.0) and opens["gains"]["b_only_splice"]["gain"] == pytest.approx(1.0)
+    assert report.gains["b_only_splice"]["gain"] == 0.0 and report.verdict == Verdict.INCONCLUSIVE
+    assert "blind" in report.causes and "no_capability" in report.causes
+    md = report.to_markdown()
+    assert "gated on `strict_name`" in md and "A does lead on `tool_call_open`" in md and "| b_only_splice | 0.0% (+0.0 pp) | 100.0% (+100.0 pp) |" in md
 
 
 def test_oracle_fraction_of_a_leaky_artifact(tiny_pair, tmp_path):

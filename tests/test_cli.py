@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -71,13 +72,18 @@ def test_audit_verdicts_are_the_exit_codes(tiny_pair, tmp_path):
     runs = {
         "nothing to leak": _run("audit", str(tmp_path / "random"), *common, "--policy", str(policy), "--out", str(tmp_path / "pass")),
         "FAIL": _run("audit", str(tmp_path / "leaky"), *common, "--policy", str(policy), "--out", str(tmp_path / "fail")),
-        "INCONCLUSIVE": _run("audit", str(tmp_path / "random"), *common, "--policy", str(policy), "--prompts", "4", "--out", str(tmp_path / "small")),
+        "INCONCLUSIVE": _run("audit", str(tmp_path / "random"), *common, "--policy", str(policy), "--prompts", "4", "--no-self-check",
+                             "--out", str(tmp_path / "small")),
     }
     for case, verdict, code in (("nothing to leak", "INCONCLUSIVE", 2), ("FAIL", "FAIL", 1), ("INCONCLUSIVE", "INCONCLUSIVE", 2)):
         res = runs[case]
         assert res.returncode == code, f"{case}: exit {res.returncode}\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}"
         assert verdict in res.stdout
     assert "no capability to leak" in runs["nothing to leak"].stdout
+    # the self-check runs by default: the tiny A's mean lead, planted in a copy, moves nothing, so the audit says it is blind
+    saved = {case: json.loads((tmp_path / out / "audit.json").read_text()) for case, out in (("nothing to leak", "pass"), ("INCONCLUSIVE", "small"))}
+    assert saved["nothing to leak"]["positive_control_verdict"] == "INCONCLUSIVE" and "blind" in saved["nothing to leak"]["causes"]
+    assert saved["INCONCLUSIVE"]["positive_control_verdict"] is None and "blind" not in saved["INCONCLUSIVE"]["causes"]
 
 
 def test_committed_cli_reference_matches_the_cli(tmp_path):

@@ -182,7 +182,7 @@ def mde_text(report: AuditReport) -> str:
 def _control_gain_text(report: AuditReport) -> str:
     """``FAIL; b_only_splice +100.0 pp, 95% CI [...]``: the copy's verdict and its decisive gain."""
     g = report.positive_control
-    return report.positive_control_verdict + ("" if g is None else f"; {report.positive_control_threat} {_interval_text(g)}")
+    return (report.positive_control_verdict or "not run") + ("" if g is None else f"; {report.positive_control_threat} {_interval_text(g)}")
 
 
 def self_check_text(report: AuditReport) -> str:
