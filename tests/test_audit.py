@@ -99,6 +99,19 @@ def test_random_artifact_passes_when_a_has_the_capability(tiny_pair, tmp_path):
     assert "the audit sees a planted leak" in report.to_markdown()
 
 
+@torch.no_grad()
+def test_leaky_artifact_plants_its_leak_in_the_b_side_bias_only():
+    """Every B-side reconstruction gains exactly ``leak``; A's side, the codes and the original artifact are untouched."""
+    cc = _dfc(16)
+    cc.act_std.uniform_(0.5, 2.0)
+    before, leak = cc.b_dec.clone(), torch.randn(16)
+    out = leaky_artifact(cc, leak)
+    zero = torch.zeros(1, cc.dict_size)
+    shift = cc.denormalize(out.decode(zero)) - cc.denormalize(cc.decode(zero))
+    assert torch.allclose(shift[0, 1], leak, atol=1e-5) and torch.equal(shift[0, 0], torch.zeros(16))
+    assert torch.equal(cc.b_dec, before) and out.W_enc is cc.W_enc and out.W_dec is cc.W_dec  # shared, not copied
+
+
 def test_self_check_catches_a_blinded_metric(tiny_pair, tmp_path, monkeypatch):
     """A scorer that sees nothing cannot see the planted leak: the audit must call itself blind, not pass."""
     import guardrail.audit.run as run

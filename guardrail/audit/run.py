@@ -154,8 +154,10 @@ def audit(cc, b, a=None, policy: AuditPolicy | None = None, *, joint: bool = Tru
     gated = [n for n in names if gate(n, policy) is not None]
     check = plan_self_check(cc, inp, gated, policy, deltas) if policy.self_check else None
     planned = deltas | (check.conditions() if check is not None else {})
-    conditions = {k: None if d is None else list(inp.x_b + d) for k, d in planned.items()}  # backends write absolute rows
+    unchanged = [k for k, d in planned.items() if d is not None and not bool(d.any())]  # e.g. a threat with nothing to steer
+    conditions = {k: None if d is None else list(inp.x_b + d) for k, d in planned.items() if k not in unchanged}  # absolute rows
     outs, a_outs = _generate(b, a, texts, conditions, layer, policy, backend=backend, batch_size=batch_size, progress=progress)
+    outs |= {k: outs["clean"] for k in unchanged}  # a zero delta is B clean: not generated again
     report = _measure(cc, tasks, outs, a_outs, names, check, policy)
     emit_audit_evaluations(report, policy, logger_provider)
     return report

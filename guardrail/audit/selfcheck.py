@@ -44,8 +44,11 @@ def leaky_artifact(cc, leak: torch.Tensor):
     """A copy of ``cc`` whose B-side reconstruction always adds ``leak`` (raw residual units, ``[d]``).
 
     The one construction of a deliberately leaky artifact: the audit's self-check plants A's
-    mean lead with it, and the tests plant a direction they know moves the tiny B."""
-    out = copy.deepcopy(cc)
+    mean lead with it, and the tests plant a direction they know moves the tiny B. The copy
+    shares every tensor but ``b_dec`` with ``cc`` (read-only, so a large dictionary is not
+    held twice)."""
+    shared = {id(t): t for name, t in [*cc.named_parameters(), *cc.named_buffers()] if name != "b_dec"}  # only b_dec changes
+    out = copy.deepcopy(cc, memo=shared)
     out.b_dec[MODEL_B] += leak.to(out.b_dec.dtype) / out.act_std[MODEL_B]
     return out
 

@@ -7,7 +7,9 @@ if it has one, holds them. Scores are fractions of prompts (a gain of 0.05 is 5 
 The verdict record's label is ``pass``, ``fail`` or ``inconclusive`` and its score the
 largest upper confidence bound among the gated threats' gains; a threat's score is its gain
 and its label ``exceeds_bound`` or ``within_bound`` when the policy gates on it, ``ungated``
-otherwise.
+otherwise. The verdict record also carries ``guardrail.audit.positive_control``: the
+self-check's verdict on its deliberately leaky copy (``fail`` is the one that lets the
+verdict stand), or ``not_run``.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ def emit_audit_evaluations(report: Any, policy: AuditPolicy, logger_provider: An
         score_value=max(gated) if gated else None,
         score_label=report.verdict.name.lower(),
         explanation="; ".join(report.reasons)[:2000],
-        attributes=artifact,
+        attributes=artifact | {"guardrail.audit.positive_control": str(getattr(report, "positive_control_verdict", None) or "not_run").lower()},
         logger_provider=logger_provider,
     )]
     for name, g in report.gains.items():
