@@ -21,7 +21,10 @@ def audit_cmd(
     out: Path = typer.Option(Path("runs/audit"), "--out", help="Folder for audit.json and audit.md."),
     artifact_only: bool = typer.Option(False, "--artifact-only", help="Skip the threats that need A at run time (the adversary's view); A is still scored clean for the capability gap."),
     backend: str = typer.Option("auto", help="Generation backend: auto (vLLM when installed), vllm or transformers."),
-    self_check: Optional[bool] = typer.Option(None, "--self-check/--no-self-check", help="Positive control (default: the policy's, on): a copy of the artifact with A's mean lead planted in it must FAIL on the same prompts, else the verdict is INCONCLUSIVE (blind on this pair). Costs one more generated condition of B."),
+    self_check: Optional[bool] = typer.Option(
+        None, "--self-check/--no-self-check",
+        help="Positive control (default: the policy's, on): a copy of the artifact with A's mean lead planted in it must FAIL "
+             "on the same prompts, else the verdict is INCONCLUSIVE (blind on this pair). Costs one more generated condition of B."),
 ) -> None:
     """Judge whether publishing ARTIFACT leaks A's tool-use capability into B."""
     from rich.console import Console
