@@ -12,6 +12,7 @@ second run only runs the live policies.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from contextlib import contextmanager
@@ -19,6 +20,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Iterator
+
+import guardrail
 
 
 
@@ -171,8 +174,10 @@ def audit_lines(report: dict) -> list[str]:
         return "not measured" if pp is None else f"{pp:+.1f} pp, CI [{ci[0]:+.1f}, {ci[1]:+.1f}]"
 
     mde = report.get("mde_pp")
+    control = report.get("positive_control_verdict")
     head = [f"capability gap A − B: {interval('capability_gap')}", f"oracle transplant (A's row in B): {interval('oracle_gain')}",
-            "minimum detectable gain: " + ("none at this n" if mde is None else f"{mde:.1f} pp")]
+            "minimum detectable gain: " + ("none at this n" if mde is None else f"{mde:.1f} pp"),
+            "self-check (a deliberately leaky copy must FAIL): " + ("not run" if control is None else f"{control}, {interval('positive_control_gain')}")]
     gains = [f"{k}: gain {100 * g['gain']:+.1f} pp, CI [{100 * g['low']:+.1f}, {100 * g['high']:+.1f}]" for k, g in report.get("gains", {}).items()]
     return head + gains + list(report.get("reasons", []))
 
@@ -201,12 +206,15 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> DemoResult:
     with clock.stage("policies live"):
         live = run_live(pair, art, res, min(cfg.max_new_tokens, 96))
 
+    policy = AuditPolicy(prompts=cfg.audit_prompts, max_new_tokens=cfg.audit_tokens)
+
     def run_audit() -> dict:
-        say(f"auditing the DFC: {cfg.audit_prompts} held-out prompts, B clean vs each threat model")
-        policy = AuditPolicy(prompts=cfg.audit_prompts, max_new_tokens=cfg.audit_tokens)
+        say(f"auditing the DFC: {cfg.audit_prompts} held-out prompts, A and B clean, B under each threat model and the self-check")
         return json.loads(audit(load_artifact(art), pair.b, pair.a, policy, backend=cfg.backend).to_json())
 
-    verdict = _timed_cached(clock, "audit", Path(art).parent / f"audit-{cfg.audit_prompts}-{cfg.audit_tokens}.json", cfg.retrain, run_audit)
+    # keyed by the whole audit policy and the package version: a report of another audit is never shown as this one's
+    key = hashlib.sha256(f"{guardrail.__version__} {policy.model_dump_json()}".encode()).hexdigest()[:10]
+    verdict = _timed_cached(clock, "audit", Path(art).parent / f"audit-{key}.json", cfg.retrain, run_audit)
     return DemoResult(res, live, verdict, clock.seconds, notices(res), clock.cached)
 
 
