@@ -60,6 +60,7 @@ class DictionaryRecipe:
     batch_size: int = 256
     lr: float = 3e-4
     k_exclusive: int | None = 3  # per-partition top-k: exclusive slots per sample (exact single-model codes); None: the paper's joint top-k
+    max_norm_ratio: float | None = 10.0  # training rows above this × the median norm (attention sinks) are left out; None: keep all
     seed: int = 0
 
     COLLECTION = ("layer", "tool_prompts", "plain_prompts", "last_n", "seed")
@@ -112,6 +113,18 @@ def protocol_prompts(pair: Any, protocol: Protocol, recipe: DictionaryRecipe) ->
     return items
 
 
+def training_rows(parts: list[Any], max_norm_ratio: float | None, say: Callable[[str], None] = print) -> torch.Tensor:
+    """``[N, 2, d]`` rows of every cache, without the outlier rows (see ``PairedActivations.outliers``)."""
+    rows = []
+    for part in parts:
+        if max_norm_ratio is not None:
+            out = part.outliers(max_norm_ratio)
+            say(f"  leaving out {int(out.sum())} of {len(part)} rows above {max_norm_ratio:g}× the median norm (attention sinks)")
+            part = part.select(~out)
+        rows.append(part.acts)
+    return torch.cat(rows)
+
+
 @dataclass
 class PhenomenonArtifact:
     """The trained DFC's folder and its last-token rows per protocol (for ranking and choosing features)."""
@@ -153,9 +166,10 @@ def ensure_artifact(pair: Any, protocols: tuple[Protocol, ...], recipe: Dictiona
     art = root / f"dfc-{recipe.training_key()}" / "dfc"
     if not (art / RANKING_FILE).exists():
         cfg = dfc_config(pair, recipe)
-        rows = torch.cat([c.load().acts for c in caches.values()])
+        rows = training_rows([c.load() for c in caches.values()], recipe.max_norm_ratio, say)
         say(f"training a DFC on {len(rows)} rows: D={cfg.dict_size}, k={cfg.k}, {recipe.exclusive:.0%} exclusive per model, {recipe.steps} steps")
-        described = {"model_a": pair.a.spec, "model_b": pair.b.spec, "layer": layer, "positions": f"last {recipe.last_n} prompt tokens",
+        described = {"model_a": pair.a.spec, "model_b": pair.b.spec, "layer": layer, "positions": f"last {recipe.last_n} prompt tokens"
+                     + ("" if recipe.max_norm_ratio is None else f", rows above {recipe.max_norm_ratio:g}× the median norm left out"),
                      "source": f"guardrail eval phenomenon: {', '.join(p.name for p in protocols)} protocols, train split"}
         cc = train(rows, cfg, art, steps=recipe.steps, batch_size=recipe.batch_size, lr=recipe.lr, seed=recipe.seed,
                    manifest_fields=described)
