@@ -39,6 +39,9 @@ def train_cmd(
     seed: int = typer.Option(0, help="Seed of the initialisation and the batch order (same seed, same weights)."),
     checkpoint_every: int = typer.Option(500, help="Steps between checkpoints (a crashed run resumes from the last)."),
     threads: Optional[int] = typer.Option(None, help="torch threads."),
+    max_norm_ratio: Optional[float] = typer.Option(
+        None, help="Leave out rows above this × the median norm (attention-sink first tokens; 10 is a safe value when the cache "
+                   "holds more than the last prompt token); default: keep every row."),
     config: Optional[Path] = typer.Option(None, help="JSON/YAML with CrosscoderConfig fields (overrides the flags)."),
     fresh: bool = typer.Option(False, "--fresh", help="Ignore an existing checkpoint in --out."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
@@ -66,7 +69,7 @@ def train_cmd(
         steps = auto_steps(cache_obj.manifest.n_rows, batch_size)
         typer.echo(f"training {steps} steps ({cache_obj.manifest.n_rows} rows, batch {batch_size})", err=True)
     tc = TrainingConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, seed=seed,
-                        checkpoint_every=checkpoint_every, threads=threads, progress=not quiet)
+                        checkpoint_every=checkpoint_every, threads=threads, progress=not quiet, max_norm_ratio=max_norm_ratio)
     cc = train(cache_obj, cfg, out, training=tc, resume=not fresh)
     typer.echo(_summary(cc.metrics, out))
 

@@ -261,19 +261,3 @@ def test_phenomenon_runs_end_to_end_on_the_tiny_pair(tiny_pair, tmp_path):
     assert "bars hold" in md and "Not measured: A calls a tool on none" in md
     assert not math.isnan(res["hedge"]["format_rate_clean"])
 
-
-def test_training_rows_leave_out_attention_sinks_of_either_model():
-    from guardrail.activations.cache import PairedActivations
-    from guardrail.eval.phenomenon.artifact import training_rows
-
-    acts = torch.ones(10, 2, 4)
-    acts[3, 0] *= 500  # A's sink
-    acts[7, 1] *= 50  # B's sink
-    acts[5] *= 5  # large, not an outlier at 10×
-    part = PairedActivations(acts, torch.zeros(10, dtype=torch.bool), torch.zeros(10, dtype=torch.bool), torch.arange(10), torch.arange(10))
-    assert part.outliers(10.0).nonzero().flatten().tolist() == [3, 7]
-    said = []
-    rows = training_rows([part, part], 10.0, said.append)
-    assert rows.shape == (16, 2, 4) and rows.norm(dim=-1).max() == 10.0
-    assert said[0].startswith("  leaving out 2 of 10 rows")
-    assert training_rows([part], None).shape == (10, 2, 4)

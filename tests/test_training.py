@@ -80,6 +80,25 @@ def test_metrics_and_manifest(tmp_path):
     assert torch.allclose(art.act_std, x.std(0), atol=1e-4)
 
 
+def test_attention_sinks_are_left_out_of_the_rows_and_the_statistics(tmp_path):
+    from guardrail.activations.cache import outlier_rows
+    from guardrail.training.data import prepare_data
+
+    acts = _data()
+    acts[5, 0] *= 400  # A's sink
+    acts[9, 1] *= 400  # B's sink
+    assert outlier_rows(acts, 10.0).nonzero().flatten().tolist() == [5, 9]
+    kept = torch.cat([acts[:5], acts[6:9], acts[10:]])
+    td = prepare_data(acts, max_norm_ratio=10.0)
+    assert td.x.shape[0] == len(acts) - 2 and td.meta["outlier_rows_dropped"] == 2
+    assert torch.allclose(td.mean, kept.double().mean(0).float()) and td.std.max() < 10  # the sinks would put std in the hundreds
+    assert prepare_data(acts).x.shape[0] == len(acts)
+    cc = train(acts, CFG, tmp_path / "art", training=TC.model_copy(update={"max_norm_ratio": 10.0}))
+    assert cc.manifest.training["max_norm_ratio"] == 10.0 and cc.manifest.training["outlier_rows_dropped"] == 2
+    with pytest.raises(ValueError, match="greater than 1"):
+        TrainingConfig(max_norm_ratio=0.5)
+
+
 def test_bad_input_is_named():
     with pytest.raises(ValueError, match=r"\[N, 2, d\]"):
         train(torch.randn(10, 12), CFG, training=TC)

@@ -113,18 +113,6 @@ def protocol_prompts(pair: Any, protocol: Protocol, recipe: DictionaryRecipe) ->
     return items
 
 
-def training_rows(parts: list[Any], max_norm_ratio: float | None, say: Callable[[str], None] = print) -> torch.Tensor:
-    """``[N, 2, d]`` rows of every cache, without the outlier rows (see ``PairedActivations.outliers``)."""
-    rows = []
-    for part in parts:
-        if max_norm_ratio is not None:
-            out = part.outliers(max_norm_ratio)
-            say(f"  leaving out {int(out.sum())} of {len(part)} rows above {max_norm_ratio:g}× the median norm (attention sinks)")
-            part = part.select(~out)
-        rows.append(part.acts)
-    return torch.cat(rows)
-
-
 @dataclass
 class PhenomenonArtifact:
     """The trained DFC's folder and its last-token rows per protocol (for ranking and choosing features)."""
@@ -153,7 +141,7 @@ def ensure_artifact(pair: Any, protocols: tuple[Protocol, ...], recipe: Dictiona
     from guardrail.activations import collect
     from guardrail.features.ranking import RANKING_FILE, Rankings, rank_features
     from guardrail.residual import Site
-    from guardrail.training import train
+    from guardrail.training import TrainingConfig, train
 
     layer = layer_of(pair, recipe)
     root = root or recipe_root(pair, protocols, recipe)
@@ -166,13 +154,15 @@ def ensure_artifact(pair: Any, protocols: tuple[Protocol, ...], recipe: Dictiona
     art = root / f"dfc-{recipe.training_key()}" / "dfc"
     if not (art / RANKING_FILE).exists():
         cfg = dfc_config(pair, recipe)
-        rows = training_rows([c.load() for c in caches.values()], recipe.max_norm_ratio, say)
-        say(f"training a DFC on {len(rows)} rows: D={cfg.dict_size}, k={cfg.k}, {recipe.exclusive:.0%} exclusive per model, {recipe.steps} steps")
+        rows = torch.cat([c.load().acts for c in caches.values()])
+        say(f"training a DFC on {len(rows)} rows: D={cfg.dict_size}, k={cfg.k}, {recipe.exclusive:.0%} exclusive per model, {recipe.steps} steps"
+            + ("" if recipe.max_norm_ratio is None else f", rows above {recipe.max_norm_ratio:g}× the median norm left out"))
         described = {"model_a": pair.a.spec, "model_b": pair.b.spec, "layer": layer, "positions": f"last {recipe.last_n} prompt tokens"
                      + ("" if recipe.max_norm_ratio is None else f", rows above {recipe.max_norm_ratio:g}× the median norm left out"),
                      "source": f"guardrail eval phenomenon: {', '.join(p.name for p in protocols)} protocols, train split"}
-        cc = train(rows, cfg, art, steps=recipe.steps, batch_size=recipe.batch_size, lr=recipe.lr, seed=recipe.seed,
-                   manifest_fields=described)
+        training = TrainingConfig(steps=recipe.steps, batch_size=recipe.batch_size, lr=recipe.lr, seed=recipe.seed,
+                                  max_norm_ratio=recipe.max_norm_ratio)
+        cc = train(rows, cfg, art, training=training, manifest_fields=described)
         for p in protocols:
             last = caches[p.name].load().last_token()
             ranked = Rankings(plain=rank_features(cc, last.acts, last.is_tool))

@@ -70,6 +70,21 @@ class CacheManifest(BaseModel):
         return sum(s.n_prompts for s in self.shards)
 
 
+def outlier_rows(acts: torch.Tensor, max_ratio: float) -> torch.Tensor:
+    """Rows (bool ``[N]``) of ``acts [N, 2, d]`` where either model's norm exceeds ``max_ratio`` ×
+    that model's median row norm.
+
+    Attention-sink tokens (a prompt's first token) carry norms two orders of magnitude above
+    the rest (≈ 25,000 against a median of 135 at SmolLM2-135M's layer 11, under 1 % of the
+    rows of the last 32 prompt tokens): kept in training data they set the per-channel
+    normalisation and most of the reconstruction loss, so a dictionary would be fitted to
+    them rather than to the tokens it is used on. Dictionary training usually leaves them
+    out (BOS exclusion).
+    """
+    norms = acts.float().norm(dim=-1)  # [N, 2]
+    return (norms > max_ratio * norms.median(dim=0).values).any(dim=-1)
+
+
 @dataclass
 class PairedActivations:
     """Rows of paired activations with what each row is."""
@@ -91,16 +106,8 @@ class PairedActivations:
         return self.select(self.is_last)
 
     def outliers(self, max_ratio: float) -> torch.Tensor:
-        """Rows (bool ``[N]``) where either model's norm exceeds ``max_ratio`` × that model's median row norm.
-
-        Attention-sink tokens (a prompt's first token) carry norms two orders of magnitude above
-        the rest (≈ 25,000 against a median of 134 at SmolLM2-135M's layer 11, under 1 % of the
-        rows): kept in training data they set the per-channel normalisation and most of the
-        reconstruction loss, so a dictionary would be fitted to them rather than to the tokens
-        it is used on. Dictionary training usually leaves them out (BOS exclusion).
-        """
-        norms = self.acts.float().norm(dim=-1)  # [N, 2]
-        return (norms > max_ratio * norms.median(dim=0).values).any(dim=-1)
+        """:func:`outlier_rows` of these rows."""
+        return outlier_rows(self.acts, max_ratio)
 
 
 class ActivationCache:

@@ -24,10 +24,11 @@ class TrainingConfig(BaseModel):
     eval_max_rows: int = Field(default=16384, gt=0)
     threads: int | None = Field(default=None, description="torch threads; None = leave as is")
     progress: bool = True
+    max_norm_ratio: float | None = Field(default=None, gt=1, description="leave out rows above this × the median norm (attention sinks); None = keep all")
 
     def resume_key(self) -> dict:
         """Settings that must match for a checkpoint to be resumed (not steps or bookkeeping)."""
-        return self.model_dump(include={"batch_size", "lr", "betas", "warmup_steps", "grad_clip", "seed", "eval_fraction", "eval_max_rows"})
+        return self.model_dump(include={"batch_size", "lr", "betas", "warmup_steps", "grad_clip", "seed", "eval_fraction", "eval_max_rows", "max_norm_ratio"})
 
 
 def auto_steps(n_rows: int, batch_size: int, paper_steps: int = 9000, max_epochs: int = 120, min_steps: int = 500) -> int:

@@ -57,8 +57,14 @@ def prepare_data(
     data: Any,
     mean: torch.Tensor | None = None,
     std: torch.Tensor | None = None,
+    max_norm_ratio: float | None = None,
 ) -> TrainingData:
-    """Normalise ``data`` per channel; stats come from ``mean``/``std``, else the cache, else the data."""
+    """Normalise ``data`` per channel; stats come from ``mean``/``std``, else the cache, else the data.
+
+    ``max_norm_ratio`` leaves out rows above that many times the median norm
+    (:func:`guardrail.activations.cache.outlier_rows`: attention sinks) before anything else,
+    so a cache's own statistics, which include them, are recomputed from the rows kept.
+    """
     if isinstance(data, TrainingData):
         if mean is not None or std is not None:
             raise ValueError("data is already normalised (TrainingData); do not pass mean/std again")
@@ -87,6 +93,11 @@ def prepare_data(
     acts = acts.float()
     if not bool(torch.isfinite(acts).all()):
         raise ValueError("training data contains NaN or inf")
+    if max_norm_ratio is not None:
+        acts, meta["outlier_rows_dropped"] = _without_outliers(acts, max_norm_ratio)
+        if source == "activation cache statistics":
+            mean = std = None
+            source = "training data"
     if (mean is None) != (std is None):
         raise ValueError("pass both mean and std, or neither")
     if mean is None:
@@ -104,6 +115,15 @@ def prepare_data(
         data_hash = hashlib.sha256(f"{data_hash}:{acts.shape[0]}".encode()).hexdigest()
     x = (acts - mean) / std
     return TrainingData(x=x, mean=mean, std=std, data_hash=data_hash, meta=meta, stats_source=source)
+
+
+def _without_outliers(acts: torch.Tensor, max_norm_ratio: float) -> tuple[torch.Tensor, int]:
+    from guardrail.activations.cache import outlier_rows
+
+    out = outlier_rows(acts, max_norm_ratio)
+    if bool(out.all()):
+        raise ValueError(f"every training row is above {max_norm_ratio:g}× the median norm")
+    return acts[~out], int(out.sum())
 
 
 def split_rows(n: int, eval_fraction: float, eval_max_rows: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

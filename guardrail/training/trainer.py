@@ -188,7 +188,7 @@ def build_trainer(data: Any, config: CrosscoderConfig, training: TrainingConfig,
     """A fresh crosscoder (seeded init, data normalisation stats set) and its optimisation state."""
     if training.threads:
         torch.set_num_threads(training.threads)
-    td = prepare_data(data, mean, std)
+    td = prepare_data(data, mean, std, training.max_norm_ratio)
     cfg = config.with_d_model(td.d_model)
     cc = Crosscoder(cfg, seed=training.seed)
     cc.set_normalization(td.mean, td.std)
@@ -242,7 +242,7 @@ def _finish(out_dir: Path, cc: Crosscoder, tc: TrainingConfig, td: TrainingData,
     fields: dict[str, Any] = {k: td.meta[k] for k in ("model_a", "model_b", "layer", "positions") if k in td.meta}
     fields.update(
         training_data_hash=td.data_hash,
-        training=tc.model_dump(mode="json"),
+        training=tc.model_dump(mode="json") | {k: td.meta[k] for k in ("outlier_rows_dropped",) if k in td.meta},
         metrics=metrics,
         normalization_source=td.stats_source,
     )
