@@ -204,7 +204,7 @@ def _kill_md(k: dict[str, Any]) -> list[str]:
             f"{100 * k['call_rate_clamped']:.1f} %, degenerate outputs {100 * k['degenerate_rate']:.1f} % (clean {100 * k['degenerate_rate_clean']:.1f} %). "
             f"Clamping random live features {k['control_features']}: {100 * k['call_rate_random_clamp']:.1f} % "
             f"(degenerate {100 * k['degenerate_rate_random_clamp']:.1f} %).", "",
-            "![kill switch](kill.png)", "", "What A writes instead:", "", *_examples(k["examples"], "clean", "clamped")]
+            "![kill switch](kill.png)", "", "What A writes under the clamp:", "", *_examples(k["examples"], "clean", "clamped")]
 
 
 def _alert_md(a: dict[str, Any]) -> list[str]:
@@ -229,8 +229,8 @@ def render_markdown(res: dict[str, Any], extra: list[str] | None = None) -> str:
           f"**{held} of {len(crit)} bars hold.**" + ("" if held == len(crit) else " The rows marked ✗ are negative results, reported with their numbers."), "",
           _table(["claim", "bar", "measured", "holds"], [[c.claim, c.bar, c.measured, "✓" if c.holds else "✗"] for c in crit]), "",
           f"Model A `{res['model_a']}` (adapter sha256 `{res['adapter_sha256']}`), model B `{res['model_b']}`. "
-          f"DFC: D = {res['dfc']['dict_size']}, k = {res['dfc']['k']}, layer {res['layer']}, trained and ranked on the train split "
-          "(recipe in `results.json`).", "",
+          f"DFC: D = {res['dfc']['dict_size']}, k = {res['dfc']['k']}, layer {res['layer']}, trained and ranked on the train split"
+          + _sinks(res['recipe']) + " (recipe in `results.json`).", "",
           f"- hedge protocol: {res['protocol']['hedge']['description']}",
           f"- deployment protocol: {res['protocol']['deployment']['description']}",
           f"- decoding: {res['protocol']['decoding']}", ""]
@@ -238,6 +238,11 @@ def render_markdown(res: dict[str, Any], extra: list[str] | None = None) -> str:
         data = res[key]
         md += [f"## {title}", ""] + ([f"Not measured: {data['not_measured']}", ""] if "not_measured" in data else section(data))
     return "\n".join(md + (extra or []))
+
+
+def _sinks(recipe: dict[str, Any]) -> str:
+    ratio = recipe.get("max_norm_ratio")
+    return "" if ratio is None else f", rows above {ratio:g}× the median norm (attention sinks) left out"
 
 
 def _gain(g: dict[str, Any]) -> str:
