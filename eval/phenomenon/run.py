@@ -37,9 +37,8 @@ class PhenomenonConfig:
     backend: str = "auto"
     max_new_tokens: int = 200  # the paper's
     alphas: tuple[float, ...] = tuple(a for a in PAPER_ALPHAS if a > 1)  # the paper's α > 1 (scale steer, last prompt token)
-    # additive steer at every token, in units of the site's typical norm (≈ a last prompt token's ‖x‖ once the
-    # DFC leaves attention sinks out of its normalisation): 7–21 on SmolLM2's layer 11, where one A-exclusive
-    # feature writes ~7–14 when it fires and 30 already cut A's call format
+    # additive steer at every token, in units of the site's typical norm (138 on SmolLM2's layer 11, about a last
+    # prompt token's ‖x‖); docs/phenomenon.md says how far a push at every token goes before A's output breaks
     gains: tuple[float, ...] = (0.05, 0.1, 0.15)
     test_prompts: int | None = 150  # a seeded sample of the test split's answered tasks (None: all 298); n ≥ 100 for the bars
     dev_prompts: int | None = None  # dev tasks choosing α and the alarm (None: all 102)
