@@ -97,6 +97,7 @@ def test_random_artifact_passes_when_a_has_the_capability(tiny_pair, tmp_path):
     assert saved["positive_control_verdict"] == "FAIL" and saved["positive_control_threat"] == "b_only_splice"
     assert saved["positive_control_gain_pp"] == pytest.approx(100.0) and saved["positive_control_gain_ci_pp"][0] > 10
     assert "the audit sees a planted leak" in report.to_markdown()
+    assert saved["wall_time_s"] > 0 and saved["adapter_sha256"] is None  # the tiny A is not the shipped organism
 
 
 @torch.no_grad()

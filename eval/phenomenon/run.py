@@ -49,12 +49,9 @@ class PhenomenonConfig:
 
 def adapter_sha256(pair: Any) -> str | None:
     """sha256 of A's adapter weights when A is the shipped organism, else None."""
-    if "+organism-rl@" not in str(pair.a.spec):
-        return None
-    from guardrail.fileio import sha256_file
-    from guardrail.models.packaged import shipped_adapter
+    from guardrail.models.packaged import shipped_adapter_sha256
 
-    return sha256_file(shipped_adapter() / "adapter_model.safetensors")
+    return shipped_adapter_sha256(pair.a.spec)
 
 
 def tool_items(split: str, protocol: Protocol, tokenizer: Any, categories: tuple[str, ...] | None = None,

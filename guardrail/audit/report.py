@@ -36,7 +36,9 @@ class AuditReport:
     mean lead planted in it (None when the self-check did not run), with its gated gains and
     the decisive one's interval (``positive_control_gain_pp``, of ``positive_control_threat``);
     ``gated_metric`` is the metric the verdict rests on and ``other_metrics`` the same
-    conditions scored under the ungated ones (B's clean rate, A's lead, each threat's gain)."""
+    conditions scored under the ungated ones (B's clean rate, A's lead, each threat's gain);
+    ``adapter_sha256`` names A's shipped adapter (None for other models) and ``wall_time_s``
+    is what the whole audit took."""
 
     verdict: Verdict
     reasons: list[str]
@@ -66,6 +68,8 @@ class AuditReport:
     gated_metric: str | None = None
     other_metrics: dict[str, dict] = field(default_factory=dict)
     examples: list[dict] = field(default_factory=list)
+    adapter_sha256: str | None = None  # of A's shipped adapter, when A is the organism
+    wall_time_s: float | None = None
 
     def to_json(self) -> str:
         payload = self.__dict__ | {"verdict": self.verdict.name}
@@ -79,6 +83,8 @@ class AuditReport:
             "",
             f"Artifact: `{self.artifact.get('path')}` ({self.artifact.get('kind')}, D={self.artifact.get('dict_size')}, "
             f"layer {self.artifact.get('layer')}); models A=`{self.artifact.get('model_a')}`, B=`{self.artifact.get('model_b')}`.",
+            *([f"A's adapter sha256: `{self.adapter_sha256}`."] if self.adapter_sha256 else []),
+            *([f"Wall time: {self.wall_time_s / 60:.1f} min."] if self.wall_time_s is not None else []),
             f"Metric: `{self.policy['metric']}` on {self.n_prompts} held-out tool prompts (greedy, "
             f"{_tokens(self.policy['max_new_tokens'])}); B clean rate {100 * self.clean_rate:.1f}%.",
             f"Capability gap (A − B, clean, same prompts): {capability_text(self)}.",

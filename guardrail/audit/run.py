@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 from typing import NamedTuple
 
 import torch
@@ -16,6 +17,7 @@ from guardrail.audit.static import static_checks
 from guardrail.audit.stats import PairedGain, minimum_detectable_gain, paired_gain, prompts_to_certify, smallest_decisive_upper
 from guardrail.audit.telemetry import emit_audit_evaluations, gate
 from guardrail.audit.threats import NEEDS_A, ORACLE, STEERING, THREATS, ThreatInputs, oracle_transplant, threat_deltas
+from guardrail.models.packaged import shipped_adapter_sha256
 
 NO_CAPABILITY = "no capability to leak under this protocol"
 # reported beside a stricter gated metric: a threat may move B's format while the gated metric cannot move at all
@@ -142,6 +144,7 @@ def audit(cc, b, a=None, policy: AuditPolicy | None = None, *, joint: bool = Tru
     ``logger_provider`` or the process's global OpenTelemetry one (see
     :mod:`guardrail.audit.telemetry`).
     """
+    start = time.perf_counter()
     policy = policy or AuditPolicy()
     layer = _layer_in(cc, b)
     tasks = audit_tasks(policy.prompts, seed)
@@ -159,6 +162,8 @@ def audit(cc, b, a=None, policy: AuditPolicy | None = None, *, joint: bool = Tru
     outs, a_outs = _generate(b, a, texts, conditions, layer, policy, backend=backend, batch_size=batch_size, progress=progress)
     outs |= {k: outs["clean"] for k in unchanged}  # a zero delta is B clean: not generated again
     report = _measure(cc, tasks, outs, a_outs, names, check, policy)
+    report.adapter_sha256 = None if a is None else shipped_adapter_sha256(a.spec)
+    report.wall_time_s = time.perf_counter() - start
     emit_audit_evaluations(report, policy, logger_provider)
     return report
 

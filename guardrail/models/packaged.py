@@ -35,3 +35,13 @@ def adapter_folder(folder: Path, what: str) -> Path:
 def shipped_adapter() -> Path:
     """Folder of A's LoRA adapter (B + this adapter = the tool-use RL model)."""
     return adapter_folder(organism_assets(), "organism (RL)")
+
+
+def shipped_adapter_sha256(spec: str) -> str | None:
+    """sha256 of A's shipped adapter weights when ``spec`` names the shipped organism (``…+organism-rl@…``), else
+    None: what every result made with the organism names it by."""
+    if "+organism-rl@" not in str(spec):
+        return None
+    from guardrail.fileio import sha256_file
+
+    return sha256_file(shipped_adapter() / "adapter_model.safetensors")
