@@ -151,6 +151,24 @@ def steered_rows(ctx: Context, split: str, items: list[EvalItem], feature: int, 
                for name, (artifact, feat) in runs.items()}}
 
 
+def dev_grid(ctx: Context, items: list[EvalItem], feature: int, control: int,
+             settings: list[steer.Setting]) -> dict[steer.Setting, dict[str, steer.Gain]]:
+    """The headline steer's gains at every setting on dev. The scale settings decode in one call,
+    so each prompt is prefilled once for all α (only the patched last token is recomputed)."""
+    seed, head = ctx.cfg.seed, f"steer-{steer.HEADLINE}"
+    scale = [st for st in settings if st.mode == "scale"]
+    out: dict[steer.Setting, dict[str, steer.Gain]] = {}
+    if scale:
+        xa, xb = ctx.residuals.get("dev-hedge-A", ctx.pair.a, items), ctx.residuals.get("dev-hedge-B", ctx.pair.b, items)
+        deltas = {f"{st.tag}-s{seed}-{head}": steer.feature_delta(ctx.view, xa, xb, feature, st) for st in scale}
+        rows = steer.generate_deltas(ctx.store, items, xa, deltas, "dev-hedge-clean", f"dev-hedge-f{feature}-c{control}-")
+        out |= {st: steer.gains(rows["clean"], rows[f"{st.tag}-s{seed}-{head}"]) for st in scale}
+    for st in settings:
+        if st.mode != "scale":
+            out[st] = gains_of(steered_rows(ctx, "dev", items, feature, control, st, controls=False))[head]
+    return {st: out[st] for st in settings}
+
+
 def gains_of(rows: dict[str, list[dict]]) -> dict[str, steer.Gain]:
     return {name: steer.gains(rows["clean"], r) for name, r in rows.items() if name != "clean"}
 
@@ -263,8 +281,7 @@ def steer_section(ctx: Context, ranking: Any, hedge_dev: list[EvalItem], hedge_t
     control = steer.control_feature(ranking, ctx.cfg.seed)
     settings = steer.grid(ctx.cfg.alphas, ctx.cfg.gains)
     ctx.say(f"  features {candidates} (control: feature {control}) × {len(settings)} settings on {len(hedge_dev)} dev prompts")
-    dev = {(f, st): gains_of(steered_rows(ctx, "dev", hedge_dev, f, control, st, controls=False))[f"steer-{steer.HEADLINE}"]
-           for f in candidates.values() for st in settings}
+    dev = {(f, st): g for f in candidates.values() for st, g in dev_grid(ctx, hedge_dev, f, control, settings).items()}
     feature, setting = steer.choose(dev)
     ctx.say(f"  feature {feature}, {setting.label} on dev; the test split with its controls")
     curve = [{"feature": f, "mode": st.mode, "strength": st.strength, "gains": steer.as_dict(g)} for (f, st), g in dev.items()]
