@@ -87,9 +87,10 @@ def random_direction_artifact(artifact: Path, feature: int, seed: int, out: Path
     random direction at exactly the steer's norm, on every token the steer edits.
     """
     from guardrail.dictionary import load_artifact, read_manifest, save_artifact
+    from guardrail.dictionary.artifact import MANIFEST_FILE
     from guardrail.features.ranking import RANKING_FILE
 
-    if (out / "manifest.json").exists():
+    if (out / MANIFEST_FILE).exists():
         return out
     cc = load_artifact(artifact)
     with torch.no_grad():
