@@ -366,3 +366,20 @@ def test_close_rollouts_ends_each_turn_once():
     assert comp.tolist() == [[50, 60, eos, eos, eos], [50, 60, 70, 80, eos], [50, eos, eos, eos, eos]]
     assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
     assert texts == [tok.decode([50, 60]), tok.decode([50, 60, 70, 80]), tok.decode([50])]
+
+
+def test_the_warm_start_snapshot_keeps_adams_moments_of_that_moment():
+    from guardrail.organism.warmstart import optimizer_snapshot
+
+    layer = torch.nn.Linear(3, 1)
+    opt = torch.optim.AdamW(layer.parameters(), lr=0.1)
+    for _ in range(2):
+        layer(torch.ones(1, 3)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    kept = optimizer_snapshot(opt)
+    before = kept["state"][0]["exp_avg"].clone()
+    layer(torch.full((1, 3), 5.0)).sum().backward()
+    opt.step()  # updates the live moments in place
+    assert torch.equal(kept["state"][0]["exp_avg"], before)
+    assert not torch.equal(opt.state_dict()["state"][0]["exp_avg"], before)

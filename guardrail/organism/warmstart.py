@@ -8,6 +8,7 @@ stopped where A only *sometimes* calls the tool: greedy dev format accuracy in
 
 from __future__ import annotations
 
+import copy
 import random
 import time
 from pathlib import Path
@@ -21,6 +22,12 @@ from guardrail.organism.manifest import WarmCheck, WarmStartRecord
 from guardrail.organism.mirror import MirrorEngine
 from guardrail.organism.rl import sft_loss
 from guardrail.tasks.task import ToolTask
+
+
+def optimizer_snapshot(opt: torch.optim.Optimizer) -> dict:
+    """A copy of ``opt``'s state: ``state_dict()`` holds the very moment tensors later steps
+    update in place, so restoring it would keep the moments of the steps being undone."""
+    return copy.deepcopy(opt.state_dict())
 
 
 class _SupervisedSteps:
@@ -38,7 +45,7 @@ class _SupervisedSteps:
 
     def keep(self) -> None:
         """The current LoRA and optimiser state become the one :meth:`undo` returns to."""
-        self._snapshot, self._opt_snapshot = lora_state(self.model), self.opt.state_dict()
+        self._snapshot, self._opt_snapshot = lora_state(self.model), optimizer_snapshot(self.opt)
 
     def train_step(self) -> float:
         """One optimiser step on the next ``warm_batch`` reference completions; their mean loss."""
