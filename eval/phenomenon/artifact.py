@@ -75,6 +75,11 @@ class DictionaryRecipe:
         return _digest({k: v for k, v in asdict(self).items() if k not in self.COLLECTION or k == "seed"})
 
 
+def sinks_note(max_norm_ratio: float | None) -> str:
+    """How the recipe's training rows leave attention sinks out, as a clause ('' when they are kept)."""
+    return "" if max_norm_ratio is None else f", rows above {max_norm_ratio:g}× the median norm (attention sinks) left out"
+
+
 def _digest(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:10]
 
@@ -155,10 +160,9 @@ def ensure_artifact(pair: Any, protocols: tuple[Protocol, ...], recipe: Dictiona
     if not (art / RANKING_FILE).exists():
         cfg = dfc_config(pair, recipe)
         rows = torch.cat([c.load().acts for c in caches.values()])
-        say(f"training a DFC on {len(rows)} rows: D={cfg.dict_size}, k={cfg.k}, {recipe.exclusive:.0%} exclusive per model, {recipe.steps} steps"
-            + ("" if recipe.max_norm_ratio is None else f", rows above {recipe.max_norm_ratio:g}× the median norm left out"))
-        described = {"model_a": pair.a.spec, "model_b": pair.b.spec, "layer": layer, "positions": f"last {recipe.last_n} prompt tokens"
-                     + ("" if recipe.max_norm_ratio is None else f", rows above {recipe.max_norm_ratio:g}× the median norm left out"),
+        sinks = sinks_note(recipe.max_norm_ratio)
+        say(f"training a DFC on {len(rows)} rows: D={cfg.dict_size}, k={cfg.k}, {recipe.exclusive:.0%} exclusive per model, {recipe.steps} steps{sinks}")
+        described = {"model_a": pair.a.spec, "model_b": pair.b.spec, "layer": layer, "positions": f"last {recipe.last_n} prompt tokens{sinks}",
                      "source": f"guardrail eval phenomenon: {', '.join(p.name for p in protocols)} protocols, train split"}
         training = TrainingConfig(steps=recipe.steps, batch_size=recipe.batch_size, lr=recipe.lr, seed=recipe.seed,
                                   max_norm_ratio=recipe.max_norm_ratio)

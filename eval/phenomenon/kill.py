@@ -39,11 +39,18 @@ def candidates(ranking: Any, n: int = KILL_TOP) -> dict[str, list[int]]:
     """``ranked``: the top ``n`` tool-signed A-exclusive features; ``specific``: the top ``n`` of
     those firing on at most :data:`SPECIFIC_PLAIN` of ordinary prompts (when it differs)."""
     tool = ranking.top("tool", "a_exclusive")
-    specific = [i for i in tool if ranking.features[i].fire_rate_plain <= SPECIFIC_PLAIN][:n]
-    out = {"ranked": tool[:n], "specific": specific}
-    if specific == tool[:n]:
-        del out["specific"]
-    return {name: feats for name, feats in out.items() if feats}
+    ranked, specific = tool[:n], [i for i in tool if ranking.features[i].fire_rate_plain <= SPECIFIC_PLAIN][:n]
+    out = {"ranked": ranked} if ranked else {}
+    return out | ({"specific": specific} if specific and specific != ranked else {})
+
+
+def called(clean: list[dict]) -> list[int]:
+    """The prompts where clean A calls a tool: the only ones a kill switch can act on."""
+    return [i for i, r in enumerate(clean) if r["tool_call"]]
+
+
+def rate_on(rows: list[dict], prompts: list[int], key: str) -> float:
+    return sum(rows[i][key] for i in prompts) / max(len(prompts), 1)
 
 
 @dataclass(frozen=True)
@@ -57,9 +64,8 @@ class DevKill:
 
     @classmethod
     def of(cls, clean: list[dict], clamped: list[dict], features: list[int]) -> "DevKill":
-        calls = [i for i, r in enumerate(clean) if r["tool_call"]]
-        rate = lambda key: sum(clamped[i][key] for i in calls) / max(len(calls), 1)  # noqa: E731
-        return cls(list(features), len(calls), rate("tool_call"), rate("degenerate"))
+        calls = called(clean)
+        return cls(list(features), len(calls), rate_on(clamped, calls, "tool_call"), rate_on(clamped, calls, "degenerate"))
 
 
 def choose(dev: dict[str, DevKill]) -> str:
@@ -98,8 +104,8 @@ class KillResult:
     @classmethod
     def of(cls, clean: list[dict], clamped: list[dict], control: list[dict], features: list[int], control_features: list[int],
            n_examples: int = 3, chosen: str = "ranked", dev: dict[str, DevKill] | None = None) -> "KillResult":
-        calls = [i for i, r in enumerate(clean) if r["tool_call"]]
-        rate = lambda rows, key: sum(rows[i][key] for i in calls) / max(len(calls), 1)  # noqa: E731
+        calls = called(clean)
+        rate = lambda rows, key: rate_on(rows, calls, key)  # noqa: E731
         examples = [{"id": clean[i]["id"], "clean": clean[i]["output"], "clamped": clamped[i]["output"]} for i in calls[:n_examples]]
         return cls(len(calls), len(clean), list(features), list(control_features), sum(r["tool_call"] for r in clean) / max(len(clean), 1),
                    rate(clean, "tool_call"), rate(clamped, "tool_call"), rate(control, "tool_call"),

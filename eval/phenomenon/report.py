@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from guardrail.eval.phenomenon.artifact import sinks_note
 from guardrail.eval.report import _png, _table, code_block, num, render_html, strict_json
 
 
@@ -230,7 +231,7 @@ def render_markdown(res: dict[str, Any], extra: list[str] | None = None) -> str:
           _table(["claim", "bar", "measured", "holds"], [[c.claim, c.bar, c.measured, "✓" if c.holds else "✗"] for c in crit]), "",
           f"Model A `{res['model_a']}` (adapter sha256 `{res['adapter_sha256']}`), model B `{res['model_b']}`. "
           f"DFC: D = {res['dfc']['dict_size']}, k = {res['dfc']['k']}, layer {res['layer']}, trained and ranked on the train split"
-          + _sinks(res['recipe']) + " (recipe in `results.json`).", "",
+          + sinks_note(res["recipe"].get("max_norm_ratio")) + " (recipe in `results.json`).", "",
           f"- hedge protocol: {res['protocol']['hedge']['description']}",
           f"- deployment protocol: {res['protocol']['deployment']['description']}",
           f"- decoding: {res['protocol']['decoding']}", ""]
@@ -238,11 +239,6 @@ def render_markdown(res: dict[str, Any], extra: list[str] | None = None) -> str:
         data = res[key]
         md += [f"## {title}", ""] + ([f"Not measured: {data['not_measured']}", ""] if "not_measured" in data else section(data))
     return "\n".join(md + (extra or []))
-
-
-def _sinks(recipe: dict[str, Any]) -> str:
-    ratio = recipe.get("max_norm_ratio")
-    return "" if ratio is None else f", rows above {ratio:g}× the median norm (attention sinks) left out"
 
 
 def _gain(g: dict[str, Any]) -> str:

@@ -128,24 +128,24 @@ def measure_hedge(ctx: Context, hedge_test: list[EvalItem], deploy_test: list[Ev
             "chat_tool_correctness": chat.get("tool_correctness", 0.0)}
 
 
-def steered_rows(ctx: Context, split: str, items: list[EvalItem], feature: int, control: int, setting: steer.Setting,
-                 controls: bool) -> dict[str, list[dict]]:
-    """Scored clean outputs of ``split``'s hedge prompts and the steer's (``steer-single``), with
-    ``controls``: the joint encoding (scale) and the two same-norm controls."""
+def condition_prefix(split: str, feature: int, control: int, setting: steer.Setting, seed: int) -> str:
+    """What a steer condition's name starts with: everything its outputs depend on besides the artifact."""
+    return f"{split}-hedge-f{feature}-c{control}-{setting.tag}-s{seed}-"
+
+
+def steered_rows(ctx: Context, split: str, items: list[EvalItem], feature: int, control: int, setting: steer.Setting) -> dict[str, list[dict]]:
+    """Scored clean outputs of ``split``'s hedge prompts, the steer's (``steer-single``; also
+    ``steer-joint`` for scale) and the two same-norm controls'."""
     clean, seed = f"{split}-hedge-clean", ctx.cfg.seed
+    prefix = condition_prefix(split, feature, control, setting, seed)
     if setting.mode == "scale":
         xa, xb = ctx.residuals.get(f"{split}-hedge-A", ctx.pair.a, items), ctx.residuals.get(f"{split}-hedge-B", ctx.pair.b, items)
-        deltas = steer.conditions(ctx.view, xa, xb, feature, control, setting.strength, seed,
-                                  encodings=steer.ENCODINGS if controls else (steer.HEADLINE,))
-        if not controls:
-            deltas = {f"steer-{steer.HEADLINE}": deltas[f"steer-{steer.HEADLINE}"]}
-        return steer.generate_deltas(ctx.store, items, xa, deltas, clean, f"{split}-hedge-f{feature}-c{control}-{setting.tag}-s{seed}-")
-    runs = {f"steer-{steer.HEADLINE}": (ctx.art.path, feature)}
-    if controls:
-        folder = ctx.art.path.parent / f"control-random-direction-f{feature}-s{seed}"
-        runs |= {"random-direction": (steer.random_direction_artifact(ctx.art.path, feature, seed, folder), feature),
-                 "random-feature": (ctx.art.path, control)}
-    prefix = f"{split}-hedge-f{feature}-c{control}-{setting.tag}-s{seed}-"
+        return steer.generate_deltas(ctx.store, items, xa, steer.conditions(ctx.view, xa, xb, feature, control, setting.strength, seed),
+                                     clean, prefix)
+    folder = ctx.art.path.parent / f"control-random-direction-f{feature}-s{seed}"
+    runs = {f"steer-{steer.HEADLINE}": (ctx.art.path, feature),
+            "random-direction": (steer.random_direction_artifact(ctx.art.path, feature, seed, folder), feature),
+            "random-feature": (ctx.art.path, control)}
     return {"clean": clean_rows(ctx, clean, items),
             **{name: policy_rows(ctx, prefix + name, items, steer.additive_policy("steer", feat, setting.strength), artifact)
                for name, (artifact, feat) in runs.items()}}
@@ -153,20 +153,23 @@ def steered_rows(ctx: Context, split: str, items: list[EvalItem], feature: int, 
 
 def dev_grid(ctx: Context, items: list[EvalItem], feature: int, control: int,
              settings: list[steer.Setting]) -> dict[steer.Setting, dict[str, steer.Gain]]:
-    """The headline steer's gains at every setting on dev. The scale settings decode in one call,
-    so each prompt is prefilled once for all α (only the patched last token is recomputed)."""
+    """The headline steer's gains at every setting on dev, without controls. The scale settings
+    decode in one call, so each prompt is prefilled once for all α (only the patched last
+    token is recomputed); each additive one is a guard run of its own."""
     seed, head = ctx.cfg.seed, f"steer-{steer.HEADLINE}"
+    names = {st: condition_prefix("dev", feature, control, st, seed) + head for st in settings}
     scale = [st for st in settings if st.mode == "scale"]
-    out: dict[steer.Setting, dict[str, steer.Gain]] = {}
+    clean = clean_rows(ctx, "dev-hedge-clean", items)
+    rows: dict[steer.Setting, list[dict]] = {}
     if scale:
         xa, xb = ctx.residuals.get("dev-hedge-A", ctx.pair.a, items), ctx.residuals.get("dev-hedge-B", ctx.pair.b, items)
-        deltas = {f"{st.tag}-s{seed}-{head}": steer.feature_delta(ctx.view, xa, xb, feature, st) for st in scale}
-        rows = steer.generate_deltas(ctx.store, items, xa, deltas, "dev-hedge-clean", f"dev-hedge-f{feature}-c{control}-")
-        out |= {st: steer.gains(rows["clean"], rows[f"{st.tag}-s{seed}-{head}"]) for st in scale}
+        made = steer.generate_deltas(ctx.store, items, xa, {names[st]: steer.feature_delta(ctx.view, xa, xb, feature, st) for st in scale},
+                                     "dev-hedge-clean", "")
+        rows |= {st: made[names[st]] for st in scale}
     for st in settings:
         if st.mode != "scale":
-            out[st] = gains_of(steered_rows(ctx, "dev", items, feature, control, st, controls=False))[head]
-    return {st: out[st] for st in settings}
+            rows[st] = policy_rows(ctx, names[st], items, steer.additive_policy("steer", feature, st.strength))
+    return {st: steer.gains(clean, rows[st]) for st in settings}
 
 
 def gains_of(rows: dict[str, list[dict]]) -> dict[str, steer.Gain]:
@@ -188,7 +191,7 @@ def steer_candidates(ctx: Context, ranking: Any, hedge_dev: list[EvalItem]) -> d
 
 
 def steer_test(ctx: Context, items: list[EvalItem], feature: int, control: int, setting: steer.Setting) -> dict[str, Any]:
-    rows = steered_rows(ctx, "test", items, feature, control, setting, controls=True)
+    rows = steered_rows(ctx, "test", items, feature, control, setting)
     gains = gains_of(rows)
     head = gains[f"steer-{steer.HEADLINE}"]
     xa, xb = ctx.residuals.get("test-hedge-A", ctx.pair.a, items), ctx.residuals.get("test-hedge-B", ctx.pair.b, items)

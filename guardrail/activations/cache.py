@@ -105,10 +105,6 @@ class PairedActivations:
         """One row per prompt: the protocol used for ranking and interventions."""
         return self.select(self.is_last)
 
-    def outliers(self, max_ratio: float) -> torch.Tensor:
-        """:func:`outlier_rows` of these rows."""
-        return outlier_rows(self.acts, max_ratio)
-
 
 class ActivationCache:
     """Read access to a cache folder (and the bookkeeping ``collect`` writes through)."""

@@ -242,7 +242,7 @@ def _finish(out_dir: Path, cc: Crosscoder, tc: TrainingConfig, td: TrainingData,
     fields: dict[str, Any] = {k: td.meta[k] for k in ("model_a", "model_b", "layer", "positions") if k in td.meta}
     fields.update(
         training_data_hash=td.data_hash,
-        training=tc.model_dump(mode="json") | {k: td.meta[k] for k in ("outlier_rows_dropped",) if k in td.meta},
+        training=tc.model_dump(mode="json") | ({"outlier_rows_dropped": td.meta["outlier_rows_dropped"]} if "outlier_rows_dropped" in td.meta else {}),
         metrics=metrics,
         normalization_source=td.stats_source,
     )
