@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from guardrail.eval.phenomenon import alert, kill, steer
+from guardrail.eval.phenomenon import alert, kill, reference, steer
 from guardrail.eval.phenomenon.outputs import OutputStore
 from guardrail.eval.phenomenon.report import criteria
 from guardrail.eval.scoring import degenerate
@@ -80,6 +80,44 @@ def test_random_direction_artifact_changes_one_decoder_row_and_keeps_the_additiv
     same = steer.Setting("additive", 0.5)
     assert torch.allclose(steer.feature_delta(a, x, x, 2, same).norm(dim=-1), steer.feature_delta(b, x, x, 2, same).norm(dim=-1))
     assert steer.random_direction_artifact(art, 2, seed=0, out=tmp_path / "ctl") == ctl  # made once
+
+
+def test_direction_artifact_writes_the_given_direction_and_conditions_carry_the_reference_at_the_steers_norm(tmp_path):
+    from guardrail.dictionary import Crosscoder, DFCConfig, load_artifact, save_artifact
+    from guardrail.features.interventions import dictionary_view
+    from guardrail.features.ranking import RANKING_FILE
+
+    cc = Crosscoder(DFCConfig(dict_size=32, k=4, exclusive=0.25).with_d_model(8), seed=0)
+    art = save_artifact(cc, tmp_path / "dfc", model_a="a", model_b="b", layer=1)
+    (art / RANKING_FILE).write_text("{}")
+    want = torch.arange(8.0) - 3.0
+    view = dictionary_view(load_artifact(steer.direction_artifact(art, 1, want, "a test direction", tmp_path / "ref")))
+    assert torch.allclose(view.dirs_raw[1] / view.dirs_raw[1].norm(), want / want.norm(), atol=1e-6)
+    a = dictionary_view(load_artifact(art))
+    x = torch.randn(5, 8) * 3
+    deltas = steer.conditions(a, x, x, 1, 2, 16.0, 0, reference=want)
+    head, ref = deltas["steer-single"], deltas[steer.REFERENCE]
+    assert torch.allclose(ref.norm(dim=-1), head.norm(dim=-1), atol=1e-5)
+    on = head.norm(dim=-1) > 0
+    assert torch.allclose(ref[on] / ref[on].norm(dim=-1, keepdim=True), (want / want.norm()).expand(int(on.sum()), -1), atol=1e-5)
+    assert steer.REFERENCE not in steer.conditions(a, x, x, 1, 2, 16.0, 0)
+
+
+def test_probe_ceiling_reads_a_linear_label_and_not_noise():
+    from guardrail.eval.phenomenon.errors import NotMeasurable
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 16, generator=g)
+    label = x[:, 3] + 0.5 * x[:, 7] > 0
+    found = reference.probe_ceiling(x[:100], label[:100], x[100:], label[100:])
+    assert found.auroc > 0.95 and found.dev_cv_auroc > 0.9 and found.n_dev == 100
+    assert found.roc["fpr"][0] == 0 and found.roc["tpr"][-1] == 1
+    noise = reference.probe_ceiling(x[:100], torch.rand(100, generator=g) > 0.5, x[100:], torch.rand(100, generator=g) > 0.5)
+    assert abs(noise.auroc - 0.5) < 0.15
+    with pytest.raises(NotMeasurable, match="at least 5"):
+        reference.probe_ceiling(x[:20], torch.arange(20) < 3, x[20:40], label[20:40])
+    d = reference.call_direction(x[:100], label[:100])
+    assert torch.allclose(d, x[:100][label[:100]].mean(0) - x[:100][~label[:100]].mean(0))
 
 
 def test_additive_policy_is_a_valid_amplify_rule_at_every_token():

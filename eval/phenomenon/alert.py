@@ -14,6 +14,7 @@ calls go together where no listed tool applies.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -21,6 +22,9 @@ import torch
 from guardrail.eval.phenomenon.errors import NotMeasurable
 from guardrail.features import interventions as iv
 from guardrail.features.ranking import auroc
+
+if TYPE_CHECKING:
+    from guardrail.eval.phenomenon.reference import ProbeCeiling
 
 
 def scores(view: iv.DictionaryView, xa: torch.Tensor) -> torch.Tensor:
@@ -91,10 +95,11 @@ class AlertResult:
     call_rate_irrelevance: float | None
     roc: dict  # {"fpr": [...], "tpr": [...]} on the test hedge prompts
     example_call: str | None  # a test hedge prompt where A calls and the alarm fired first (else one where A calls)
+    probe: ProbeCeiling | None  # the site's ceiling (no bar; None when not measurable)
 
     @classmethod
     def of(cls, choice: AlertChoice, f_test: torch.Tensor, calls_test: torch.Tensor, f_ordinary: torch.Tensor,
-           f_irrelevance: torch.Tensor, calls_irrelevance: torch.Tensor, test_ids: list[str]) -> "AlertResult":
+           f_irrelevance: torch.Tensor, calls_irrelevance: torch.Tensor, test_ids: list[str], probe: ProbeCeiling | None = None) -> "AlertResult":
         j, t = choice.feature, choice.threshold
         col = f_test[:, j]
         pos, neg = col[calls_test], col[~calls_test]
@@ -103,7 +108,7 @@ class AlertResult:
         mean = lambda m: float(m.float().mean()) if m.numel() else None  # noqa: E731
         return cls(j, t, choice.dev_auroc, len(pos), len(neg), auc, mean(pos > t), mean(neg > t),
                    len(f_ordinary), mean(f_ordinary[:, j] > t), len(f_irrelevance), mean(f_irrelevance[:, j] > t),
-                   mean(calls_irrelevance), {"fpr": fpr, "tpr": tpr}, _example(test_ids, calls_test, col > t))
+                   mean(calls_irrelevance), {"fpr": fpr, "tpr": tpr}, _example(test_ids, calls_test, col > t), probe)
 
 
 def _example(ids: list[str], calls: torch.Tensor, fired: torch.Tensor) -> str | None:

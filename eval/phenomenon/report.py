@@ -142,6 +142,9 @@ def roc_figure(res: dict[str, Any]) -> bytes:
     a = res["alert"]
     fig, ax = _subplots(figsize=(3.8, 3.6))
     ax.plot(a["roc"]["fpr"], a["roc"]["tpr"], marker=".", label=f"feature {a['feature']} (AUROC {num(a['auroc'], '{:.2f}')})")
+    if a.get("probe"):
+        p = a["probe"]
+        ax.plot(p["roc"]["fpr"], p["roc"]["tpr"], color="#8c8c8c", lw=1, label=f"probe of the whole residual (AUROC {num(p['auroc'], '{:.2f}')})")
     ax.plot([0, 1], [0, 1], color="grey", ls="--", lw=0.8, label="chance / template detector")
     ax.scatter([a["fpr_hedge"]], [a["tpr"]], color="k", zorder=3, label=f"threshold {a['threshold']:.3g}")
     ax.set_xlabel("false-positive rate")
@@ -183,8 +186,13 @@ def _steer_md(s: dict[str, Any]) -> list[str]:
           f"Each was tried at every setting on dev; the best was feature {s['feature']} {_steer_how(s)}; ‖δ‖/‖x‖ at the last prompt token "
           f"= {num(s['delta_norm_ratio'], '{:.2f}')}. Control feature: {s['control_feature']}. Test split, n = {s['n']}; gains are "
           "paired (Newcombe 95 % interval; exact one-sided McNemar p).", "",
-          _table(["condition", "lenient gain", "strict-name gain", "format gain", "McNemar p (lenient)"], rows), "",
-          "![steering](steering.png)", ""]
+          _table(["condition", "lenient gain", "strict-name gain", "format gain", "McNemar p (lenient)"], rows), ""]
+    if s.get("reference_call_direction_gain_pp") is not None:
+        md += [f"`call-direction` is a reference, not a control: the mean of A's residual where A calls minus where it does not (dev), at "
+               "the same ‖δ‖ on every token the steer edits. It is fit to the label with no dictionary involved: when it does not turn calls on "
+               f"either, the site fails, not the dictionary. Here: {s['reference_call_direction_gain_pp']:+.1f} pp lenient, "
+               f"{s['reference_call_direction_strict_gain_pp']:+.1f} pp strict.", ""]
+    md += ["![steering](steering.png)", ""]
     if s["examples"]:
         md += ["Prompts the steer turned into a correct call:", "", *_examples(s["examples"], "clean", "steered")]
     return md
@@ -215,7 +223,15 @@ def _alert_md(a: dict[str, Any]) -> list[str]:
             f"({a['n_pos']} calls, {a['n_neg']} not); at the threshold TPR {rate(a['tpr'])}, FPR {rate(a['fpr_hedge'])}. "
             f"Ordinary prompts with no tools: fires on {rate(a['fpr_ordinary'])} of {a['n_ordinary']}. BFCL irrelevance prompts under the "
             f"deployment protocol (no listed tool applies): fires on {rate(a['fire_rate_irrelevance'])}, A calls on "
-            f"{rate(a['call_rate_irrelevance'])} (n = {a['n_irrelevance']}).", "", "![alarm ROC](roc.png)", ""]
+            f"{rate(a['call_rate_irrelevance'])} (n = {a['n_irrelevance']}).", "", *_probe_md(a.get("probe")), "![alarm ROC](roc.png)", ""]
+
+
+def _probe_md(p: dict[str, Any] | None) -> list[str]:
+    if p is None:
+        return []
+    return [f"Reference, no bar: a logistic probe of the same label on A's whole residual at the last prompt token (standardised, L2 chosen "
+            f"by 5-fold cross-validation on the {p['n_dev']} dev prompts: C = {p['c']:.2g}, held-out AUROC {p['dev_cv_auroc']:.3f}) reaches "
+            f"test AUROC {num(p['auroc'], '{:.3f}')}: what a linear readout of the whole site, fit on the alarm's dev prompts, achieves.", ""]
 
 
 SECTIONS = (("hedge", "Hedge", _hedge_md), ("steer", "One feature turns it on", _steer_md),

@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 
 from guardrail.eval.backends import GenerationSettings, generate_under_policies, last_token_residual, make_backend
-from guardrail.eval.phenomenon import alert, kill, steer
+from guardrail.eval.phenomenon import alert, kill, reference, steer
 from guardrail.eval.phenomenon.errors import NotMeasurable
 from guardrail.eval.phenomenon.artifact import DictionaryRecipe, PhenomenonArtifact, ensure_artifact, live_a_exclusive, recipe_root
 from guardrail.eval.phenomenon.outputs import OutputStore, scored
@@ -133,19 +133,23 @@ def condition_prefix(split: str, feature: int, control: int, setting: steer.Sett
     return f"{split}-hedge-f{feature}-c{control}-{setting.tag}-s{seed}-"
 
 
-def steered_rows(ctx: Context, split: str, items: list[EvalItem], feature: int, control: int, setting: steer.Setting) -> dict[str, list[dict]]:
+def steered_rows(ctx: Context, split: str, items: list[EvalItem], feature: int, control: int, setting: steer.Setting,
+                 direction: torch.Tensor | None) -> dict[str, list[dict]]:
     """Scored clean outputs of ``split``'s hedge prompts, the steer's (``steer-single``; also
-    ``steer-joint`` for scale) and the two same-norm controls'."""
+    ``steer-joint`` for scale), the two same-norm controls' and the reference call ``direction``'s (when given)."""
     clean, seed = f"{split}-hedge-clean", ctx.cfg.seed
     prefix = condition_prefix(split, feature, control, setting, seed)
     if setting.mode == "scale":
         xa, xb = ctx.residuals.get(f"{split}-hedge-A", ctx.pair.a, items), ctx.residuals.get(f"{split}-hedge-B", ctx.pair.b, items)
-        return steer.generate_deltas(ctx.store, items, xa, steer.conditions(ctx.view, xa, xb, feature, control, setting.strength, seed),
+        return steer.generate_deltas(ctx.store, items, xa, steer.conditions(ctx.view, xa, xb, feature, control, setting.strength, seed, direction),
                                      clean, prefix)
-    folder = ctx.art.path.parent / f"control-random-direction-f{feature}-s{seed}"
+    parent = ctx.art.path.parent
     runs = {f"steer-{steer.HEADLINE}": (ctx.art.path, feature),
-            "random-direction": (steer.random_direction_artifact(ctx.art.path, feature, seed, folder), feature),
+            "random-direction": (steer.random_direction_artifact(ctx.art.path, feature, seed, parent / f"control-random-direction-f{feature}-s{seed}"), feature),
             "random-feature": (ctx.art.path, control)}
+    if direction is not None:
+        runs[steer.REFERENCE] = (steer.direction_artifact(ctx.art.path, feature, direction, "the dev-fit call direction",
+                                                          parent / f"reference-{steer.REFERENCE}-f{feature}-s{seed}"), feature)
     return {"clean": clean_rows(ctx, clean, items),
             **{name: policy_rows(ctx, prefix + name, items, steer.additive_policy("steer", feat, setting.strength), artifact)
                for name, (artifact, feat) in runs.items()}}
@@ -190,8 +194,9 @@ def steer_candidates(ctx: Context, ranking: Any, hedge_dev: list[EvalItem]) -> d
     return out
 
 
-def steer_test(ctx: Context, items: list[EvalItem], feature: int, control: int, setting: steer.Setting) -> dict[str, Any]:
-    rows = steered_rows(ctx, "test", items, feature, control, setting)
+def steer_test(ctx: Context, items: list[EvalItem], feature: int, control: int, setting: steer.Setting,
+               direction: torch.Tensor | None) -> dict[str, Any]:
+    rows = steered_rows(ctx, "test", items, feature, control, setting, direction)
     gains = gains_of(rows)
     head = gains[f"steer-{steer.HEADLINE}"]
     xa, xb = ctx.residuals.get("test-hedge-A", ctx.pair.a, items), ctx.residuals.get("test-hedge-B", ctx.pair.b, items)
@@ -206,6 +211,8 @@ def steer_test(ctx: Context, items: list[EvalItem], feature: int, control: int, 
         "control_random_direction_strict_gain_pp": gains["random-direction"]["name_correct"].gain_pp,
         "control_random_feature_gain_pp": gains["random-feature"]["tool_correctness"].gain_pp,
         "control_random_feature_strict_gain_pp": gains["random-feature"]["name_correct"].gain_pp,
+        "reference_call_direction_gain_pp": gains[steer.REFERENCE]["tool_correctness"].gain_pp if steer.REFERENCE in gains else None,
+        "reference_call_direction_strict_gain_pp": gains[steer.REFERENCE]["name_correct"].gain_pp if steer.REFERENCE in gains else None,
         "delta_norm_ratio": steer.delta_norm_ratio(steer.feature_delta(ctx.view, xa, xb, feature, setting), xa),
         "fired": steer.fired(ctx.view, xa, xb, feature),
         "conditions": steer.as_dict(gains),
@@ -251,8 +258,10 @@ def alarm(ctx: Context, hedge_dev: list[EvalItem], hedge_test: list[EvalItem], i
          for name, items in (("dev-hedge-A", hedge_dev), ("test-hedge-A", hedge_test), ("test-ordinary-A", ordinary),
                              ("test-deployment-irrelevance-A", irrelevance))}
     choice = alert.choose(f["dev-hedge-A"], dev_calls, live_a_exclusive(ranking))
+    probe = optional(ctx.say, lambda: reference.probe_ceiling(ctx.residuals.get("dev-hedge-A", ctx.pair.a, hedge_dev), dev_calls,
+                                                              ctx.residuals.get("test-hedge-A", ctx.pair.a, hedge_test), test_calls, ctx.cfg.seed))
     return alert.AlertResult.of(choice, f["test-hedge-A"], test_calls, f["test-ordinary-A"],
-                                f["test-deployment-irrelevance-A"], irr_calls, [i.id for i in hedge_test])
+                                f["test-deployment-irrelevance-A"], irr_calls, [i.id for i in hedge_test], probe)
 
 
 def protocols_of(pair: Any, cfg: PhenomenonConfig) -> tuple[Protocol, Protocol]:
@@ -277,6 +286,15 @@ def measured(say: Callable[[str], None], section: Callable[[], dict[str, Any]]) 
         return {"not_measured": str(exc)}
 
 
+def optional(say: Callable[[str], None], make: Callable[[], Any]) -> Any:
+    """A reference's value, or None (said) when the pair gives it nothing to fit."""
+    try:
+        return make()
+    except NotMeasurable as exc:
+        say(f"  reference not measured: {exc}")
+        return None
+
+
 def steer_section(ctx: Context, ranking: Any, hedge_dev: list[EvalItem], hedge_test: list[EvalItem]) -> dict[str, Any]:
     candidates = steer_candidates(ctx, ranking, hedge_dev)
     if not candidates:
@@ -288,7 +306,9 @@ def steer_section(ctx: Context, ranking: Any, hedge_dev: list[EvalItem], hedge_t
     feature, setting = steer.choose(dev)
     ctx.say(f"  feature {feature}, {setting.label} on dev; the test split with its controls")
     curve = [{"feature": f, "mode": st.mode, "strength": st.strength, "gains": steer.as_dict(g)} for (f, st), g in dev.items()]
-    return {**steer_test(ctx, hedge_test, feature, control, setting), "candidates": candidates, "dev_curve": curve}
+    direction = optional(ctx.say, lambda: reference.call_direction(ctx.residuals.get("dev-hedge-A", ctx.pair.a, hedge_dev),
+                                                                      calls_of(ctx, "dev-hedge-clean", hedge_dev)))
+    return {**steer_test(ctx, hedge_test, feature, control, setting, direction), "candidates": candidates, "dev_curve": curve}
 
 
 def run_phenomenon(cfg: PhenomenonConfig, say: Callable[[str], None] = print, pair: Any = None) -> dict[str, Any]:

@@ -21,6 +21,10 @@ Controls, each at the headline's ‖δ‖ on every token it edits, so only the d
 * a random live A-exclusive feature's decoder direction (fires on ≥ 1 % of train tool
   prompts, not among the top three tool features).
 
+Beside them, at the same norm, the reference call direction
+(:mod:`guardrail.eval.phenomenon.reference`): what the direction fit to the label does at
+this site, where no dictionary is involved.
+
 The feature, the mode and its strength are chosen on the dev split (the largest
 min(lenient gain, strict gain); the gentler setting on a tie) and only then applied to the
 test split.
@@ -46,6 +50,7 @@ from guardrail.stats import mcnemar, paired_gain
 
 ENCODINGS = ("single", "joint")
 HEADLINE = "single"
+REFERENCE = "call-direction"  # the reference condition: the dev-fit call direction at the headline's norm (not a control)
 METRICS = {"tool_correctness": "lenient tool correctness", "name_correct": "strict tool-name accuracy",
            "format_accuracy": "format accuracy"}
 
@@ -86,6 +91,15 @@ def random_direction_artifact(artifact: Path, feature: int, seed: int, out: Path
     The additive steer normalises the direction, so the same policy on this copy adds a
     random direction at exactly the steer's norm, on every token the steer edits.
     """
+    from guardrail.dictionary import read_manifest
+
+    raw = random_directions(1, read_manifest(artifact).d_model, seed)[0]
+    return direction_artifact(artifact, feature, raw, f"a random decoder direction (seed {seed})", out)
+
+
+def direction_artifact(artifact: Path, feature: int, raw: torch.Tensor, what: str, out: Path) -> Path:
+    """A copy of ``artifact`` (with its ranking) whose feature ``feature`` decodes into A along ``raw``
+    (a direction in A's raw residual space), made once in ``out``; ``what`` names it in the manifest."""
     from guardrail.dictionary import load_artifact, read_manifest, save_artifact
     from guardrail.dictionary.artifact import MANIFEST_FILE
     from guardrail.features.ranking import RANKING_FILE
@@ -94,11 +108,10 @@ def random_direction_artifact(artifact: Path, feature: int, seed: int, out: Path
         return out
     cc = load_artifact(artifact)
     with torch.no_grad():
-        raw = random_directions(1, cc.d_model, seed)[0]
         cc.W_dec[feature, MODEL_A] = raw / cc.act_std[MODEL_A]  # raw direction = W_dec·std
     m = read_manifest(artifact)
     save_artifact(cc, out, model_a=m.model_a, model_b=m.model_b, layer=m.layer, positions=m.positions,
-                  source={"kind": "trained", "notes": [f"control: feature {feature} of {artifact} given a random decoder direction (seed {seed})"]})
+                  source={"kind": "trained", "notes": [f"control: feature {feature} of {artifact} given {what}"]})
     (out / RANKING_FILE).write_text((artifact / RANKING_FILE).read_text())
     return out
 
@@ -133,12 +146,15 @@ def control_feature(ranking: Any, seed: int, avoid: int = 3) -> int:
 
 
 def conditions(view: iv.DictionaryView, xa: torch.Tensor, xb: torch.Tensor, feature: int, control: int, alpha: float,
-               seed: int, encodings: Sequence[str] = ENCODINGS) -> dict[str, torch.Tensor]:
-    """Last-token deltas ``[N, d]`` of the scale steer per encoding, and of the two controls at the headline's norm."""
+               seed: int, reference: torch.Tensor | None = None, encodings: Sequence[str] = ENCODINGS) -> dict[str, torch.Tensor]:
+    """Last-token deltas ``[N, d]`` of the scale steer per encoding, and at the headline's norm those of
+    the two controls and of the ``reference`` direction when given (``guardrail.eval.phenomenon.reference``)."""
     deltas = {f"steer-{e}": feature_delta(view, xa, xb, feature, Setting("scale", alpha), e) for e in encodings}
     head = deltas[f"steer-{HEADLINE}"]
     deltas["random-direction"] = norm_matched(head, random_directions(len(xa), xa.shape[1], seed))
     deltas["random-feature"] = norm_matched(head, view.dirs_raw[control])
+    if reference is not None:
+        deltas[REFERENCE] = norm_matched(head, reference)
     return deltas
 
 
