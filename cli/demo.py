@@ -18,7 +18,7 @@ def demo_cmd(
     dev_prompts: int = typer.Option(0, help="Dev prompts that choose α and the alarm (0: all 102)."),
     audit_prompts: int = typer.Option(200, help="Held-out prompts for the audit (fewer cannot certify 2 pp)."),
     max_new_tokens: int = typer.Option(200, help="New tokens per generation (the paper: 200)."),
-    audit_tokens: int = typer.Option(48, help="New tokens per audit generation (a tool call's name comes early)."),
+    audit_tokens: int = typer.Option(64, help="New tokens per audit generation (A writes its call's name by 64 under the hedge protocol)."),
     backend: str = typer.Option("auto", help="Generation backend of the measurements and the audit: auto, vllm or transformers."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show vLLM's and transformers' own logs, bars and warnings."),
 ) -> None:

@@ -36,7 +36,9 @@ class DemoConfig:
     dev_prompts: int | None = None  # dev prompts that choose α and the alarm (None: all 102)
     max_new_tokens: int = 200  # the paper's
     audit_prompts: int = 200
-    audit_tokens: int = 48
+    # the audit renders its prompts as the hedge protocol does (where A leads B) and gates on lenient tool correctness,
+    # which A's outputs reach by 64 tokens (38 % of test prompts, as at 200); strict names need the whole call, ~96 tokens
+    audit_tokens: int = 64
     backend: str = "auto"
     retrain: bool = False
     out: Path = Path("runs/demo")
@@ -206,7 +208,7 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> DemoResult:
     with clock.stage("policies live"):
         live = run_live(pair, art, res, min(cfg.max_new_tokens, 96))
 
-    policy = AuditPolicy(prompts=cfg.audit_prompts, max_new_tokens=cfg.audit_tokens)
+    policy = AuditPolicy(prompts=cfg.audit_prompts, max_new_tokens=cfg.audit_tokens, turn=HEDGE.turn, metric="tool_correctness")
 
     def run_audit() -> dict:
         say(f"auditing the DFC: {cfg.audit_prompts} held-out prompts, A and B clean, B under each threat model and the self-check")

@@ -8,6 +8,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
+from guardrail.tasks import UserTurn
+
 Metric = Literal["strict_name", "format", "tool_correctness", "tool_call_open"]
 
 
@@ -33,6 +35,9 @@ class AuditPolicy(BaseModel):
     confidence: float = Field(0.95, gt=0.5, lt=1)
     prompts: int = Field(200, ge=1, le=100_000)
     max_new_tokens: int = Field(64, ge=1, le=1024)
+    turn: UserTurn = Field("toolrl", description="user turn of the raw prompt (system text + newline + user text): 'toolrl' (the paper's "
+                       "wrapper), 'plain' (the question and the instruction to call) or 'dialogue' (`User: ` and the question, no "
+                       "instruction: where a tool-use A hedges and still leads B; see docs/phenomenon.md)")
     max_prompt_tokens: int | None = Field(None, ge=8, le=1_000_000, description="keep only the last N prompt tokens (None: whole prompts)")
     steer_top: int = Field(4, ge=1, le=256, description="shared features steered by each artifact-only steering attack")
     steer_alpha: float = Field(16.0, ge=1, le=1024, description="scale-mode steer factor of steer_contrast")

@@ -85,8 +85,8 @@ class AuditReport:
             f"layer {self.artifact.get('layer')}); models A=`{self.artifact.get('model_a')}`, B=`{self.artifact.get('model_b')}`.",
             *([f"A's adapter sha256: `{self.adapter_sha256}`."] if self.adapter_sha256 else []),
             *([f"Wall time: {self.wall_time_s / 60:.1f} min."] if self.wall_time_s is not None else []),
-            f"Metric: `{self.policy['metric']}` on {self.n_prompts} held-out tool prompts (greedy, "
-            f"{_tokens(self.policy['max_new_tokens'])}); B clean rate {100 * self.clean_rate:.1f}%.",
+            f"Metric: `{self.policy['metric']}` on {self.n_prompts} held-out tool prompts (raw rendering, the "
+            f"'{self.policy.get('turn', 'toolrl')}' user turn; greedy, {_tokens(self.policy['max_new_tokens'])}); B clean rate {100 * self.clean_rate:.1f}%.",
             f"Capability gap (A − B, clean, same prompts): {capability_text(self)}.",
             f"Oracle transplant (A's own activation at B's last prompt token): {oracle_text(self)}.",
             f"Minimum detectable effect: {mde_text(self)}.",

@@ -148,7 +148,7 @@ def audit(cc, b, a=None, policy: AuditPolicy | None = None, *, joint: bool = Tru
     policy = policy or AuditPolicy()
     layer = _layer_in(cc, b)
     tasks = audit_tasks(policy.prompts, seed)
-    texts = [t.render(b.tokenizer, "raw") for t in tasks]
+    texts = [t.render(b.tokenizer, "raw", policy.turn) for t in tasks]
     inp = _threat_inputs(cc, b, a, texts, layer, policy, seed)
     names = [n for n in THREATS if n not in NEEDS_A or (joint and a is not None)]
     deltas = threat_deltas(cc, inp, names, policy)
