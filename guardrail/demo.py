@@ -188,6 +188,7 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> DemoResult:
     from guardrail.audit import AuditPolicy, audit
     from guardrail.dictionary import load_artifact
     from guardrail.eval.phenomenon import run_phenomenon
+    from guardrail.eval.phenomenon.protocols import HEDGE
     from guardrail.models import load_pair
 
     clock = StageClock()
