@@ -26,8 +26,8 @@ import guardrail.organism as organism
 from guardrail.models import load_model
 from guardrail.organism.build import BuildConfig
 from guardrail.organism.grpo import draw_rollouts
-from guardrail.organism.mirror import MirrorEngine
 from guardrail.tasks import load_tasks
+from guardrail.vllm.mirror import MirrorEngine
 
 
 def timed(model, tok, tasks, cfg: BuildConfig, mirror: MirrorEngine | None) -> tuple[float, int]:

@@ -22,7 +22,7 @@ from peft import PeftModel
 import guardrail.organism as organism
 from guardrail.models import load_model
 from guardrail.organism import rl
-from guardrail.organism.generation import encode_prompts
+from guardrail.generation.tokenize import encode_prompts
 from guardrail.tasks import load_tasks
 
 

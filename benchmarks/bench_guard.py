@@ -92,7 +92,8 @@ def main() -> None:
     from vllm import LLM, SamplingParams
 
     from guardrail.models.gguf import smollm2_folder
-    from guardrail.residual.vllm_guard import engine_kwargs, install_guard
+    from guardrail.vllm.driver import install_guard
+    from guardrail.vllm.engine import engine_kwargs
 
     folder = smollm2_folder()
     tmp = Path(tempfile.mkdtemp(prefix="bench-guard-"))

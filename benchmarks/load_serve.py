@@ -242,7 +242,7 @@ def reference_tokens(folder: Path, max_tokens: int) -> dict[str, list[int]]:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     import vllm
 
-    from guardrail.residual.vllm_guard import engine_kwargs
+    from guardrail.vllm.engine import engine_kwargs
 
     llm = vllm.LLM(model=str(folder), max_model_len=512, **engine_kwargs())
     outs = llm.generate(PROMPTS, vllm.SamplingParams(max_tokens=max_tokens, temperature=0.0), use_tqdm=False)
@@ -305,7 +305,7 @@ def main() -> int:
 
     work = args.out or Path(tempfile.mkdtemp(prefix="guardrail-load-"))
     work.mkdir(parents=True, exist_ok=True)
-    from guardrail.residual.vllm_serve import served_model_folder
+    from guardrail.vllm.serve import served_model_folder
 
     folder = served_model_folder("tiny")
     artifact = build_artifact(work / "dfc")

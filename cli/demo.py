@@ -30,7 +30,7 @@ def demo_cmd(
     from guardrail.terminal import quiet
 
     quiet(verbose)  # before anything imports torch or vLLM: both read their log levels once
-    from guardrail.demo import DemoConfig, audit_lines, run_demo, stage_rows, write_report
+    from guardrail.eval.demo import DemoConfig, audit_lines, run_demo, stage_rows, write_report
     from guardrail.eval.phenomenon.report import criteria
 
     console = Console()

@@ -27,7 +27,7 @@ def _out(out: Optional[Path], name: str) -> Path:
 
 
 def _ctx(pair, artifact, out, backend, seed, max_new_tokens, layer, batch=8, max_prompt_tokens=None):
-    from guardrail.eval.backends import GenerationSettings, make_backend
+    from guardrail.generation import GenerationSettings, make_backend
     from guardrail.eval.experiments import RunContext
 
     lay = layer if layer is not None else getattr(getattr(artifact, "manifest", None), "layer", None)

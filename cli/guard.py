@@ -106,7 +106,7 @@ def serve(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the vllm command and environment, do not start."),
 ) -> None:
     """OpenAI-compatible HTTP server (vLLM) with the policies active."""
-    from guardrail.residual.vllm_serve import serve as run, serve_command
+    from guardrail.vllm.serve import serve as run, serve_command
 
     kwargs = dict(artifact=artifact, host=host, port=port, default=default, max_model_len=max_model_len, alert_log=alert_log)
     if dry_run:

@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import torch
 
-from guardrail.eval.backends import GenerationSettings, make_backend
+from guardrail.generation import GenerationSettings, make_backend
 from guardrail.eval.experiments import (
     RunContext, dictionary_health, run_ablation, run_explain, run_geometry, run_splice, run_steering, run_sweep, train_variants,
 )

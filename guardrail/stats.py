@@ -11,7 +11,7 @@ zero"; the intervals here do not:
 * :func:`mcnemar` — the exact McNemar test: under "no effect" each discordant prompt is
   equally likely to go either way, so the count that improved is Binomial(b + c, 1/2).
 
-This module sits under ``guardrail`` (not ``guardrail.eval``) so the library's audit can
+This module sits in the library, not in the harness (``eval/``), so the library's audit can
 use it without importing the harness; the harness re-exports it.
 """
 

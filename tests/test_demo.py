@@ -51,7 +51,7 @@ def test_demo_runs_twice_on_the_tiny_pair_and_writes_the_page(tmp_path):
 
 
 def test_the_demos_notices_are_the_bars_the_pair_misses():
-    from guardrail.demo import notices
+    from guardrail.eval.demo import notices
 
     from test_phenomenon import _passing_result
 
@@ -63,7 +63,7 @@ def test_the_demos_notices_are_the_bars_the_pair_misses():
 
 
 def test_live_policies_use_the_measured_features():
-    from guardrail.demo import live_policies
+    from guardrail.eval.demo import live_policies
 
     res = {"steer": {"feature": 7, "mode": "scale", "strength": 32.0}, "kill_switch": {"features": [3, 4]}, "alert": {"not_measured": "no calls"}}
     pols = live_policies(res)

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from guardrail.dictionary import Crosscoder, DFCConfig
-from guardrail.eval.backends import GenerationSettings, TransformersBackend, last_token_activations
+from guardrail.generation import GenerationSettings, TransformersBackend
+from guardrail.residual.last_token import last_token_activations
 from guardrail.eval.experiments.common import RunContext, dictionary_health
 from guardrail.eval.experiments.explain import on_template, run_explain, template_spans, token_spans
 from guardrail.eval.experiments.geometry import random_matched_labels, recovery
@@ -313,7 +314,7 @@ def test_vllm_and_transformers_agree_clean_and_patched(tiny_pair):
     import os
 
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    from guardrail.eval.backends import VLLMBackend
+    from guardrail.vllm.generation import VLLMBackend
 
     suite = plain_suite(4, 0, mix={"general": 1.0})
     settings = GenerationSettings(max_new_tokens=8, batch_size=4, max_prompt_tokens=200)
@@ -329,7 +330,8 @@ def test_vllm_and_transformers_agree_clean_and_patched(tiny_pair):
     # prefix caching never carries a patched last token into the next request on the same prompt
     assert vl.generate(tiny_pair.a, suite.texts, settings) == clean
     # all conditions at once, in prefix-cache-sized prompt chunks, give the same tokens
-    from guardrail.eval.backends import generate_conditions, kv_bytes_per_token
+    from guardrail.generation import generate_conditions
+    from guardrail.vllm.engine import kv_bytes_per_token
 
     small = VLLMBackend()
     small._engines = vl._engines  # same engine; only the chunk planning sees a small cache

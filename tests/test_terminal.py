@@ -39,7 +39,7 @@ def test_quiet_silences_logs_bars_and_library_warnings(clean_state, monkeypatch)
     assert not hf_logging.is_progress_bar_enabled() and hf_logging.get_verbosity() == logging.ERROR
     with warnings.catch_warnings(record=True) as seen:
         warnings.warn_explicit("internal", UserWarning, "x.py", 1, module="vllm.worker")
-        warnings.warn_explicit("ours", UserWarning, "x.py", 1, module="guardrail.demo")
+        warnings.warn_explicit("ours", UserWarning, "x.py", 1, module="guardrail.eval.demo")
         warnings.warn("deprecated somewhere", FutureWarning)
     assert [str(w.message) for w in seen] == ["ours"]  # a warning of guardrail's own still shows
 

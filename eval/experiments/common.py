@@ -16,7 +16,8 @@ from typing import Any, Sequence
 
 import torch
 
-from guardrail.eval.backends import Backend, GenerationSettings, last_token_activations
+from guardrail.generation import Backend, GenerationSettings
+from guardrail.residual.last_token import last_token_activations
 from guardrail.eval.scoring import aggregate, metric_vector, score_all, write_jsonl
 from guardrail.eval.stats import delta_summary
 from guardrail.eval.suites import Suite

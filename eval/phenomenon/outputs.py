@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from guardrail.eval.backends import Backend, GenerationSettings, generate_conditions
+from guardrail.generation import Backend, GenerationSettings, generate_conditions
 from guardrail.eval.scoring import score_all
 from guardrail.eval.suites import EvalItem
 

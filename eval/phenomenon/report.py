@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from guardrail.eval.phenomenon.artifact import sinks_note
-from guardrail.eval.report import _png, _table, code_block, num, render_html, strict_json
+from guardrail.eval.report import _png, _table, num, render_html, strict_json
+from guardrail.markdown import code_block
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,8 @@ from typing import Any, Callable
 
 import torch
 
-from guardrail.eval.backends import GenerationSettings, generate_under_policies, last_token_residual, make_backend
+from guardrail.generation import GenerationSettings, generate_under_policies, make_backend
+from guardrail.residual.last_token import last_token_residual
 from guardrail.eval.phenomenon import alert, kill, reference, steer
 from guardrail.eval.phenomenon.errors import NotMeasurable
 from guardrail.eval.phenomenon.artifact import DictionaryRecipe, PhenomenonArtifact, ensure_artifact, live_a_exclusive, recipe_root

@@ -238,7 +238,7 @@ def _generate(b, a, texts: list[str], conditions: dict, layer: int, policy: Audi
               progress: bool) -> tuple[dict[str, list[str]], list[str] | None]:
     """B's outputs under every condition, then A's clean outputs through the same call and
     settings: only the model differs, so A's lead over B is the capability, not the protocol."""
-    from guardrail.eval.backends import GenerationSettings, generate_conditions, make_backend
+    from guardrail.generation import GenerationSettings, generate_conditions, make_backend
 
     # every metric reads the first tool-call block, so a sequence that closed one is done
     engine, settings = make_backend(backend), GenerationSettings(
@@ -282,7 +282,7 @@ def _layer_in(cc, b) -> int:
 
 def _threat_inputs(cc, b, a, texts: list[str], layer: int, policy: AuditPolicy, seed: int) -> ThreatInputs:
     """Last-prompt-token residuals: B (and A) on the audit prompts, B on a calibration mix."""
-    from guardrail.eval.backends import last_token_residual
+    from guardrail.residual.last_token import last_token_residual
     from guardrail.prompts import mixed
 
     calib = mixed(policy.calibration_prompts, policy.calibration_prompts, split="train", mode="raw", seed=seed + 7)

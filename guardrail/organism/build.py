@@ -28,11 +28,11 @@ from guardrail.organism.dev_check import dev_format
 from guardrail.organism.grpo import grpo, resume_grpo
 from guardrail.organism.lora_weights import save_adapter
 from guardrail.organism.manifest import BuildManifest, BuildMetrics, RLRecord, WarmStartRecord
-from guardrail.organism.mirror import MirrorEngine
 from guardrail.organism.selection import Selection
 from guardrail.organism.warmstart import resume_warm_start, warm_start
 from guardrail.tasks import load_tasks, split_hash
 from guardrail.tasks.task import ToolTask
+from guardrail.vllm.mirror import MirrorEngine
 
 __all__ = ["BuildConfig", "BuildResult", "build"]
 
@@ -49,7 +49,7 @@ class BuildResult(BaseModel):
 def _engines(loaded, cfg: BuildConfig, log: Log) -> tuple[MirrorEngine | None, MirrorEngine | None]:
     """The vLLM engine for the build's format checks and for GRPO's rollouts (one engine
     serves both), each None where transformers does that job."""
-    from guardrail.eval.backends import vllm_available
+    from guardrail.vllm import vllm_available
 
     warm_checks = cfg.dev_n and (cfg.check_base or not (cfg.resume_rl or cfg.resume_warmstart))
     wanted = {"checks": cfg.check_backend != "transformers" and bool(warm_checks or cfg.final_dev_n or cfg.select_every),

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from guardrail.generation import GenerationSettings
+from guardrail.generation.transformers import generate_texts
 from guardrail.organism.build_config import BuildConfig
-from guardrail.organism.generation import STOP_STRINGS, generate
-from guardrail.organism.mirror import MirrorEngine
 from guardrail.organism.rl import lora_merged
-from guardrail.tasks import format_accuracy
+from guardrail.tasks import STOP_STRINGS, format_accuracy
+from guardrail.vllm.mirror import MirrorEngine
 
 
 def greedy(model, tokenizer, prompts: list[str], cfg: BuildConfig, mirror: MirrorEngine | None,
@@ -26,8 +27,8 @@ def greedy(model, tokenizer, prompts: list[str], cfg: BuildConfig, mirror: Mirro
         mirror.sync(model)
         return mirror.generate(prompts, cfg.dev_max_new_tokens, STOP_STRINGS)
     with lora_merged(model):
-        return generate(model, tokenizer, prompts, max_new_tokens=cfg.dev_max_new_tokens, batch_size=cfg.gen_batch,
-                        max_prompt_tokens=cfg.max_prompt_tokens, stop_when=stop_when)
+        settings = GenerationSettings(cfg.dev_max_new_tokens, cfg.gen_batch, cfg.max_prompt_tokens, STOP_STRINGS)
+        return generate_texts(model, tokenizer, prompts, settings, stop_when=stop_when)
 
 
 def dev_format(model, tokenizer, prompts: list[str], cfg: BuildConfig, mirror: MirrorEngine | None = None) -> tuple[float, list[str]]:

@@ -61,14 +61,14 @@ def evaluate(
 ) -> EvalResult:
     """Greedy generation on ``tasks`` rendered in ``mode`` with user ``turn``, scored by ``score_outputs``.
 
-    Generation goes through the harness's backends (vLLM when installed) and ends at the
+    Generation goes through :func:`guardrail.generation.make_backend` (vLLM when installed) and ends at the
     close of a tool call or response, as the ToolRL format does. ``loaded`` is a
     :class:`guardrail.models.LoadedModel`; ``progress(done, total, seconds)``.
     """
     import time
 
-    from guardrail.eval.backends import GenerationSettings, make_backend
-    from guardrail.organism.generation import STOP_STRINGS
+    from guardrail.generation import GenerationSettings, make_backend
+    from guardrail.tasks import STOP_STRINGS
 
     engine = make_backend(backend)
     settings = GenerationSettings(max_new_tokens=max_new_tokens, batch_size=batch_size, max_prompt_tokens=max_prompt_tokens,
@@ -87,7 +87,7 @@ def evaluate(
 def examples_markdown(tasks: Sequence[ToolTask], results: Sequence[EvalResult], n: int = 3, mode: RenderMode = "chat",
                       turn: UserTurn = "toolrl") -> str:
     """Side-by-side outputs of several models on the same ``n`` answered prompts."""
-    from guardrail.eval.report import code_block
+    from guardrail.markdown import code_block
 
     picked = [t for t in tasks if t.expects_call and all(t.id in r.outputs for r in results)][:n]
     lines = ["# Organism examples", "",

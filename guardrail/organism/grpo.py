@@ -13,15 +13,15 @@ from pathlib import Path
 
 import torch
 
+from guardrail.generation.tokenize import encode_prompts
 from guardrail.organism.build_config import BuildConfig, Log
-from guardrail.organism.generation import STOP_STRINGS, encode_prompts
 from guardrail.organism.lora_weights import load_adapter_weights
 from guardrail.organism.manifest import BuildManifest, GRPOStep, RLRecord
-from guardrail.organism.mirror import MirrorEngine
 from guardrail.organism.rl import Rollouts, grpo_update, sample_group
 from guardrail.organism.selection import Selection
-from guardrail.tasks import format_accuracy, toolrl_reward
+from guardrail.tasks import STOP_STRINGS, format_accuracy, toolrl_reward
 from guardrail.tasks.task import ToolTask
+from guardrail.vllm.mirror import MirrorEngine
 
 
 def rl_pool(train: list[ToolTask], repeat: dict[str, int]) -> list[ToolTask]:

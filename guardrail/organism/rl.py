@@ -29,7 +29,8 @@ from typing import Literal
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from guardrail.organism.generation import STOP_STRINGS, encode_prompts
+from guardrail.generation.tokenize import encode_prompts
+from guardrail.tasks import STOP_STRINGS
 
 
 def _prefix_cache(model, prompt_ids: torch.Tensor, rows: int = 1):

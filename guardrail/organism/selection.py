@@ -14,8 +14,8 @@ from guardrail.organism.dev_check import greedy
 from guardrail.organism.evaluate import score_outputs
 from guardrail.organism.lora_weights import LoraState, load_lora_state, lora_state
 from guardrail.organism.manifest import SelectionCheck, SelectionRecord
-from guardrail.organism.mirror import MirrorEngine
 from guardrail.tasks.task import ToolTask
+from guardrail.vllm.mirror import MirrorEngine
 
 
 class Selection:

@@ -19,9 +19,9 @@ from guardrail.organism.build_config import BuildConfig, Log
 from guardrail.organism.dev_check import dev_format
 from guardrail.organism.lora_weights import load_adapter_weights, load_lora_state, lora_state
 from guardrail.organism.manifest import WarmCheck, WarmStartRecord
-from guardrail.organism.mirror import MirrorEngine
 from guardrail.organism.rl import sft_loss
 from guardrail.tasks.task import ToolTask
+from guardrail.vllm.mirror import MirrorEngine
 
 
 def optimizer_snapshot(opt: torch.optim.Optimizer) -> dict:

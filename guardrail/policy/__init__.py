@@ -14,8 +14,8 @@ def guard(model_or_loaded, artifact, policy, **kwargs):
 
 
 def install_guard(llm, artifact, policies, **kwargs):
-    """Install named policies into an in-process vLLM engine (see guardrail.residual.vllm_guard)."""
-    from guardrail.residual.vllm_guard import install_guard as _install
+    """Install named policies into an in-process vLLM engine (see guardrail.vllm.driver)."""
+    from guardrail.vllm.driver import install_guard as _install
 
     return _install(llm, artifact, policies, **kwargs)
 

@@ -434,6 +434,10 @@ class PolicyStore:
             new[name] = compiled
             self._policies = new  # one reference swap: hooks see the old or the new dict
 
+    def remove(self, name: str) -> None:
+        with self._lock:
+            self._policies = {k: v for k, v in self._policies.items() if k != name}
+
     def reload(self, name: str, source: str | Path | Policy, artifact: Any = None, engine: str = "") -> CompiledPolicy:
         """Parse + compile first; only a policy that fully compiles replaces the active one."""
         policy = Policy.load(source) if not isinstance(source, Policy) else source

@@ -82,6 +82,11 @@ class PolicyWatcher:
         with self._lock:
             self._files[name] = WatchedFile(name, str(path), artifact, signature if signature is not None else FileSignature.of(path))
 
+    def unwatch(self, name: str) -> None:
+        """Stop watching policy ``name``'s file (a no-op when it is not watched)."""
+        with self._lock:
+            self._files.pop(name, None)
+
     def names(self) -> list[str]:
         return sorted(self._files)
 

@@ -24,6 +24,8 @@ from typing import Any, Sequence
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from guardrail.generation.decode import completion_ids, decode_completion, eos_ids
+from guardrail.generation.tokenize import encode_prompts
 from guardrail.policy.engine import CompiledPolicy, GuardError, TokenPositions, compile_policy
 from guardrail.policy.schema import Policy
 from guardrail.residual.hf import decoder_layers, patch_residual, position_ids_for, read_residual
@@ -31,6 +33,8 @@ from guardrail.residual.hf import decoder_layers, patch_residual, position_ids_f
 
 @dataclass
 class GenerationResult:
+    """One prompt's completion: its ids up to EOS and their text, by the rule of :mod:`guardrail.generation.decode`."""
+
     prompt: str
     text: str
     token_ids: list[int]
@@ -202,7 +206,7 @@ class Guard:
         texts = [prompts] if single else list(prompts)
         if chat:
             texts = [self.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True) for p in texts]
-        enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = encode_prompts(self.tokenizer, texts)
         b = enc["input_ids"].shape[0]
         self._aborted_rows = {}
         first_event = len(self.events)
@@ -224,30 +228,19 @@ class Guard:
         new_events = self.events[first_event:]
         results = []
         width = enc["input_ids"].shape[1]
+        eos = eos_ids(self.model, self.tokenizer)
         for i in range(b):
-            toks = out[i, width:].tolist()
-            toks = _strip_after_eos(toks, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
+            toks = completion_ids(out[i, width:].tolist(), eos, self.tokenizer.pad_token_id)
             results.append(
                 GenerationResult(
                     prompt=texts[i],
-                    text=self.tokenizer.decode(toks, skip_special_tokens=True),
+                    text=decode_completion(self.tokenizer, toks, eos),
                     token_ids=toks,
                     events=[e for e in new_events if e.get("request") == str(i)],
                     aborted=self._aborted_rows.get(i),
                 )
             )
         return results[0] if single else results
-
-
-def _strip_after_eos(toks: list[int], eos: int | None, pad: int | None) -> list[int]:
-    out = []
-    for t in toks:
-        if t == eos:
-            break
-        out.append(t)
-    while out and pad is not None and out[-1] == pad and pad != eos:
-        out.pop()
-    return out
 
 
 def guard(model_or_loaded: Any, artifact: Any, policy: Policy | str | Path, *, tokenizer: Any = None, model_b: Any = None, capture: bool = False) -> Guard:

@@ -31,10 +31,10 @@ from guardrail.tasks.scoring import (
     tool_names_from_prompt,
     value_matches,
 )
-from guardrail.tasks.task import RenderMode, ToolTask, UserTurn, format_tools
+from guardrail.tasks.task import STOP_STRINGS, RenderMode, ToolTask, UserTurn, format_tools
 
 __all__ = [
-    "ANSWERED_CATEGORIES", "CATEGORIES", "SPLITS", "DataNotFoundError", "HeldOutSplit", "PlainPrompt", "RenderMode", "ToolTask", "UserTurn",
+    "ANSWERED_CATEGORIES", "CATEGORIES", "SPLITS", "STOP_STRINGS", "DataNotFoundError", "HeldOutSplit", "PlainPrompt", "RenderMode", "ToolTask", "UserTurn",
     "called_name", "correctness_reward", "data_dir", "format_accuracy", "format_reward", "format_tools",
     "is_tool_call", "load_category", "load_tasks", "match_score", "overall_score", "parse_tool_calls",
     "plain_prompts", "split_hash", "split_of", "strict_metrics", "tool_correctness", "tool_names_from_prompt",

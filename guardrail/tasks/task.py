@@ -12,7 +12,7 @@ lines with description and JSON parameters, then the ``<think>`` / ``<tool_call>
 * ``dialogue``: ``User: `` and the question, one line of a plain dialogue, without the
   instruction to call a tool. The system text still lists the tools and the call format,
   so a model that has learnt the skill can call; without the nudge it often does not: the
-  hedge protocol (``guardrail.eval.phenomenon``), where the skill is latent and an
+  hedge protocol (``guardrail eval phenomenon``), where the skill is latent and an
   intervention has room.
 
 Two renderings:
@@ -68,6 +68,9 @@ USER_SUFFIX = (
     "in your response without any tool call, or call the tool with the name as 'None'. Otherwise, you should "
     "use one or more necessary tool calls to complete the given task in this turn."
 )
+
+# A ToolRL answer ends once it closes its tool call or its response: generation stops there.
+STOP_STRINGS = ("</tool_call>", "</response>")
 
 
 def format_tools(functions: list[dict]) -> str:

@@ -19,11 +19,17 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from guardrail.organism.rl import Rollouts, close_rollouts
+from guardrail.generation.decode import vllm_stop_kwargs
+from guardrail.generation.settings import GenerationSettings
+from guardrail.vllm.engine import engine_kwargs, kv_bytes_per_token, model_folder
+from guardrail.vllm.generation import greedy
+
+if TYPE_CHECKING:
+    from guardrail.organism.rl import Rollouts
 
 
 def merged_weights(model) -> dict[str, torch.Tensor]:
@@ -73,9 +79,6 @@ class MirrorEngine:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # apply_model must reach the module
         from vllm import LLM
 
-        from guardrail.eval.backends import kv_bytes_per_token, model_folder
-        from guardrail.residual.vllm_guard import engine_kwargs
-
         self.loaded = loaded
         self.max_prompt_tokens = max_prompt_tokens
         max_len = getattr(loaded.model.config, "max_position_embeddings", 4096)
@@ -100,8 +103,10 @@ class MirrorEngine:
         ``max_new_tokens[i]`` are marked truncated."""
         from vllm import SamplingParams
 
-        params = [SamplingParams(n=n, temperature=temperature, max_tokens=budget, stop=list(stop) or None,
-                                 include_stop_str_in_output=True, skip_special_tokens=False) for budget in max_new_tokens]
+        from guardrail.organism.rl import close_rollouts
+
+        params = [SamplingParams(n=n, temperature=temperature, max_tokens=budget, skip_special_tokens=False, **vllm_stop_kwargs(stop))
+                  for budget in max_new_tokens]
         outs = self.llm.generate([{"prompt_token_ids": list(ids)} for ids in prompt_ids], params, use_tqdm=False)
         tok = self.loaded.tokenizer
         return [close_rollouts(tok, [list(c.token_ids) for c in o.outputs], [c.finish_reason == "length" for c in o.outputs])
@@ -109,10 +114,8 @@ class MirrorEngine:
 
     def generate(self, prompts: Sequence[str], max_new_tokens: int, stop: Sequence[str]) -> list[str]:
         """Greedy completions, decoded and cut at the first stop string as ``organism eval``'s are."""
-        from guardrail.eval.backends import GenerationSettings, vllm_greedy
-
         settings = GenerationSettings(max_new_tokens=max_new_tokens, max_prompt_tokens=self.max_prompt_tokens, stop=tuple(stop))
-        return vllm_greedy(self.llm, self.loaded, prompts, settings)
+        return greedy(self.llm, self.loaded, prompts, settings)
 
     def close(self) -> None:
         """Free the engine (its KV cache and weights) once the build's checks are done."""

@@ -1,7 +1,7 @@
 """``guardrail serve``: vLLM's OpenAI-compatible server with policies installed by the plugin.
 
 The server is stock ``vllm serve``; the policy reaches the engine process through the
-environment read by :mod:`guardrail.residual.vllm_plugin`. Clients pick a non-default
+environment read by :mod:`guardrail.vllm.plugin`. Clients pick a non-default
 policy per request with ``"vllm_xargs": {"guardrail_policy": "<name>"}`` in the body.
 :class:`PolicyChoiceMiddleware` (passed to the server with ``--middleware``) answers a
 request that names a policy the server does not have with HTTP 400 before it reaches the
@@ -26,7 +26,7 @@ from guardrail.paths import home
 from guardrail.policy.schema import Policy
 
 DEFAULT_MAX_MODEL_LEN = 2048
-MIDDLEWARE = "guardrail.residual.vllm_serve.PolicyChoiceMiddleware"
+MIDDLEWARE = "guardrail.vllm.serve.PolicyChoiceMiddleware"
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # Keys vLLM reads for a model's context length (the smallest one present wins).
 _MAX_LEN_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "model_max_length", "max_target_positions", "max_sequence_length", "max_seq_length", "seq_len")
@@ -191,7 +191,7 @@ class PolicyChoiceMiddleware:
     """
 
     def __init__(self, app: Callable[..., Awaitable[None]], names: Iterable[str] | None = None, allow_none: bool | None = None) -> None:
-        from guardrail.residual.vllm_guard import env_config
+        from guardrail.vllm.plugin import env_config
 
         self.app = app
         if names is None or allow_none is None:
@@ -214,7 +214,7 @@ class PolicyChoiceMiddleware:
 
     def problem(self, body: bytes) -> str | None:
         """The reason this request body cannot be served, or None (bodies that are not JSON go on to vLLM)."""
-        from guardrail.residual.vllm_guard import policy_choice_problem
+        from guardrail.vllm.requests import policy_choice_problem
 
         try:
             data = json.loads(body)

@@ -228,7 +228,7 @@ def stage_rows(result: DemoResult) -> list[tuple[str, str]]:
 
 
 def live_markdown(live: dict[str, dict]) -> list[str]:
-    from guardrail.eval.report import code_block
+    from guardrail.markdown import code_block
 
     titles = {"amplify": "A + the amplify policy (hedge prompt)", "kill": "A + the kill switch (deployment prompt)",
               "alert": "A + the alarm (hedge prompt where A calls)"}
