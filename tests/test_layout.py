@@ -106,3 +106,47 @@ def test_model_modules_import_each_other_without_a_circle():
 
     for name in graph:
         visit(name, ())
+
+
+def _shipped(pattern: str, folder: str = "guardrail") -> dict[str, int]:
+    """Occurrences of ``pattern`` per Python file under ``folder`` (files with none left out)."""
+    counts = {str(p.relative_to(ROOT)): len(re.findall(pattern, p.read_text(encoding="utf-8"))) for p in sorted((ROOT / folder).rglob("*.py"))}
+    return {k: v for k, v in counts.items() if v}
+
+
+def test_the_library_does_not_reach_into_the_harness():
+    """``guardrail/`` is the library; the harness (``eval/``, imported as guardrail.eval) builds on it, never the other way."""
+    assert _shipped(r"guardrail\.eval") == {}
+
+
+def test_one_forward_hook_for_vllm_decoder_layers():
+    """vLLM layers are hooked at one call site (the worker guard); the other sites hook transformers models."""
+    assert _shipped(r"\.register_forward_hook\(", "guardrail/vllm") == {"guardrail/vllm/worker.py": 1}
+    elsewhere = {k: v for k, v in _shipped(r"\.register_forward_hook\(").items() if not k.startswith("guardrail/vllm/")}
+    assert elsewhere == {"guardrail/residual/hf.py": 2}, "forward hooks outside residual/hf.py (transformers) and vllm/worker.py"
+    assert not any(_shipped(r"\.register_forward_hook\(", d) for d in ("eval", "cli"))
+
+
+def _imports_vllm(node: ast.AST) -> bool:
+    if isinstance(node, ast.Import):
+        return any(a.name == "vllm" or a.name.startswith("vllm.") for a in node.names)
+    return isinstance(node, ast.ImportFrom) and node.level == 0 and bool(node.module) and (node.module == "vllm" or node.module.startswith("vllm."))
+
+
+def test_vllm_is_imported_only_in_its_folder_and_only_where_used():
+    """Only ``guardrail/vllm/`` imports vLLM, inside the functions that use it, so that the rest of
+    guardrail (and ``import guardrail.vllm``) works where vLLM is not installed. Tests reach
+    vLLM through ``pytest.importorskip``; benchmarks, run by hand, drive it directly."""
+    files = [p for d in ("guardrail", "eval", "cli", "tests") for p in sorted((ROOT / d).rglob("*.py"))]
+    trees = {str(p.relative_to(ROOT)): ast.parse(p.read_text(encoding="utf-8")) for p in files}
+    outside = sorted(k for k, tree in trees.items() if not k.startswith("guardrail/vllm/") and any(_imports_vllm(n) for n in ast.walk(tree)))
+    assert outside == []
+    at_import = sorted(k for k, tree in trees.items() if k.startswith("guardrail/vllm/") and any(_imports_vllm(n) for n in tree.body))
+    assert at_import == []
+
+
+def test_vllm_internals_are_patched_in_one_module():
+    """Assignments to vLLM's objects (its runner's and model's methods) happen in guardrail/vllm/patches.py only."""
+    pattern = r"\b(runner|model|cls)\.(_update_states|compute_logits|load_model)\s*=(?!=)"
+    assert set(_shipped(pattern)) <= {"guardrail/vllm/patches.py"}
+    assert not _shipped(r"_guardrail_(eval_hook|num_scheduled|tracking|patched|guard)\b")
