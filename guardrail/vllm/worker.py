@@ -24,8 +24,8 @@ the hook and reuse KV computed under another policy); :func:`guardrail.vllm.engi
 A patch touches only the last prompt token, which vLLM always recomputes, so patched
 requests may share cached prefixes.
 
-The guard of a model runner is found with :func:`guard_of`; the runner itself is not
-given any attribute.
+The guard of a model runner is found with :func:`guard_of`: the runner carries no
+guardrail state (the only changes to vLLM's objects are the wraps of :mod:`guardrail.vllm.patches`).
 """
 
 from __future__ import annotations
