@@ -23,6 +23,8 @@ from typing import Any, Callable, Iterator
 
 import guardrail
 
+# the audit the demo runs: the hedge protocol's rendering, lenient tool correctness, 64 tokens (the file says why)
+AUDIT_POLICY = "audit/hedge.yaml"
 
 
 @dataclass
@@ -35,10 +37,8 @@ class DemoConfig:
     test_prompts: int | None = 150  # held-out prompts per measurement (as `guardrail eval phenomenon`: the same numbers)
     dev_prompts: int | None = None  # dev prompts that choose α and the alarm (None: all 102)
     max_new_tokens: int = 200  # the paper's
-    audit_prompts: int = 200
-    # the audit renders its prompts as the hedge protocol does (where A leads B) and gates on lenient tool correctness,
-    # which A's outputs reach by 64 tokens (38 % of test prompts, as at 200); strict names need the whole call, ~96 tokens
-    audit_tokens: int = 64
+    audit_prompts: int | None = None  # None: the shipped audit policy's (AUDIT_POLICY)
+    audit_tokens: int | None = None  # None: the shipped audit policy's
     backend: str = "auto"
     retrain: bool = False
     out: Path = Path("runs/demo")
@@ -81,6 +81,14 @@ class DemoResult:
 def policy_file(name: str) -> Path:
     """A shipped policy (``policies/`` in the source tree, ``guardrail.policies`` installed)."""
     return Path(str(resources.files("guardrail.policies") / name))
+
+
+def audit_policy(cfg: DemoConfig):
+    """The shipped audit policy (:data:`AUDIT_POLICY`), with the demo's sample size and token budget when given."""
+    from guardrail.audit import AuditPolicy
+
+    given = {k: v for k, v in (("prompts", cfg.audit_prompts), ("max_new_tokens", cfg.audit_tokens)) if v is not None}
+    return AuditPolicy.model_validate(AuditPolicy.load(policy_file(AUDIT_POLICY)).model_dump() | given)
 
 
 def phenomenon_config(cfg: DemoConfig):
@@ -185,10 +193,9 @@ def audit_lines(report: dict) -> list[str]:
 
 
 def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> DemoResult:
-    from guardrail.audit import AuditPolicy, audit
+    from guardrail.audit import audit
     from guardrail.dictionary import load_artifact
     from guardrail.eval.phenomenon import run_phenomenon
-    from guardrail.eval.phenomenon.protocols import HEDGE
     from guardrail.models import load_pair
 
     clock = StageClock()
@@ -209,10 +216,10 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> DemoResult:
     with clock.stage("policies live"):
         live = run_live(pair, art, res, min(cfg.max_new_tokens, 96))
 
-    policy = AuditPolicy(prompts=cfg.audit_prompts, max_new_tokens=cfg.audit_tokens, turn=HEDGE.turn, metric="tool_correctness")
+    policy = audit_policy(cfg)
 
     def run_audit() -> dict:
-        say(f"auditing the DFC: {cfg.audit_prompts} held-out prompts, A and B clean, B under each threat model and the self-check")
+        say(f"auditing the DFC: {policy.prompts} held-out prompts, A and B clean, B under each threat model and the self-check")
         return json.loads(audit(load_artifact(art), pair.b, pair.a, policy, backend=cfg.backend).to_json())
 
     # keyed by the whole audit policy and the package version: a report of another audit is never shown as this one's

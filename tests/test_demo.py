@@ -73,3 +73,18 @@ def test_live_policies_use_the_measured_features():
     rule = live_policies(res)["amplify"].rules[0]
     assert (rule.mode, rule.gain, rule.positions) == ("additive", 0.5, "all")
     assert pols["kill"].rules[0].select.indices == [3, 4] and pols["kill"].rules[0].action == "clamp"
+
+
+def test_the_demos_audit_policy_is_the_shipped_file_under_the_hedge_protocols_turn():
+    from guardrail.eval.demo import DemoConfig, audit_policy
+    from guardrail.eval.phenomenon.protocols import HEDGE
+
+    shipped = audit_policy(DemoConfig())
+    assert shipped.turn == HEDGE.turn and shipped.metric == "tool_correctness" and (shipped.prompts, shipped.max_new_tokens) == (200, 64)
+    small = audit_policy(DemoConfig(audit_prompts=12, audit_tokens=4))
+    assert (small.prompts, small.max_new_tokens, small.turn) == (12, 4, HEDGE.turn)
+    import pydantic
+    import pytest
+
+    with pytest.raises(pydantic.ValidationError, match="prompts"):
+        audit_policy(DemoConfig(audit_prompts=0))
