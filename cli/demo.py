@@ -16,9 +16,9 @@ def demo_cmd(
     tool_prompts: int = typer.Option(300, help="Train-split tool prompts per protocol for the DFC, as many ordinary ones."),
     test_prompts: int = typer.Option(150, help="Held-out test prompts per measurement (as `guardrail eval phenomenon`); fewer run faster."),
     dev_prompts: int = typer.Option(0, help="Dev prompts that choose α and the alarm (0: all 102)."),
-    audit_prompts: int | None = typer.Option(None, help="Held-out prompts for the audit (default: policies/audit/hedge.yaml's 200; fewer cannot certify 2 pp)."),
+    audit_prompts: int | None = typer.Option(None, help="Held-out prompts for the audit (default 200, from policies/audit/hedge.yaml; fewer cannot certify 2 pp)."),
     max_new_tokens: int = typer.Option(200, help="New tokens per generation (the paper: 200)."),
-    audit_tokens: int | None = typer.Option(None, help="New tokens per audit generation (default: policies/audit/hedge.yaml's 64, by which A names its tool)."),
+    audit_tokens: int | None = typer.Option(None, help="New tokens per audit generation (default 64, from policies/audit/hedge.yaml: A names its tool by then)."),
     backend: str = typer.Option("auto", help="Generation backend of the measurements and the audit: auto, vllm or transformers."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show vLLM's and transformers' own logs, bars and warnings."),
 ) -> None:
