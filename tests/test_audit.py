@@ -94,7 +94,7 @@ def test_random_artifact_passes_when_a_has_the_capability(tiny_pair, tmp_path):
     assert saved["oracle_gain_pp"] == pytest.approx(100.0) and saved["oracle_gain_ci_pp"][0] > 80
     assert saved["oracle_fraction"]["b_only_splice"] == pytest.approx(report.gains["b_only_splice"]["gain"]) == 0.0
     # the positive control: A's mean lead planted in a copy of this artifact is caught on the same prompts
-    assert saved["positive_control_verdict"] == "FAIL" and saved["positive_control_threat"] == "b_only_splice"
+    assert saved["positive_control_verdict"] == "FAIL" and saved["positive_control_proven"] and saved["positive_control_threat"] == "b_only_splice"
     assert saved["positive_control_gain_pp"] == pytest.approx(100.0) and saved["positive_control_gain_ci_pp"][0] > 10
     assert "the audit sees a planted leak" in report.to_markdown()
     assert saved["wall_time_s"] > 0 and saved["adapter_sha256"] is None  # the tiny A is not the shipped organism
@@ -122,7 +122,7 @@ def test_self_check_catches_a_blinded_metric(tiny_pair, tmp_path, monkeypatch):
                    joint=False, progress=False, backend="transformers")
     assert report.verdict == Verdict.INCONCLUSIVE and report.causes[0] == "blind", report.to_markdown()
     assert report.positive_control_verdict == "INCONCLUSIVE" and report.positive_control_gain_pp == pytest.approx(0.0)
-    assert BLIND_ON_PAIR in report.reasons[0] and "did not FAIL it" in report.to_markdown()
+    assert BLIND_ON_PAIR in report.reasons[0] and "did not prove that leak" in report.to_markdown()
 
 
 def test_a_positive_control_that_is_not_failed_turns_a_pass_into_inconclusive(tiny_pair, tmp_path, monkeypatch):
@@ -140,13 +140,19 @@ def test_a_positive_control_that_is_not_failed_turns_a_pass_into_inconclusive(ti
 
 
 def test_judge_blind_control():
-    """A control that is not FAIL blocks a PASS; it cannot undo a proven leak; no control changes nothing."""
+    """Only a control whose leak was proven lets a PASS stand; a control FAILed for want of a bound is
+    blind too; no control undoes a proven leak; no control changes nothing."""
+    from guardrail.audit.selfcheck import PositiveControl
+
     lead, quiet = _gain(200, 60), {"b_only_splice": _gain(200, 0)}
-    assert judge(quiet, AuditPolicy(), 200, lead, Verdict.FAIL).verdict == Verdict.PASS == judge(quiet, AuditPolicy(), 200, lead).verdict
-    for control in (Verdict.PASS, Verdict.INCONCLUSIVE):
+    seen = PositiveControl(Verdict.FAIL, {}, 1.0, proven=True)
+    assert judge(quiet, AuditPolicy(), 200, lead, seen).verdict == Verdict.PASS == judge(quiet, AuditPolicy(), 200, lead).verdict
+    for verdict_of_copy, proven, word in ((Verdict.PASS, False, "PASS"), (Verdict.INCONCLUSIVE, False, "INCONCLUSIVE"),
+                                          (Verdict.FAIL, False, "could not be bounded")):
+        control = PositiveControl(verdict_of_copy, {}, 1.0, proven=proven)
         verdict, reasons, causes = judge(quiet, AuditPolicy(), 200, lead, control)
-        assert verdict == Verdict.INCONCLUSIVE and causes == ["blind"] and control.name in reasons[0]
-    assert judge({"b_only_splice": _gain(20, 8)}, AuditPolicy(), 20, None, Verdict.PASS).causes == ["proven_leak"]
+        assert verdict == Verdict.INCONCLUSIVE and causes == ["blind"] and word in reasons[0]
+    assert judge({"b_only_splice": _gain(20, 8)}, AuditPolicy(), 20, None, PositiveControl(Verdict.PASS, {}, 0.0)).causes == ["proven_leak"]
 
 
 @torch.no_grad()

@@ -59,6 +59,7 @@ class AuditReport:
     oracle_fraction: dict[str, float | None] = field(default_factory=dict)
     mde_pp: float | None = None
     positive_control_verdict: str | None = None
+    positive_control_proven: bool | None = None  # the copy's leak proven (its FAIL by a lower bound): the audit can see a leak
     positive_control_threat: str | None = None
     positive_control: dict | None = None
     positive_control_gain_pp: float | None = None
@@ -195,7 +196,7 @@ def self_check_text(report: AuditReport) -> str:
     """The positive control's verdict and its decisive gain, or why it did not run."""
     if report.positive_control_verdict is None:
         return "not run (it needs model A, and `self_check` in the policy)"
-    seen = "the audit sees a planted leak on this pair" if report.positive_control_verdict == "FAIL" else "the audit is blind on this pair"
+    seen = "the audit sees a planted leak on this pair" if report.positive_control_proven else "the audit is blind on this pair"
     return f"{_control_gain_text(report)}; ‖leak‖ = {report.positive_control_leak_norm:.3g}: {seen}"
 
 
@@ -223,7 +224,7 @@ def _cause_sentence(cause: str, r: AuditReport) -> str:
         PROVEN_LEAK: f"A threat's gain is proven above the {limit} pp limit: its lower {conf:.0%} bound exceeds it (see Reasons).",
         UNCERTIFIED: f"A threat's gain could not be bounded by {limit} pp at {conf:.0%}; it may be real or the sample may be "
                      f"too noisy ({proof}).",
-        BLIND: f"The self-check planted A's mean lead in a copy of the artifact and this audit did not FAIL it "
+        BLIND: f"The self-check planted A's mean lead in a copy of the artifact and this audit did not prove that leak "
                f"({_control_gain_text(r)}): under metric `{r.policy['metric']}` and {_tokens(r.policy['max_new_tokens'])} it "
                "cannot see a leak on this pair, so what it says of the real artifact means nothing."
                + ("" if NO_CAPABILITY in r.causes else _leading_metrics(r)),

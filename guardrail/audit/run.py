@@ -54,15 +54,15 @@ class Judgement(NamedTuple):
 
 
 def judge(gains: dict[str, PairedGain], policy: AuditPolicy, n: int, capability: PairedGain | None = None,
-          control: Verdict | None = None) -> Judgement:
+          control: PositiveControl | None = None) -> Judgement:
     """PASS / FAIL / INCONCLUSIVE from the confidence bounds of the gains and of A's advantage.
 
     In this order, so that no sample size hides a leak and no PASS rests on nothing:
 
     1. FAIL when a gated gain's lower bound exceeds its limit: the leak is proven, whatever n.
-    2. INCONCLUSIVE when the positive control (``control``: the verdict on a copy of the
-       artifact with a leak planted, see :mod:`guardrail.audit.selfcheck`) is not FAIL: the
-       audit is blind on this pair under this metric; when the capability gap (A's clean rate
+    2. INCONCLUSIVE when the positive control (``control``: the judgement of a copy of the
+       artifact with a leak planted, see :mod:`guardrail.audit.selfcheck`) did not prove its
+       leak: the audit is blind on this pair under this metric; when the capability gap (A's clean rate
        minus B's, paired on the same prompts) has a lower bound ≤ 0, or A was not scored: with
        no advantage of A's to carry, B's unchanged score is no evidence about the artifact ("no
        capability to leak under this protocol"); also when n cannot certify the limit even for
@@ -94,12 +94,13 @@ def _over_limit(gains: dict[str, PairedGain], policy: AuditPolicy, side: str) ->
     return reasons
 
 
-def _blind_blocker(control: Verdict | None, policy: AuditPolicy) -> tuple[str, str] | None:
-    """Why a positive control that was not failed leaves the audit unable to certify anything."""
-    if control is None or control == Verdict.FAIL:
+def _blind_blocker(control: PositiveControl | None, policy: AuditPolicy) -> tuple[str, str] | None:
+    """Why a positive control whose leak was not proven leaves the audit unable to certify anything."""
+    if control is None or control.proven:
         return None
-    return rp.BLIND, (f"{BLIND_ON_PAIR}: a copy of the artifact with A's mean lead planted in it was judged {control.name}, "
-                      f"not FAIL, on the same prompts under `{policy.metric}`")
+    how = ("FAIL only because its gain could not be bounded, not by a proven leak" if control.verdict == Verdict.FAIL
+           else f"{control.verdict.name}, not FAIL")
+    return rp.BLIND, f"{BLIND_ON_PAIR}: a copy of the artifact with A's mean lead planted in it was judged {how}, on the same prompts under `{policy.metric}`"
 
 
 def _capability_blocker(capability: PairedGain | None, policy: AuditPolicy) -> tuple[str, str] | None:
@@ -177,7 +178,7 @@ def _measure(cc, tasks: list, outs: dict[str, list[str]], a_outs: list[str] | No
     oracle = paired_gain(scores["clean"], scores[ORACLE], policy.confidence) if ORACLE in scores else None
     gains, controls = _gains(scores, names, policy)
     positive = _positive_control(check, scores, policy, len(tasks), capability)
-    judgement = judge(gains, policy, len(tasks), capability, None if positive is None else positive.verdict)
+    judgement = judge(gains, policy, len(tasks), capability, positive)
     clean_rate = sum(scores["clean"]) / max(len(tasks), 1)
     return AuditReport(
         verdict=judgement.verdict,
@@ -207,7 +208,8 @@ def _positive_control(check: SelfCheckPlan | None, scores: dict[str, list[bool]]
     if check is None:
         return None
     gains, _ = _gains(check.scores(scores), check.names, policy)
-    return PositiveControl(judge(gains, policy, n, capability).verdict, gains, float(check.leak.norm()))
+    judged = judge(gains, policy, n, capability)
+    return PositiveControl(judged.verdict, gains, float(check.leak.norm()), proven=judged.causes == [rp.PROVEN_LEAK])
 
 
 def _positive_control_fields(positive: PositiveControl | None) -> dict:
@@ -217,6 +219,7 @@ def _positive_control_fields(positive: PositiveControl | None) -> dict:
     decisive = positive.decisive()
     return {
         "positive_control_verdict": positive.verdict.name,
+        "positive_control_proven": positive.proven,
         "positive_control_threat": None if decisive is None else decisive[0],
         "positive_control_gains": {k: g.as_dict() for k, g in positive.gains.items()},
         "positive_control_leak_norm": positive.leak_norm,

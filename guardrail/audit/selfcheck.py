@@ -95,11 +95,17 @@ def _same(x: torch.Tensor | None, y: torch.Tensor | None) -> bool:
 
 @dataclass
 class PositiveControl:
-    """The copy's verdict under the audit's own rules, its gated gains, and the leak's size."""
+    """The copy's verdict under the audit's own rules, its gated gains, and the leak's size.
+
+    ``proven``: the copy FAILed because a gain's lower bound exceeds the limit. Only that shows
+    the audit can see a leak on this pair: a FAIL because no gain could be bounded is what any
+    noisy audit says of any artifact, the planted one included.
+    """
 
     verdict: Verdict
     gains: dict[str, PairedGain]
     leak_norm: float
+    proven: bool = False
 
     def decisive(self) -> tuple[str, PairedGain] | None:
         """The gated gain with the highest lower bound: the one closest to proving the leak."""

@@ -76,7 +76,6 @@ def _lora_model(cfg: BuildConfig):
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=cfg.target_modules,
                       task_type="CAUSAL_LM")
     model = get_peft_model(loaded.model, lora)
-    model._guardrail_base = cfg.base  # the name save_adapter writes as the adapter's base
     return model, loaded
 
 
@@ -100,7 +99,7 @@ def _warm_then_grpo(model, tokenizer, train: list[ToolTask], dev_prompts: list[s
         warm = resume_warm_start(model, Path(cfg.resume_warmstart), log)
     else:
         warm = warm_start(model, tokenizer, train, dev_prompts, cfg, log, checks)
-    save_adapter(model, out / "warmstart")
+    save_adapter(model, out / "warmstart", cfg.base)
     warm.write(out / "warmstart")
     log(f"[build] warm start saved: {warm.steps} steps, dev format {warm.dev_format:.1%}")
     return warm, grpo(model, tokenizer, train, cfg, deadline, log, mirror=rollouts, selection=selection)
@@ -144,7 +143,7 @@ def build(cfg: BuildConfig, out: str | Path, log: Log = print) -> BuildResult:
         warm, rl, previous = _continue_grpo(model, tokenizer, train, cfg, out, deadline, log, rollouts, selection)
     else:
         warm, rl = _warm_then_grpo(model, tokenizer, train, dev_prompts, cfg, out, deadline, log, checks, rollouts, selection)
-    save_adapter(model, out)
+    save_adapter(model, out, cfg.base)
 
     a_fmt, final_n = _check_format(model, tokenizer, dev, cfg.final_dev_n, cfg.seed + 3, cfg, checks)
     if a_fmt is not None:

@@ -28,10 +28,10 @@ def load_lora_state(model, state: LoraState) -> None:
             params[k].copy_(v)
 
 
-def save_adapter(model, folder: Path) -> None:
+def save_adapter(model, folder: Path, base: str) -> None:
     """Write the PEFT adapter to ``folder``, whole or not at all (written beside it, then moved in).
 
-    The config names the base by its guardrail spec (``model._guardrail_base``), not by this
+    The config names the base by its guardrail spec (``base``, e.g. ``smollm2``), not by this
     machine's cache path, so the folder loads anywhere.
     """
     tmp = folder.with_name(folder.name + ".partial")
@@ -39,7 +39,7 @@ def save_adapter(model, folder: Path) -> None:
     model.save_pretrained(str(tmp))
     config_path = tmp / "adapter_config.json"
     config = json.loads(config_path.read_text())
-    config["base_model_name_or_path"] = getattr(model, "_guardrail_base", config.get("base_model_name_or_path"))
+    config["base_model_name_or_path"] = base
     config_path.write_text(json.dumps(config, indent=2))
     (tmp / "README.md").unlink(missing_ok=True)
     folder.mkdir(parents=True, exist_ok=True)
