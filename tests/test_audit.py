@@ -88,6 +88,8 @@ def test_random_artifact_passes_when_a_has_the_capability(tiny_pair, tmp_path):
     assert "joint_splice" not in report.gains  # joint=False: artifact-only threats only
     saved = json.loads((report.save(tmp_path / "out") / "audit.json").read_text())
     assert saved["verdict"] == "PASS" and saved["mde_pp"] == pytest.approx(25.0)
+    again = type(report).from_json((tmp_path / "out" / "audit.json").read_text())
+    assert again.verdict == Verdict.PASS and again.to_markdown() == report.to_markdown()
     assert saved["capability_gap_pp"] == pytest.approx(100.0) and len(saved["capability_gap_ci_pp"]) == 2
     assert "Publishable" in report.to_markdown() and "25.0 pp" in report.to_markdown()
     # the oracle (A's own last-token row in B) carries all of A's lead; this artifact's splice none of it

@@ -76,6 +76,12 @@ class AuditReport:
         payload = self.__dict__ | {"verdict": self.verdict.name}
         return json.dumps(payload, indent=2)
 
+    @classmethod
+    def from_json(cls, text: str) -> "AuditReport":
+        """A report written by :meth:`to_json` (an ``audit.json``), to render or compare it again."""
+        data = json.loads(text)
+        return cls(**{**data, "verdict": Verdict[data["verdict"]]})
+
     def to_markdown(self) -> str:
         lines = [
             f"# guardrail audit: **{self.verdict.name}**",
