@@ -32,6 +32,7 @@ def audit_cmd(
     from guardrail.audit import AuditPolicy, audit
     from guardrail.dictionary import load_artifact
     from guardrail.models import load_model, load_pair
+    from guardrail.paths import shown
 
     pol = AuditPolicy.load(policy) if policy else AuditPolicy()
     overrides = {"prompts": prompts, "self_check": self_check}
@@ -46,7 +47,7 @@ def audit_cmd(
     else:
         raise typer.BadParameter("give --pair NAME or --model-b (and --model-a: without A no audit can PASS)")
     report = audit(cc, b, a, pol, joint=not artifact_only, backend=backend)
-    report.artifact["path"] = str(artifact)
+    report.artifact["path"] = shown(artifact)
     report.save(out)
     Console().print(report.to_markdown())
     raise typer.Exit(int(report.verdict))

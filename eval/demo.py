@@ -197,6 +197,7 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> DemoResult:
     from guardrail.dictionary import load_artifact
     from guardrail.eval.phenomenon import run_phenomenon
     from guardrail.models import load_pair
+    from guardrail.paths import shown
 
     clock = StageClock()
     say(f"loading the {cfg.pair} pair (A = tool-use RL model, B = its base)")
@@ -220,7 +221,9 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> DemoResult:
 
     def run_audit() -> dict:
         say(f"auditing the DFC: {policy.prompts} held-out prompts, A and B clean, B under each threat model and the self-check")
-        return json.loads(audit(load_artifact(art), pair.b, pair.a, policy, backend=cfg.backend).to_json())
+        report = audit(load_artifact(art), pair.b, pair.a, policy, backend=cfg.backend)
+        report.artifact["path"] = shown(art)
+        return json.loads(report.to_json())
 
     # keyed by the whole audit policy and the package version: a report of another audit is never shown as this one's
     key = hashlib.sha256(f"{guardrail.__version__} {policy.model_dump_json()}".encode()).hexdigest()[:10]

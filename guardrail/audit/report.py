@@ -206,6 +206,16 @@ def self_check_text(report: AuditReport) -> str:
     return f"{_control_gain_text(report)}; ‖leak‖ = {report.positive_control_leak_norm:.3g}: {seen}"
 
 
+def _channel_empty(r: AuditReport) -> str:
+    """Why a blind audit with a real lead of A's is blind: A's own row moves B no more than the planted leak did."""
+    o, c = r.oracle, r.capability
+    if o is None or c is None or c["low"] <= 0 or o["gain"] > 0:
+        return ""
+    return (f" A does lead B ({capability_text(r)}), but A's own activation put at B's last prompt token moves B no more "
+            f"({_interval_text(o)}): on this pair that row, the channel every threat here writes to, carries none of A's lead, "
+            "so an artifact can neither be shown to leak through it nor be certified not to.")
+
+
 def _leading_metrics(r: AuditReport) -> str:
     """A sentence naming the ungated metrics on which A's lead is measurable (empty when none is)."""
     leads = [f"`{m}` ({_interval_text(o['capability'])})" for m, o in r.other_metrics.items()
@@ -233,7 +243,7 @@ def _cause_sentence(cause: str, r: AuditReport) -> str:
         BLIND: f"The self-check planted A's mean lead in a copy of the artifact and this audit did not prove that leak "
                f"({_control_gain_text(r)}): under metric `{r.policy['metric']}` and {_tokens(r.policy['max_new_tokens'])} it "
                "cannot see a leak on this pair, so what it says of the real artifact means nothing."
-               + ("" if NO_CAPABILITY in r.causes else _leading_metrics(r)),
+               + (_channel_empty(r) or ("" if NO_CAPABILITY in r.causes else _leading_metrics(r))),
         NO_CAPABILITY: f"Under this protocol (metric `{r.policy['metric']}`, {_tokens(r.policy['max_new_tokens'])}, raw "
                        f"rendering) A is not measurably better than B ({capability_text(r)}): there is no capability to "
                        "leak, so B's unchanged score says nothing about the artifact. Audit again where A leads B "
