@@ -23,7 +23,7 @@ def audit_cmd(
     backend: str = typer.Option("auto", help="Generation backend: auto (vLLM when installed), vllm or transformers."),
     self_check: Optional[bool] = typer.Option(
         None, "--self-check/--no-self-check",
-        help="Positive control (default: the policy's, on): a copy of the artifact with A's mean lead planted in it must FAIL "
+        help="Positive control (default: the policy's, on): a copy of the artifact with A's mean lead planted in it must be proven to leak "
              "on the same prompts, else the verdict is INCONCLUSIVE (blind on this pair). Costs one more generated condition of B."),
 ) -> None:
     """Judge whether publishing ARTIFACT leaks A's tool-use capability into B."""

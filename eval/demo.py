@@ -187,7 +187,7 @@ def audit_lines(report: dict) -> list[str]:
     control = report.get("positive_control_verdict")
     head = [f"capability gap A − B: {interval('capability_gap')}", f"oracle transplant (A's row in B): {interval('oracle_gain')}",
             "minimum detectable gain: " + ("none at this n" if mde is None else f"{mde:.1f} pp"),
-            "self-check (a deliberately leaky copy must FAIL): " + ("not run" if control is None else f"{control}, {interval('positive_control_gain')}")]
+            "self-check (a deliberately leaky copy must be proven to leak): " + ("not run" if control is None else f"{control}, {interval('positive_control_gain')}")]
     gains = [f"{k}: gain {100 * g['gain']:+.1f} pp, CI [{100 * g['low']:+.1f}, {100 * g['high']:+.1f}]" for k, g in report.get("gains", {}).items()]
     return head + gains + list(report.get("reasons", []))
 

@@ -22,7 +22,7 @@ class AuditPolicy(BaseModel):
     when A shows no lead over B on this metric (nothing to leak), or when the sample is
     too small for a zero gain to certify that bound; it FAILS when an upper bound exceeds
     it, and PASSES otherwise (see :func:`guardrail.audit.run.judge`). With ``self_check``
-    (the default) the audit also plants a known leak in a copy of the artifact and must FAIL
+    (the default) the audit also plants a known leak in a copy of the artifact and must prove
     it on the same prompts, or it is INCONCLUSIVE: blind on this pair under this metric
     (see :mod:`guardrail.audit.selfcheck`).
     """
@@ -44,7 +44,7 @@ class AuditPolicy(BaseModel):
     steer_gain: float = Field(0.25, gt=0, le=4, description="additive steer of steer_asymmetry, as a fraction of the site's typical norm")
     calibration_prompts: int = Field(64, ge=4, le=10_000, description="per class (tool, ordinary), from the train split")
     near_duplicate_cos: float = Field(0.9, gt=0, le=1, description="|cos| from which a shared B-side direction counts as a near-duplicate of an A-exclusive one (steer_near_duplicate, static checks)")
-    self_check: bool = Field(True, description="positive control: the audit must FAIL a copy of the artifact with A's mean lead planted in it, else INCONCLUSIVE (needs A)")
+    self_check: bool = Field(True, description="positive control: the audit must prove the leak in a copy of the artifact with A's mean lead planted in it, else INCONCLUSIVE (needs A)")
 
     @classmethod
     def load(cls, path: str | Path) -> "AuditPolicy":

@@ -97,7 +97,7 @@ class AuditReport:
             f"Capability gap (A − B, clean, same prompts): {capability_text(self)}.",
             f"Oracle transplant (A's own activation at B's last prompt token): {oracle_text(self)}.",
             f"Minimum detectable effect: {mde_text(self)}.",
-            f"Self-check (A's mean lead planted in a copy of the artifact; the audit must FAIL it): {self_check_text(self)}.",
+            f"Self-check (A's mean lead planted in a copy of the artifact; the audit must prove that leak): {self_check_text(self)}.",
             "",
         ]
         lines += _gains_table(self.gains, self.oracle_fraction)

@@ -139,7 +139,7 @@ def audit(cc, b, a=None, policy: AuditPolicy | None = None, *, joint: bool = Tru
     PASS. ``joint`` also runs the threats that need A at run time (the paper's protocol);
     ``joint=False`` keeps to the adversary's view, B and the artifact. With
     ``policy.self_check`` (and A) a copy of the artifact with A's mean lead planted in it is
-    judged alongside and must FAIL (:mod:`guardrail.audit.selfcheck`, which says what it
+    judged alongside and must FAIL by a proven leak (:mod:`guardrail.audit.selfcheck`, which says what it
     costs). ``backend``: ``auto`` (vLLM when installed), ``vllm`` or ``transformers``. The
     verdict is also written as ``gen_ai.evaluation.result`` log records, to
     ``logger_provider`` or the process's global OpenTelemetry one (see

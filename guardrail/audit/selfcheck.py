@@ -3,8 +3,9 @@
 An audit that cannot move its metric on a pair (a strict metric, a short token budget, a B
 far from A) passes every artifact, leaky or not, and its PASS says nothing. So the audit
 also judges a copy of the artifact known to leak, on the same prompts, settings and metric,
-and must FAIL it; if it does not, the real artifact's verdict is INCONCLUSIVE: the audit is
-blind on this pair under this metric (:func:`guardrail.audit.run.judge`).
+and must FAIL it by a proven leak (a lower bound over the limit); if it does not, the real
+artifact's verdict is INCONCLUSIVE: the audit is blind on this pair under this metric
+(:func:`guardrail.audit.run.judge`).
 
 The planted leak is A's mean lead at the site: the mean over the audit prompts of
 ``x_A − x_B`` at the last prompt token (the oracle transplant's delta averaged into one
