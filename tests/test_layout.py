@@ -119,6 +119,12 @@ def test_the_library_does_not_reach_into_the_harness():
     assert _shipped(r"guardrail\.eval") == {}
 
 
+def test_the_engines_import_no_organism_code():
+    """Generation and the vLLM folder serve every model; the organism builds on them, never the other way."""
+    for folder in ("guardrail/generation", "guardrail/vllm", "guardrail/models"):
+        assert _shipped(r"(from|import) guardrail\.organism", folder) == {}, folder
+
+
 def test_one_forward_hook_for_vllm_decoder_layers():
     """vLLM layers are hooked at one call site (the worker guard); the other sites hook transformers models."""
     assert _shipped(r"\.register_forward_hook\(", "guardrail/vllm") == {"guardrail/vllm/worker.py": 1}

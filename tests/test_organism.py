@@ -12,7 +12,7 @@ from guardrail.models import load_model
 from guardrail.organism.build import BuildConfig, build
 from guardrail.organism.evaluate import examples_markdown, score_outputs
 from guardrail.generation.tokenize import encode_prompts
-from guardrail.organism.rl import completion_logprobs, completion_mask, grpo_group
+from guardrail.organism.rl import close_rollouts, completion_logprobs, completion_mask, grpo_group
 from guardrail.tasks import load_tasks
 
 TINY = dict(base="tiny-b", warm_max_steps=2, warm_batch=2, warm_check_every=1, dev_n=3, dev_max_new_tokens=6, check_base=True,
@@ -338,7 +338,7 @@ def test_mirror_engine_follows_the_lora_under_training():
             # this random model's top logits lie closer than that): the greedy tokens of the synced
             # weights, so a prompt prefix cached under the previous weights would show here
             ids = [encode_prompts(tok, [p], 64)["input_ids"][0].tolist() for p in prompts]
-            groups = mirror.sample(ids, 1, [6, 6, 6], 0.0, stop=())
+            groups = [close_rollouts(tok, rows, cut) for rows, cut in mirror.sample(ids, 1, [6, 6, 6], 0.0, stop=())]
             for (comp, mask, texts), want_text in zip(groups, want):
                 assert comp.shape == (1, 7) and texts == [want_text]
                 assert mask[:, -1].sum() == 0  # ran out of tokens: the closing EOS is not trained

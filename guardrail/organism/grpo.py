@@ -17,7 +17,7 @@ from guardrail.generation.tokenize import encode_prompts
 from guardrail.organism.build_config import BuildConfig, Log
 from guardrail.organism.lora_weights import load_adapter_weights
 from guardrail.organism.manifest import BuildManifest, GRPOStep, RLRecord
-from guardrail.organism.rl import Rollouts, grpo_update, sample_group
+from guardrail.organism.rl import Rollouts, close_rollouts, grpo_update, sample_group
 from guardrail.organism.selection import Selection
 from guardrail.tasks import STOP_STRINGS, format_accuracy, toolrl_reward
 from guardrail.tasks.task import ToolTask
@@ -50,7 +50,8 @@ def draw_rollouts(model, tokenizer, tasks: list[ToolTask], cfg: BuildConfig,
     budgets = [rollout_budget(tokenizer, cfg.reference(t), cfg) for t in tasks]
     if mirror is not None:
         mirror.sync(model)
-        groups = mirror.sample([ids[0].tolist() for ids in prompt_ids], cfg.num_generations, budgets, cfg.temperature, STOP_STRINGS)
+        sampled = mirror.sample([ids[0].tolist() for ids in prompt_ids], cfg.num_generations, budgets, cfg.temperature, STOP_STRINGS)
+        groups = [close_rollouts(tokenizer, rows, truncated) for rows, truncated in sampled]
     else:
         groups = [sample_group(model, tokenizer, ids, cfg.num_generations, budget, cfg.temperature)
                   for ids, budget in zip(prompt_ids, budgets)]

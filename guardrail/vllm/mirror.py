@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -28,8 +28,7 @@ from guardrail.generation.settings import GenerationSettings
 from guardrail.vllm.engine import engine_kwargs, kv_bytes_per_token, model_folder
 from guardrail.vllm.generation import greedy
 
-if TYPE_CHECKING:
-    from guardrail.organism.rl import Rollouts
+SampledRows = tuple[list[list[int]], list[bool]]  # one prompt's sampled token rows, and which ran out of tokens
 
 
 def merged_weights(model) -> dict[str, torch.Tensor]:
@@ -97,20 +96,16 @@ class MirrorEngine:
             raise RuntimeError("vLLM kept its prefix cache after a weight sync: cached prompts would use the old weights")
 
     def sample(self, prompt_ids: Sequence[Sequence[int]], n: int, max_new_tokens: Sequence[int], temperature: float,
-               stop: Sequence[str]) -> list[Rollouts]:
-        """``n`` sampled completions of each prompt (token ids), as :func:`~guardrail.organism.rl.sample_group`
-        returns them: a row ends at EOS or on a stop string, and rows that hit their
-        ``max_new_tokens[i]`` are marked truncated."""
+               stop: Sequence[str]) -> list[SampledRows]:
+        """``n`` sampled completions of each prompt (token ids): a row ends at EOS or on a stop
+        string, and rows that hit their ``max_new_tokens[i]`` are marked truncated (the caller
+        closes them into rollouts, e.g. :func:`guardrail.organism.rl.close_rollouts`)."""
         from vllm import SamplingParams
-
-        from guardrail.organism.rl import close_rollouts
 
         params = [SamplingParams(n=n, temperature=temperature, max_tokens=budget, skip_special_tokens=False, **vllm_stop_kwargs(stop))
                   for budget in max_new_tokens]
         outs = self.llm.generate([{"prompt_token_ids": list(ids)} for ids in prompt_ids], params, use_tqdm=False)
-        tok = self.loaded.tokenizer
-        return [close_rollouts(tok, [list(c.token_ids) for c in o.outputs], [c.finish_reason == "length" for c in o.outputs])
-                for o in outs]
+        return [([list(c.token_ids) for c in o.outputs], [c.finish_reason == "length" for c in o.outputs]) for o in outs]
 
     def generate(self, prompts: Sequence[str], max_new_tokens: int, stop: Sequence[str]) -> list[str]:
         """Greedy completions, decoded and cut at the first stop string as ``organism eval``'s are."""
