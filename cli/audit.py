@@ -18,7 +18,7 @@ def audit_cmd(
     adapter_a: Optional[str] = AdapterAOpt,
     policy: Optional[Path] = typer.Option(None, "--policy", help="Audit policy YAML (thresholds, metric, sample size)."),
     prompts: Optional[int] = typer.Option(None, help="Held-out tool prompts to score (overrides the policy)."),
-    out: Path = typer.Option(Path("runs/audit"), "--out", help="Folder for audit.json and audit.md."),
+    out: Path = typer.Option(Path("runs/audit"), "--out", help="Folder for audit.json, audit.md and audit.html."),
     artifact_only: bool = typer.Option(False, "--artifact-only", help="Skip the threats that need A at run time (the adversary's view); A is still scored clean for the capability gap."),
     backend: str = typer.Option("auto", help="Generation backend: auto (vLLM when installed), vllm or transformers."),
     self_check: Optional[bool] = typer.Option(

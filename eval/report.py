@@ -1,4 +1,4 @@
-"""Run folder output: results.json, report.md and report.html with the plots embedded.
+"""Run folder output: results.json, report.md and report.html with the plots embedded (:mod:`guardrail.pages`).
 
 Every number is printed with the number of prompts (or variants) behind it, and the
 headline numbers are set against the paper's in a "paper vs this run" table with a
@@ -9,12 +9,9 @@ JSON: a NaN or infinity anywhere is an error, not a silent ``NaN`` token.
 
 from __future__ import annotations
 
-import base64
-import html
 import io
 import json
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -23,6 +20,7 @@ from guardrail.eval.verdicts import (
     Judgement, Verdict, by_construction, directional, feature_count, interval_direction, new_measurement, null_correlation,
     separation, stays_zero, pooled_sign, template_detectors,
 )
+from guardrail.pages import render_page
 
 # --------------------------------------------------------------------------- formatting
 
@@ -240,8 +238,12 @@ def saturation_figure(steering: dict[str, Any]):
     fams = [(f, v) for f, v in steering["families"].items() if v.get("cells")]
     if not fams:
         return None
-    fig, axes = plt.subplots(1, len(fams), figsize=(4.2 * len(fams), 3.6), squeeze=False, sharey=True)
-    for ax, (fam, data) in zip(axes[0], fams):
+    cols = min(3, len(fams))  # at most three panels a row: five side by side shrink below legible on a page
+    rows = -(-len(fams) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False, sharey=True)
+    for ax in axes.flat[len(fams):]:
+        ax.set_visible(False)
+    for ax, (fam, data) in zip(axes.flat, fams):
         sizes = [str(s) for s in data["sizes"]]
         for alpha in steering["alphas"]:
             cells = [c for c in data["cells"] if c["alpha"] == alpha]
@@ -255,8 +257,9 @@ def saturation_figure(steering: dict[str, Any]):
         ax.axhline(0, color="gray", lw=0.5)
         ax.set_title(f"{fam} ({data['n_candidates']} candidates)", fontsize=9)
         ax.set_xlabel("|S|")
-    axes[0][0].set_ylabel(f"Δ tool correctness of A (pp), n={steering['n_prompts']}")
-    axes[0][-1].legend(fontsize=7)
+    for row in axes:
+        row[0].set_ylabel(f"Δ tool correctness of A (pp), n={steering['n_prompts']}", fontsize=8)
+    axes.flat[len(fams) - 1].legend(fontsize=7)
     fig.tight_layout()
     return fig
 
@@ -336,7 +339,7 @@ def make_figures(res: dict[str, Any]) -> dict[str, bytes]:
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
     esc = lambda s: str(s).replace("|", "\\|").replace("\n", " ")  # noqa: E731
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = ["| " + " | ".join(esc(h) for h in header) + " |", "|" + "---|" * len(header)]  # a header cell may hold a pipe too: |S|
     lines += ["| " + " | ".join(esc(c) for c in r) + " |" for r in rows]
     return "\n".join(lines)
 
@@ -538,49 +541,6 @@ def render_markdown(res: dict[str, Any], figures: dict[str, str] | None = None) 
     return "\n".join(out) + "\n"
 
 
-def render_html(md_text: str, images: dict[str, bytes]) -> str:
-    """Minimal HTML rendering of the markdown (tables, headings, lists) with images inline."""
-    body: list[str] = []
-    lines = md_text.splitlines()
-    i = 0
-    while i < len(lines):
-        ln = lines[i]
-        if ln.startswith("|"):
-            tbl = []
-            while i < len(lines) and lines[i].startswith("|"):
-                tbl.append(lines[i])
-                i += 1
-            cells = [[c.strip().replace("\\|", "|") for c in re_split(r)] for r in tbl if not set(r.replace("|", "").strip()) <= {"-"}]
-            head, rest = cells[0], cells[1:]
-            body.append("<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in head) + "</tr>"
-                        + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rest) + "</table>")
-            continue
-        if ln.startswith("!["):
-            name = ln[ln.index("(") + 1 : -1]
-            key = Path(name).name
-            if key in images:
-                body.append(f'<img alt="{html.escape(key)}" src="data:image/png;base64,{base64.b64encode(images[key]).decode()}"/>')
-        elif ln.startswith("## "):
-            body.append(f"<h2>{html.escape(ln[3:])}</h2>")
-        elif ln.startswith("# "):
-            body.append(f"<h1>{html.escape(ln[2:])}</h1>")
-        elif ln.startswith("- "):
-            body.append(f"<li>{html.escape(ln[2:])}</li>")
-        elif ln.strip():
-            body.append(f"<p>{html.escape(ln)}</p>")
-        i += 1
-    style = "body{font-family:sans-serif;max-width:1200px;margin:auto}table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;padding:3px 6px}img{max-width:100%}"
-    return f"<!doctype html><html><head><meta charset='utf-8'><title>guardrail eval</title><style>{style}</style></head><body>{''.join(body)}</body></html>"
-
-
-def re_split(row: str) -> list[str]:
-    """Split a markdown table row on unescaped pipes."""
-    import re
-
-    parts = re.split(r"(?<!\\)\|", row.strip())
-    return parts[1:-1]
-
-
 def _slim(res: dict[str, Any]) -> dict[str, Any]:
     """results.json without the bulky embedding coordinates (saved to geometry.json)."""
     out = dict(res)
@@ -607,5 +567,5 @@ def write_report(res: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
     (out / "results.json").write_text(strict_json(_slim(res)))
     md = render_markdown(res, {n: n for n in images})
     (out / "report.md").write_text(md)
-    (out / "report.html").write_text(render_html(md, images))
+    (out / "report.html").write_text(render_page(md, images))
     return {"results": out / "results.json", "markdown": out / "report.md", "html": out / "report.html"}

@@ -18,7 +18,8 @@ from guardrail.eval.experiments.splice import splice_patches
 from guardrail.eval.experiments.steering import resolve_sizes, steer_patches, subset, summarize
 from guardrail.eval.experiments.sweep import sweep_statistics
 from guardrail.eval.grids import main_trio, variants
-from guardrail.eval.report import paper_vs_run, render_html, render_markdown
+from guardrail.eval.report import paper_vs_run, render_markdown
+from guardrail.pages import render_page
 from guardrail.eval.suites import plain_suite
 
 D_MODEL = 128
@@ -300,7 +301,7 @@ def test_report_verdicts_and_rendering(tmp_path):
     md = paths["markdown"].read_text()
     assert "| Splice raises A's tool correctness (joint encoding) |" in md and "(n=40)" in md and "strict (BFCL name / args)" in md
     assert "cut before a call closed" in md and "A 25.0%" in md
-    page = render_html(md, {})
+    page = render_page(md, {})
     assert page.count("<table>") == md.count("\n|---") >= 1 and "no headroom" in page
     assert json.loads(paths["results"].read_text())["paper_vs_run"][3]["verdict"] == "no headroom"
     res["splice"]["A_recon_joint_delta"]["tool_correctness"]["delta"] = float("nan")

@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from guardrail.eval.phenomenon.artifact import sinks_note
-from guardrail.eval.report import _png, _table, num, render_html, strict_json
+from guardrail.eval.report import _png, _table, num, strict_json
 from guardrail.markdown import code_block
+from guardrail.pages import render_page
 
 
 @dataclass(frozen=True)
@@ -276,5 +277,5 @@ def write_report(res: dict[str, Any], out_dir: str | Path, extra: Callable[[], l
     (out / "results.json").write_text(strict_json(res))
     md = render_markdown(res, extra() if extra else None)
     (out / "report.md").write_text(md)
-    (out / "report.html").write_text(render_html(md, images))
+    (out / "report.html").write_text(render_page(md, images))
     return {"results": out / "results.json", "markdown": out / "report.md", "html": out / "report.html"}

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from guardrail.audit.stats import prompts_to_certify
 from guardrail.audit.threats import NEEDS_A
+from guardrail.pages import render_page
 
 
 class Verdict(IntEnum):
@@ -116,7 +117,9 @@ class AuditReport:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "audit.json").write_text(self.to_json())
-        (out / "audit.md").write_text(self.to_markdown())
+        md = self.to_markdown()
+        (out / "audit.md").write_text(md)
+        (out / "audit.html").write_text(render_page(md))
         return out
 
 
