@@ -237,6 +237,11 @@ def stage_rows(result: DemoResult) -> list[tuple[str, str]]:
     return rows + [("total", f"{sum(result.timings.values()):.1f}")]
 
 
+def _shown(shown: int, total: int) -> str:
+    """How the events line ends: the page keeps only the first few events, and says so."""
+    return "." if not shown else ":" if shown == total else f", the first {shown}:"
+
+
 def live_markdown(live: dict[str, dict]) -> list[str]:
     from guardrail.markdown import code_block
 
@@ -245,7 +250,7 @@ def live_markdown(live: dict[str, dict]) -> list[str]:
     md = ["## Policies live", "", "Each chosen policy through the transformers guard on one held-out prompt.", ""]
     for name, run in live.items():
         md += [f"### {titles[name]}: `{run['policy']}`", "", *code_block(run["output"].strip() or "(empty)"),
-               f"{run['n_events']} event(s)" + (":" if run["events"] else "."), ""]
+               f"{run['n_events']} event(s)" + _shown(len(run["events"]), run["n_events"]), ""]
         if run["events"]:
             md += [*code_block("\n".join(json.dumps(e) for e in run["events"]), "json"), ""]
     return md

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from page_checks import assert_readable
 
 from guardrail.audit import NO_CAPABILITY, AuditPolicy, Verdict, audit, judge, minimum_detectable_gain, paired_gain
 from guardrail.audit.selfcheck import BLIND_ON_PAIR, leaky_artifact
@@ -88,6 +89,7 @@ def test_random_artifact_passes_when_a_has_the_capability(tiny_pair, tmp_path):
     assert "joint_splice" not in report.gains  # joint=False: artifact-only threats only
     saved = json.loads((report.save(tmp_path / "out") / "audit.json").read_text())
     assert saved["verdict"] == "PASS" and saved["mde_pp"] == pytest.approx(25.0)
+    assert_readable((tmp_path / "out" / "audit.html").read_text(), (tmp_path / "out" / "audit.md").read_text())
     again = type(report).from_json((tmp_path / "out" / "audit.json").read_text())
     assert again.verdict == Verdict.PASS and again.to_markdown() == report.to_markdown()
     assert saved["capability_gap_pp"] == pytest.approx(100.0) and len(saved["capability_gap_ci_pp"]) == 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from page_checks import assert_readable
 from typer.testing import CliRunner
 
 from guardrail.cli.main import app
@@ -25,6 +26,7 @@ def test_demo_runs_twice_on_the_tiny_pair_and_writes_the_page(tmp_path):
     assert first.exit_code == 0, first.output
     assert "training a DFC" in first.output and "audit:" in first.output and "what the pair shows" in first.output
     md = (out / "report.md").read_text()
+    assert_readable((out / "report.html").read_text(), md)
     head = md.split("\n## ")[0]
     assert "bars hold" in head and "`tiny-a`" in head
     for part in ("## Hedge", "## One feature turns it on", "## One switch turns it off", "## An alarm that sees it coming",

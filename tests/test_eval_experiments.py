@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from page_checks import assert_readable
 
 from guardrail.dictionary import Crosscoder, DFCConfig
 from guardrail.generation import GenerationSettings, TransformersBackend
@@ -19,7 +20,7 @@ from guardrail.eval.experiments.steering import resolve_sizes, steer_patches, su
 from guardrail.eval.experiments.sweep import sweep_statistics
 from guardrail.eval.grids import main_trio, variants
 from guardrail.eval.report import paper_vs_run, render_markdown
-from guardrail.pages import render_page
+from guardrail.pages import folder_images, render_page
 from guardrail.eval.suites import plain_suite
 
 D_MODEL = 128
@@ -301,8 +302,9 @@ def test_report_verdicts_and_rendering(tmp_path):
     md = paths["markdown"].read_text()
     assert "| Splice raises A's tool correctness (joint encoding) |" in md and "(n=40)" in md and "strict (BFCL name / args)" in md
     assert "cut before a call closed" in md and "A 25.0%" in md
-    page = render_page(md, {})
-    assert page.count("<table>") == md.count("\n|---") >= 1 and "no headroom" in page
+    page = paths["html"].read_text()
+    assert page == render_page(md, folder_images(tmp_path)) and page.count("<table") == md.count("\n|---") >= 1 and "no headroom" in page
+    assert_readable(page, md)  # the steering table's |S| header is escaped, so it is a table too
     assert json.loads(paths["results"].read_text())["paper_vs_run"][3]["verdict"] == "no headroom"
     res["splice"]["A_recon_joint_delta"]["tool_correctness"]["delta"] = float("nan")
     with pytest.raises(ValueError, match="not JSON compliant"):
@@ -380,6 +382,7 @@ def test_reproduce_end_to_end_on_the_tiny_pair(tiny_pair, tmp_path):
     assert (tmp_path / "report.md").exists() and (tmp_path / "report.html").exists() and not (tmp_path / "results.partial.json").exists()
     md = (tmp_path / "report.md").read_text()
     assert "## Paper vs this run" in md and "(n=3)" in md
+    assert_readable((tmp_path / "report.html").read_text(), md)
     for name in res["dictionaries_trained"].values():
         assert (tmp_path / "dictionaries" / name / "ranking.json").exists() or name == res["dictionaries_trained"]["dfc_penalised"]
     rows = [json.loads(line) for line in (tmp_path / "outputs" / "splice_dfc.jsonl").read_text().splitlines()]

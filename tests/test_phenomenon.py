@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from page_checks import assert_readable
 
 from guardrail.eval.phenomenon import alert, kill, reference, steer
 from guardrail.eval.phenomenon.outputs import OutputStore
@@ -297,5 +298,6 @@ def test_phenomenon_runs_end_to_end_on_the_tiny_pair(tiny_pair, tmp_path):
     json.loads(paths["results"].read_text(), parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
     md = paths["markdown"].read_text()
     assert "bars hold" in md and "Not measured: A calls a tool on none" in md
+    assert_readable(paths["html"].read_text(), md)
     assert not math.isnan(res["hedge"]["format_rate_clean"])
 
