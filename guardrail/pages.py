@@ -36,12 +36,14 @@ def _code(self: RendererHTML, tokens: Sequence[Token], idx: int, options: Any, e
     """A fenced or indented block as ``<pre><code>``, folded into ``<details>`` when long."""
     token = tokens[idx]
     lang = token.info.strip().split()[0] if token.info.strip() else ""
-    text = token.content
     cls = f' class="language-{escapeHtml(lang)}"' if lang else ""
-    block = f"<pre><code{cls}>{escapeHtml(text)}</code></pre>\n"
-    lines = text.rstrip("\n").splitlines()
-    if len(lines) <= FOLD_LINES:
-        return block
+    block = f"<pre><code{cls}>{escapeHtml(token.content)}</code></pre>\n"
+    lines = token.content.rstrip().splitlines()  # trailing blank lines do not make a block long
+    return block if len(lines) <= FOLD_LINES else _folded(block, lang, lines)
+
+
+def _folded(block: str, lang: str, lines: list[str]) -> str:
+    """``block`` inside ``<details>``; the summary gives its size and its first line that says something."""
     first = next((ln.strip() for ln in lines if any(c.isalnum() for c in ln)), "")  # a JSON block's "{" says nothing
     first = first if len(first) <= SUMMARY_CHARS else first[: SUMMARY_CHARS - 1] + "…"
     label = f"{lang or 'text'}, {len(lines)} lines"

@@ -19,6 +19,7 @@ PROBE = """
 import json, sys
 sys.path.insert(0, sys.argv[1])
 import guardrail
+from guardrail.pages import render_page
 from guardrail.tasks import CATEGORIES, data_dir, load_tasks, plain_prompts, split_hash
 assert guardrail.__file__.startswith(sys.argv[1]), guardrail.__file__
 print(json.dumps({
@@ -27,6 +28,7 @@ print(json.dumps({
     "all": len(load_tasks("all")),
     "plain": {s: len(plain_prompts(n, s)) for s, n in (("train", 200), ("test", 50))},
     "split_hash": split_hash(CATEGORIES),
+    "page": "<h1>x</h1>" in render_page("# x\n"),
 }))
 """
 
@@ -44,5 +46,6 @@ def test_fresh_clone_loads_packaged_data(tmp_path):
     assert Path(seen["data_dir"]) == clone / "guardrail" / "data"
     assert all(n > 0 for n in seen["tasks"].values()) and sum(seen["tasks"].values()) == seen["all"] == 1240
     assert seen["plain"] == {"train": 200, "test": 50}
+    assert seen["page"], "the page template (guardrail/templates) is not found in the clone"
     # the split the shipped organism was trained and evaluated on
     assert seen["split_hash"] == json.loads(MANIFEST.read_text())["split_hash"]
