@@ -28,7 +28,7 @@ print(json.dumps({
     "all": len(load_tasks("all")),
     "plain": {s: len(plain_prompts(n, s)) for s, n in (("train", 200), ("test", 50))},
     "split_hash": split_hash(CATEGORIES),
-    "page": "<h1>x</h1>" in render_page("# x\n"),
+    "page": "<h1>x</h1>" in render_page("# x"),
 }))
 """
 
