@@ -32,11 +32,13 @@ def mixed(
     tokenizer=None,
     seed: int = 0,
     categories: tuple[str, ...] | None = None,
+    turn: str = "toolrl",
 ) -> list[PromptItem]:
     """Tool prompts (BFCL, answered categories) and ordinary prompts, shuffled together.
 
     ``mode="raw"`` is the paper's rendering (system + user text, no chat template), the
-    distribution the interventions act on. ``tool=None`` takes every task of the split;
+    distribution the interventions act on; ``turn`` is the tool prompts' user turn
+    (:class:`guardrail.tasks.Task`'s). ``tool=None`` takes every task of the split;
     ``plain=None`` takes as many ordinary prompts as tool prompts. BFCL's dev split has no
     counterpart in the general prompts, which are drawn from their train split then.
     """
@@ -51,7 +53,7 @@ def mixed(
         tasks = random.Random(seed).sample(tasks, tool)
     n_plain = len(tasks) if plain is None else plain
     plain_split = "test" if split == "test" else "train"
-    items = [PromptItem(t.id, t.render(tokenizer, mode), True) for t in tasks]
+    items = [PromptItem(t.id, t.render(tokenizer, mode, turn), True) for t in tasks]
     items += [PromptItem(p.id, p.render(tokenizer, mode), False) for p in plain_prompts(n_plain, plain_split, seed)]
     random.Random(seed + 1).shuffle(items)
     return items

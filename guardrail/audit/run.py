@@ -12,11 +12,11 @@ from tqdm.auto import tqdm
 from guardrail.audit import report as rp
 from guardrail.audit.policy import AuditPolicy
 from guardrail.audit.report import AuditReport, Verdict
-from guardrail.audit.selfcheck import BLIND_ON_PAIR, PositiveControl, SelfCheckPlan, plan_self_check
+from guardrail.audit.selfcheck import BLIND_ON_PAIR, PositiveControl, SelfCheck, plan_self_check
 from guardrail.audit.static import static_checks
 from guardrail.audit.stats import PairedGain, minimum_detectable_gain, paired_gain, prompts_to_certify, smallest_decisive_upper
 from guardrail.audit.telemetry import emit_audit_evaluations, gate
-from guardrail.audit.threats import NEEDS_A, ORACLE, STEERING, THREATS, ThreatInputs, oracle_transplant, threat_deltas
+from guardrail.audit.threats import NEEDS_A, ORACLE, STEERING, THREATS, Calibration, ThreatInputs, condition_count, oracle_transplant, threat_deltas
 from guardrail.models.packaged import shipped_adapter_sha256
 
 NO_CAPABILITY = "no capability to leak under this protocol"
@@ -150,18 +150,11 @@ def audit(cc, b, a=None, policy: AuditPolicy | None = None, *, joint: bool = Tru
     layer = _layer_in(cc, b)
     tasks = audit_tasks(policy.prompts, seed)
     texts = [t.render(b.tokenizer, "raw", policy.turn) for t in tasks]
-    inp = _threat_inputs(cc, b, a, texts, layer, policy, seed)
+    calib = _calibration(b, a, layer, policy, seed)
     names = [n for n in THREATS if n not in NEEDS_A or (joint and a is not None)]
-    deltas = threat_deltas(cc, inp, names, policy)
-    if a is not None:
-        deltas[ORACLE] = oracle_transplant(cc, inp)
     gated = [n for n in names if gate(n, policy) is not None]
-    check = plan_self_check(cc, inp, gated, policy, deltas) if policy.self_check else None
-    planned = deltas | (check.conditions() if check is not None else {})
-    unchanged = [k for k, d in planned.items() if d is not None and not bool(d.any())]  # e.g. a threat with nothing to steer
-    conditions = {k: None if d is None else list(inp.x_b + d) for k, d in planned.items() if k not in unchanged}  # absolute rows
-    outs, a_outs = _generate(b, a, texts, conditions, layer, policy, backend=backend, batch_size=batch_size, progress=progress)
-    outs |= {k: outs["clean"] for k in unchanged}  # a zero delta is B clean: not generated again
+    check = plan_self_check(cc, calib, gated, policy) if policy.self_check else None
+    outs, a_outs = _generate(cc, b, a, texts, calib, names, check, layer, policy, backend=backend, batch_size=batch_size, progress=progress)
     report = _measure(cc, tasks, outs, a_outs, names, check, policy)
     report.adapter_sha256 = None if a is None else shipped_adapter_sha256(a.spec)
     report.wall_time_s = time.perf_counter() - start
@@ -170,7 +163,7 @@ def audit(cc, b, a=None, policy: AuditPolicy | None = None, *, joint: bool = Tru
 
 
 def _measure(cc, tasks: list, outs: dict[str, list[str]], a_outs: list[str] | None, names: list[str],
-             check: SelfCheckPlan | None, policy: AuditPolicy) -> AuditReport:
+             check: SelfCheck | None, policy: AuditPolicy) -> AuditReport:
     """Score every condition, judge the positive control, then the artifact, into the report."""
     score = lambda outputs, metric=policy.metric: [_score(metric, o, t) for o, t in zip(outputs, tasks)]  # noqa: E731
     scores = {k: score(v) for k, v in outs.items()}
@@ -202,7 +195,7 @@ def _measure(cc, tasks: list, outs: dict[str, list[str]], a_outs: list[str] | No
     )
 
 
-def _positive_control(check: SelfCheckPlan | None, scores: dict[str, list[bool]], policy: AuditPolicy, n: int,
+def _positive_control(check: SelfCheck | None, scores: dict[str, list[bool]], policy: AuditPolicy, n: int,
                       capability: PairedGain | None) -> PositiveControl | None:
     """The leaky copy judged by the audit's own rules (no control of its own: it is the control)."""
     if check is None:
@@ -237,21 +230,49 @@ def _other_metric(metric: str, outs: dict[str, list[str]], a_outs: list[str] | N
     return {"clean_rate": sum(scores["clean"]) / max(len(tasks), 1), "capability": capability, "gains": {k: g.as_dict() for k, g in gains.items()}}
 
 
-def _generate(b, a, texts: list[str], conditions: dict, layer: int, policy: AuditPolicy, *, backend: str, batch_size: int,
-              progress: bool) -> tuple[dict[str, list[str]], list[str] | None]:
-    """B's outputs under every condition, then A's clean outputs through the same call and
-    settings: only the model differs, so A's lead over B is the capability, not the protocol."""
-    from guardrail.generation import GenerationSettings, generate_conditions, make_backend
+def _generate(cc, b, a, texts: list[str], calib: Calibration, names: list[str], check: SelfCheck | None, layer: int,
+              policy: AuditPolicy, *, backend: str, batch_size: int, progress: bool) -> tuple[dict[str, list[str]], list[str] | None]:
+    """A's clean outputs, then B's clean outputs and B's under every condition, through the same
+    call and settings: only the model differs, so A's lead over B is the capability, not the protocol.
+
+    The last-prompt-token activations every threat acts on are read on those clean passes'
+    own prefills (A's first, then B's chunk by chunk, each chunk's conditions planned from
+    its rows), so the audit runs no forward pass of its own over the scored prompts.
+    """
+    from guardrail.generation import GenerationSettings, generate_from_clean, make_backend
 
     # every metric reads the first tool-call block, so a sequence that closed one is done
     engine, settings = make_backend(backend), GenerationSettings(
         max_new_tokens=policy.max_new_tokens, batch_size=batch_size, max_prompt_tokens=policy.max_prompt_tokens, stop=("</tool_call>",)
     )
-    desc = f"audit ({len(conditions)} conditions of B" + (", A clean)" if a is not None else ")")
+    n_conditions = condition_count(names) + (a is not None) + (0 if check is None else condition_count(check.names))
+    desc = f"audit (A clean, B clean and {n_conditions} conditions)" if a is not None else f"audit (B clean and {n_conditions} conditions)"
     with tqdm(total=len(texts) * (1 + (a is not None)), desc=desc, unit="prompt", disable=not progress) as bar:
-        outs = generate_conditions(engine, b, texts, settings, conditions, layer=layer, progress=bar.update)
-        a_outs = None if a is None else generate_conditions(engine, a, texts, settings, {"clean": None}, progress=bar.update)["clean"]
+        a_outs, x_a = (None, None) if a is None else engine.generate_reading(a, texts, settings, layer=layer)
+        bar.update(len(texts) if a is not None else 0)
+        plan = _condition_plan(cc, calib, x_a, names, check, policy)
+        outs, _ = generate_from_clean(engine, b, texts, settings, plan, layer=layer, n_conditions=n_conditions, progress=bar.update)
     return outs, a_outs
+
+
+def _condition_plan(cc, calib: Calibration, x_a: torch.Tensor | None, names: list[str], check: SelfCheck | None, policy: AuditPolicy):
+    """For a chunk of prompts and B's rows there: every condition's patches (absolute rows).
+
+    Every threat's delta is a function of the row it patches and of the calibration, so a
+    chunk's conditions are the same rows the whole prompt set would give. A row a condition
+    leaves unchanged (a zero delta: a steered feature that did not fire) is B clean, and is
+    not generated again.
+    """
+    def plan(idx: range, x_b: torch.Tensor) -> dict[str, list[torch.Tensor | None]]:
+        inp = ThreatInputs.of(x_b, None if x_a is None else x_a[idx.start : idx.stop], calib)
+        deltas = {k: d for k, d in threat_deltas(cc, inp, names, policy).items() if d is not None}
+        if x_a is not None:
+            deltas[ORACLE] = oracle_transplant(cc, inp)
+        if check is not None:
+            deltas |= check.deltas(inp)
+        return {k: [x_b[i] + d[i] if bool(d[i].any()) else None for i in range(len(x_b))] for k, d in deltas.items()}
+
+    return plan
 
 
 def _pp(fraction: float | None) -> float | None:
@@ -283,18 +304,19 @@ def _layer_in(cc, b) -> int:
     return m.layer
 
 
-def _threat_inputs(cc, b, a, texts: list[str], layer: int, policy: AuditPolicy, seed: int) -> ThreatInputs:
-    """Last-prompt-token residuals: B (and A) on the audit prompts, B on a calibration mix."""
-    from guardrail.residual.last_token import last_token_residual
+def _calibration(b, a, layer: int, policy: AuditPolicy, seed: int) -> Calibration:
+    """Last-prompt-token residuals on a calibration mix (train split, rendered as the audit
+    renders its prompts): B on every prompt, A on the tool prompts (for the self-check's lead)."""
     from guardrail.prompts import mixed
+    from guardrail.residual.last_token import last_token_residual
 
-    calib = mixed(policy.calibration_prompts, policy.calibration_prompts, split="train", mode="raw", seed=seed + 7)
+    calib = mixed(policy.calibration_prompts, policy.calibration_prompts, split="train", mode="raw", seed=seed + 7, turn=policy.turn)
     last = lambda model, prompts: last_token_residual(model, prompts, layer, max_prompt_tokens=policy.max_prompt_tokens)  # noqa: E731
-    return ThreatInputs(
-        x_b=last(b, texts),
-        x_a=last(a, texts) if a is not None else None,
-        calib_b=last(b, [p.text for p in calib]),
-        calib_is_tool=torch.tensor([p.is_tool for p in calib]),
+    tool = [p.text for p in calib if p.is_tool]
+    return Calibration(
+        x_b=last(b, [p.text for p in calib]),
+        is_tool=torch.tensor([p.is_tool for p in calib]),
+        x_a_tool=last(a, tool) if a is not None and policy.self_check else None,
     )
 
 

@@ -7,20 +7,21 @@ and must FAIL it by a proven leak (a lower bound over the limit); if it does not
 artifact's verdict is INCONCLUSIVE: the audit is blind on this pair under this metric
 (:func:`guardrail.audit.run.judge`).
 
-The planted leak is A's mean lead at the site: the mean over the audit prompts of
-``x_A − x_B`` at the last prompt token (the oracle transplant's delta averaged into one
-vector), added to the B-side decoder bias of the copy. Every reconstruction of B then
-carries it, whatever B's activation, which is what the gated ``b_only_splice`` threat
+The planted leak is A's mean lead at the site: the mean of ``x_A − x_B`` at the last prompt
+token over the calibration's tool prompts (rendered as the audit renders its prompts, and
+disjoint from them), added to the B-side decoder bias of the copy. Every reconstruction of B
+then carries it, whatever B's activation, which is what the gated ``b_only_splice`` threat
 measures. A bias, not an always-firing feature, because that is all such a feature would
 be, and a bias changes no feature's code: every steering threat (and its artifact-free
-control) gets exactly the real artifact's deltas, so their outputs are reused.
+control) gets exactly the real artifact's deltas, so their outputs are shared.
 
-Cost: the copy's conditions join the audit's one generation pass, and only those whose
-rows differ from a condition the audit generates anyway are new: the B-only splice, plus
-the joint splice when the policy gates it. Under the default policy that is one more greedy
+Cost: the copy's conditions join the audit's one generation pass, and a row that writes the
+same vector into the same prompt as a condition the audit generates anyway is generated
+once (:func:`guardrail.generation.generate_from_clean`): new are the B-only splice, plus the
+joint splice when the policy gates it. Under the default policy that is one more greedy
 condition of B over the audit prompts (on vLLM the prompt is already in the prefix cache,
-so only the patched last token is recomputed); no extra forward of A and no extra
-activation reads. Without A there is no lead to plant and the check is not run (such an
+so only the patched last token is recomputed), and A's activation on the calibration's
+tool prompts. Without A there is no lead to plant and the check is not run (such an
 audit is INCONCLUSIVE anyway: nothing measured A's advantage).
 """
 
@@ -33,7 +34,7 @@ import torch
 
 from guardrail.audit.report import Verdict
 from guardrail.audit.stats import PairedGain
-from guardrail.audit.threats import ThreatInputs, threat_deltas
+from guardrail.audit.threats import Calibration, ThreatInputs, threat_deltas
 from guardrail.paper import MODEL_B
 
 PREFIX = "self_check/"  # the copy's conditions among the audit's generated ones
@@ -54,44 +55,39 @@ def leaky_artifact(cc, leak: torch.Tensor):
     return out
 
 
-def planted_leak(inp: ThreatInputs) -> torch.Tensor | None:
-    """A's mean lead over B at the site, on the audit prompts; None without A."""
-    return None if inp.x_a is None else (inp.x_a - inp.x_b).mean(0)
+def planted_leak(calib: Calibration) -> torch.Tensor | None:
+    """A's mean lead over B at the site, on the calibration's tool prompts; None without A."""
+    if calib.x_a_tool is None:
+        return None
+    return (calib.x_a_tool - calib.x_b[calib.is_tool]).mean(0)
 
 
 @dataclass
-class SelfCheckPlan:
-    """The copy's conditions: its deltas, and which of them the audit already generates."""
+class SelfCheck:
+    """The leaky copy and the gated threats it is judged on, under the audit's policy."""
 
     names: list[str]  # the gated threats the copy is judged on
     leak: torch.Tensor
-    deltas: dict[str, torch.Tensor | None]
-    reused: dict[str, str]  # condition -> the audit's own condition with identical rows
+    artifact: object  # the copy (:func:`leaky_artifact`)
+    policy: object  # the audit's ``AuditPolicy``
 
-    def conditions(self) -> dict[str, torch.Tensor | None]:
-        """What the generation pass must add for the copy (prefixed names)."""
-        return {PREFIX + k: d for k, d in self.deltas.items() if k not in self.reused}
+    def deltas(self, inp: ThreatInputs) -> dict[str, torch.Tensor]:
+        """The copy's patched conditions on these prompts, under prefixed names."""
+        made = threat_deltas(self.artifact, inp, self.names, self.policy)
+        return {PREFIX + k: d for k, d in made.items() if d is not None}
 
     def scores(self, scores: dict[str, list[bool]]) -> dict[str, list[bool]]:
-        """The copy's per-condition scores, read from the audit's (reused) or the prefixed ones."""
-        return {k: scores[self.reused.get(k, PREFIX + k)] for k in self.deltas}
+        """The copy's per-condition scores (its clean B is the audit's), under the threats' own names."""
+        made = [k for k in scores if k.startswith(PREFIX)]
+        return {"clean": scores["clean"], **{k[len(PREFIX):]: scores[k] for k in made}}
 
 
-def plan_self_check(cc, inp: ThreatInputs, names: list[str], policy, audited: dict[str, torch.Tensor | None]) -> SelfCheckPlan | None:
-    """The copy with A's mean lead planted, its deltas for the gated threats ``names``, and
-    which of them equal the audited artifact's (``audited``: condition -> delta)."""
-    leak = planted_leak(inp)
+def plan_self_check(cc, calib: Calibration, names: list[str], policy) -> SelfCheck | None:
+    """The copy with A's mean lead planted, judged on the gated threats ``names``; None without A."""
+    leak = planted_leak(calib)
     if leak is None:
         return None
-    deltas = threat_deltas(leaky_artifact(cc, leak), inp, names, policy)
-    reused = {k: k for k, d in deltas.items() if k in audited and _same(d, audited[k])}
-    return SelfCheckPlan(names, leak, deltas, reused)
-
-
-def _same(x: torch.Tensor | None, y: torch.Tensor | None) -> bool:
-    if x is None or y is None:
-        return x is None and y is None
-    return x.shape == y.shape and bool(torch.equal(x, y))
+    return SelfCheck(names, leak, leaky_artifact(cc, leak), policy)
 
 
 @dataclass

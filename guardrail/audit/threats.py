@@ -38,6 +38,17 @@ NEEDS_A = ("joint_splice",)
 
 
 @dataclass
+class Calibration:
+    """Activations at the site on a calibration mix of tool and ordinary prompts, disjoint from
+    the scored ones: what a threat may fit (its features, its control's direction) and where
+    the self-check measures A's lead, so nothing is fitted on the prompts it is judged on."""
+
+    x_b: torch.Tensor  # [m, d] B on every calibration prompt
+    is_tool: torch.Tensor  # bool [m]
+    x_a_tool: torch.Tensor | None  # [m_tool, d] A on the calibration's tool prompts; None without A
+
+
+@dataclass
 class ThreatInputs:
     """Activations at the site: scored prompts (B, and A when available) and B's calibration set."""
 
@@ -45,6 +56,10 @@ class ThreatInputs:
     x_a: torch.Tensor | None  # [n, d], None when A is not available
     calib_b: torch.Tensor  # [m, d]
     calib_is_tool: torch.Tensor  # bool [m]
+
+    @classmethod
+    def of(cls, x_b: torch.Tensor, x_a: torch.Tensor | None, calib: Calibration) -> "ThreatInputs":
+        return cls(x_b=x_b, x_a=x_a, calib_b=calib.x_b, calib_is_tool=calib.is_tool)
 
 
 @torch.no_grad()
@@ -150,6 +165,11 @@ THREATS = {
     "steer_asymmetry": steer_asymmetry,
     "steer_near_duplicate": steer_near_duplicate,
 }
+
+
+def condition_count(names: list[str]) -> int:
+    """How many patched conditions :func:`threat_deltas` makes of ``names`` (each steering threat has a control)."""
+    return len(names) + sum(n in STEERING for n in names)
 
 
 def threat_deltas(cc, inp: ThreatInputs, names: list[str], policy) -> dict[str, torch.Tensor | None]:

@@ -10,7 +10,7 @@ engine with the rest of the vLLM code (:mod:`guardrail.vllm.generation`).
 from __future__ import annotations
 
 from guardrail.generation.backend import Backend, Patch
-from guardrail.generation.conditions import generate_conditions, generate_under_policies
+from guardrail.generation.conditions import generate_conditions, generate_from_clean, generate_under_policies
 from guardrail.generation.settings import GenerationSettings
 from guardrail.generation.transformers import TransformersBackend
 
@@ -30,4 +30,4 @@ def make_backend(name: str = "auto") -> Backend:
     raise ValueError(f"unknown backend {name!r}; choose auto, vllm or transformers")
 
 
-__all__ = ["Backend", "GenerationSettings", "Patch", "TransformersBackend", "generate_conditions", "generate_under_policies", "make_backend"]
+__all__ = ["Backend", "GenerationSettings", "Patch", "TransformersBackend", "generate_conditions", "generate_from_clean", "generate_under_policies", "make_backend"]

@@ -23,6 +23,11 @@ class Backend(Protocol):
     def generate(self, loaded: Any, prompts: Sequence[str], settings: GenerationSettings, *, layer: int | None = None,
                  patches: Sequence[Patch] | None = None) -> list[str]: ...
 
+    def generate_reading(self, loaded: Any, prompts: Sequence[str], settings: GenerationSettings, *, layer: int) -> tuple[list[str], torch.Tensor]:
+        """Unpatched greedy completions and the residual ``[N, d]`` after ``layer`` at each
+        prompt's last token, read on the prefill that generated them (no second forward)."""
+        ...
+
     def prompts_per_chunk(self, loaded: Any, prompts: Sequence[str], settings: GenerationSettings, n_conditions: int) -> int:
         """How many prompts ``generate_conditions`` should run through all conditions at once."""
         ...

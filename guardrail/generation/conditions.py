@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
+import torch
+
 from guardrail.generation.backend import Backend, Patch
 from guardrail.generation.decode import decode_completion, eos_ids
 from guardrail.generation.settings import GenerationSettings
@@ -40,6 +42,58 @@ def generate_conditions(backend: Backend, loaded: Any, prompts: Sequence[str], s
         if progress is not None:
             progress(len(sub))
     return out
+
+
+Plan = Callable[[range, torch.Tensor], dict[str, Sequence[Patch]]]
+
+
+def generate_from_clean(backend: Backend, loaded: Any, prompts: Sequence[str], settings: GenerationSettings, plan: Plan, *,
+                        layer: int, n_conditions: int, progress: Callable[[int], None] | None = None
+                        ) -> tuple[dict[str, list[str]], torch.Tensor]:
+    """Clean greedy outputs, the residual after ``layer`` at each prompt's last token, and
+    the outputs of every condition ``plan`` derives from those residuals.
+
+    The residuals are read on the clean outputs' own prefill, so the conditions that depend
+    on them need no separate pass over the prompts: per chunk of prompts (sized for
+    ``n_conditions`` as :func:`generate_conditions` sizes it), the clean pass prefills and
+    reads; ``plan(indices, rows)`` gives each condition's patches for those prompts; then
+    every distinct (prompt, patch) pair is generated once, in one batched call. A ``None``
+    patch is the clean prompt and takes the clean output; two conditions writing the same
+    vector into the same prompt share one generation. Returns ``({"clean": ..., **conditions}, rows [N, d])``.
+    """
+    chunk = backend.prompts_per_chunk(loaded, prompts, settings, n_conditions)
+    out: dict[str, list[str]] = {"clean": []}
+    reads: list[torch.Tensor] = []
+    for s in range(0, len(prompts), chunk):
+        sub = list(prompts[s : s + chunk])
+        clean, rows = backend.generate_reading(loaded, sub, settings, layer=layer)
+        out["clean"] += clean
+        reads.append(rows)
+        for name, texts in _patched(backend, loaded, sub, settings, layer, plan(range(s, s + len(sub)), rows), clean).items():
+            out.setdefault(name, []).extend(texts)
+        if progress is not None:
+            progress(len(sub))
+    return out, torch.cat(reads) if reads else torch.zeros(0)
+
+
+def _patched(backend: Backend, loaded: Any, prompts: list[str], settings: GenerationSettings, layer: int,
+             planned: dict[str, Sequence[Patch]], clean: list[str]) -> dict[str, list[str]]:
+    """Each planned condition's outputs; distinct (prompt, patch) pairs generated once, ``None`` rows clean."""
+    jobs: dict[tuple[int, bytes], int] = {}
+    for patches in planned.values():
+        for i, p in enumerate(patches):
+            if p is not None:
+                jobs.setdefault((i, p.detach().float().cpu().numpy().tobytes()), len(jobs))
+    first: dict[int, torch.Tensor] = {}
+    for name, patches in planned.items():
+        for i, p in enumerate(patches):
+            if p is not None:
+                first.setdefault(jobs[(i, p.detach().float().cpu().numpy().tobytes())], p)
+    order = sorted(jobs.items(), key=lambda kv: kv[1])
+    texts = backend.generate(loaded, [prompts[i] for (i, _), _ in order], settings, layer=layer,
+                             patches=[first[j] for _, j in order]) if order else []
+    return {name: [clean[i] if p is None else texts[jobs[(i, p.detach().float().cpu().numpy().tobytes())]] for i, p in enumerate(patches)]
+            for name, patches in planned.items()}
 
 
 def generate_under_policies(backend: Backend, loaded: Any, prompts: Sequence[str], settings: GenerationSettings,

@@ -3,13 +3,16 @@
 :func:`install_guard` installs named policies in the engine's worker and returns a
 :class:`VllmGuard`, a handle that reads the worker's events, captures and counters and
 removes what it installed (also as a context manager, like :func:`guardrail.policy.guard`).
-:func:`enable_patches` lets requests carry last-prompt-token patches at a layer.
+:func:`enable_patches` lets requests carry last-prompt-token patches (and reads) at a
+layer; :func:`take_reads` collects the reads.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Callable
+
+import torch
 
 from guardrail.policy.engine import GuardError
 from guardrail.policy.schema import Policy
@@ -144,5 +147,10 @@ def install_guard(
 
 
 def enable_patches(llm: Any, layer: int) -> None:
-    """Let this engine's requests patch their last prompt token after ``layer`` (``guardrail_patch``)."""
+    """Let this engine's requests patch (``guardrail_patch``) or read (``guardrail_read``) their last prompt token after ``layer``."""
     llm.collective_rpc(lambda worker: guard_for(worker_runner(worker)).enable_patches(layer))
+
+
+def take_reads(llm: Any, ids: list[str]) -> list[torch.Tensor | None]:
+    """The last-prompt-token residuals kept for these requests (``guardrail_read``), in order."""
+    return llm.collective_rpc(lambda worker: guard_for(worker_runner(worker)).take_reads(ids))[0]

