@@ -117,6 +117,27 @@ def test_leaky_artifact_plants_its_leak_in_the_b_side_bias_only():
     assert torch.equal(cc.b_dec, before) and out.W_enc is cc.W_enc and out.W_dec is cc.W_dec  # shared, not copied
 
 
+@torch.no_grad()
+def test_the_copys_steering_rows_are_the_audits_own():
+    """A planted bias changes no feature's code: the copy's steering threats (and controls) write
+    exactly the audit's rows, so generation shares them and only its splices are new conditions."""
+    from guardrail.audit.selfcheck import PREFIX, plan_self_check
+    from guardrail.audit.threats import ARTIFACT_ONLY, STEERING, Calibration, ThreatInputs, threat_deltas
+
+    cc, g = _dfc(16), torch.Generator().manual_seed(0)
+    is_tool = torch.tensor([True, False] * 6)
+    calib = Calibration(x_b=torch.randn(12, 16, generator=g), is_tool=is_tool, x_a_tool=torch.randn(6, 16, generator=g))
+    policy = AuditPolicy(steer_top=2)
+    check = plan_self_check(cc, calib, list(ARTIFACT_ONLY), policy)
+    inp = ThreatInputs.of(torch.randn(5, 16, generator=g), None, calib)
+    own, copy_ = threat_deltas(cc, inp, list(ARTIFACT_ONLY), policy), check.deltas(inp)
+    assert torch.allclose(check.leak, calib.x_a_tool.mean(0) - calib.x_b[is_tool].mean(0))
+    for name in STEERING:
+        for k in (name, f"{name}/control"):
+            assert torch.equal(copy_[PREFIX + k], own[k])
+    assert not torch.equal(copy_[PREFIX + "b_only_splice"], own["b_only_splice"]) and check.new_conditions() == 1
+
+
 def test_self_check_catches_a_blinded_metric(tiny_pair, tmp_path, monkeypatch):
     """A scorer that sees nothing cannot see the planted leak: the audit must call itself blind, not pass."""
     import guardrail.audit.run as run

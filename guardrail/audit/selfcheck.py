@@ -34,7 +34,7 @@ import torch
 
 from guardrail.audit.report import Verdict
 from guardrail.audit.stats import PairedGain
-from guardrail.audit.threats import Calibration, ThreatInputs, threat_deltas
+from guardrail.audit.threats import STEERING, Calibration, ThreatInputs, threat_deltas
 from guardrail.paper import MODEL_B
 
 PREFIX = "self_check/"  # the copy's conditions among the audit's generated ones
@@ -75,6 +75,11 @@ class SelfCheck:
         """The copy's patched conditions on these prompts, under prefixed names."""
         made = threat_deltas(self.artifact, inp, self.names, self.policy)
         return {PREFIX + k: d for k, d in made.items() if d is not None}
+
+    def new_conditions(self) -> int:
+        """How many of the copy's conditions are not the audit's own: its splices (a bias changes
+        no feature's code, so its steering threats and their controls write the audit's rows)."""
+        return sum(n not in STEERING for n in self.names)
 
     def scores(self, scores: dict[str, list[bool]]) -> dict[str, list[bool]]:
         """The copy's per-condition scores (its clean B is the audit's), under the threats' own names."""
