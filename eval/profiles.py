@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from guardrail.paper import PAPER_ALPHAS
+from guardrail.tasks import UserTurn
 
 
 class Profile(BaseModel):
@@ -37,7 +38,8 @@ class Profile(BaseModel):
     alphas: list[float] = list(PAPER_ALPHAS)
     # sweep
     sweep_prompts: int | None = Field(None, description="tool prompts per sweep variant (None = n_tool)")
-    # generation
+    # generation: the tool prompts' user turn (raw rendering), see guardrail.tasks.UserTurn
+    turn: UserTurn = "toolrl"
     max_new_tokens: int = 200
     gen_batch: int = 8
     max_prompt_tokens: int | None = None
@@ -57,7 +59,9 @@ PROFILES: dict[str, Profile] = {
         name="quick", n_tool=40, n_plain=40, train_tool=300, train_plain=300, train_last_n=32,
         sizes=[1, 3, "all"], alphas=[1.0, 16.0, 64.0],
         grid="quick", sweep_prompts=40,
-        max_new_tokens=48, gen_batch=8, explain_prompts=24,
+        # the embedded organism's hedge rendering (docs/phenomenon.md): under ToolRL's user turn its A
+        # writes no call in the raw rendering, leaving nothing to splice or steer; it names its tool within 64 tokens
+        turn="dialogue", max_new_tokens=64, gen_batch=8, explain_prompts=24,
     ),
     "paper": Profile(
         name="paper", n_tool=100, n_plain=100, train_tool=4000, train_plain=4000, train_last_n=None,

@@ -522,8 +522,10 @@ def render_markdown(res: dict[str, Any], figures: dict[str, str] | None = None) 
     out = [f"# guardrail eval — {meta.get('profile', '?')} profile on the {meta.get('pair', '?')} pair", ""]
     out.append(f"Models: A = `{meta.get('model_a')}`, B = `{meta.get('model_b')}`; layer {meta.get('layer')}; backend {meta.get('backend')}; "
                f"greedy, {meta.get('max_new_tokens')} new tokens{' (the paper uses 200)' if meta.get('max_new_tokens') != 200 else ''}; "
-               f"prompts rendered {meta.get('render_mode', 'raw')} (no chat template); seed {meta.get('seed')}; "
+               f"prompts rendered {meta.get('render_mode', 'raw')} (no chat template), user turn `{meta.get('turn', 'toolrl')}`; seed {meta.get('seed')}; "
                f"{meta.get('n_generated', '?')} generations in {num(meta.get('duration_s'), '{:.0f}')} s.")
+    if meta.get("adapter_sha256"):
+        out.append(f"A's adapter: sha256 `{meta['adapter_sha256']}` (`adapter_model.safetensors`).")
     for note in meta.get("notes", []):
         out.append(f"- {note}")
     out += ["", "## Paper vs this run", ""]

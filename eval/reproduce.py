@@ -29,6 +29,7 @@ from guardrail.eval.grids import grid_for, main_trio
 from guardrail.eval.profiles import Profile
 from guardrail.eval.report import write_report
 from guardrail.eval.suites import mixed_suite, plain_suite, tool_suite
+from guardrail.models.packaged import shipped_adapter_sha256
 from guardrail.paper import paper_layer
 
 
@@ -43,7 +44,7 @@ def collect_training_cache(pair: Any, profile: Profile, layer: int, out: Path, s
     from guardrail.residual import Site
 
     site = Site(layer=layer, positions="prompt", last_n=profile.train_last_n)
-    prompts = mixed(profile.train_tool, profile.train_plain, split="train", mode="raw", seed=seed)
+    prompts = mixed(profile.train_tool, profile.train_plain, split="train", mode="raw", seed=seed, turn=profile.turn)
     return collect(pair, prompts, site, out, batch_size=profile.collect_batch, max_length=profile.max_prompt_tokens or 2048, progress=progress)
 
 
@@ -88,7 +89,8 @@ def _meta(profile: Profile, pair: Any, pair_name: str | None, layer: int, backen
     meta = {
         "profile": profile.name, "pair": pair_name or getattr(pair, "name", "custom"), "model_a": pair.a.spec, "model_b": pair.b.spec,
         "layer": layer, "n_layers": pair.n_layers, "d_model": pair.d_model, "backend": backend, "seed": seed,
-        "max_new_tokens": profile.max_new_tokens, "render_mode": "raw", "settings": profile.model_dump(), "notes": [],
+        "max_new_tokens": profile.max_new_tokens, "render_mode": "raw", "turn": profile.turn, "settings": profile.model_dump(), "notes": [],
+        "adapter_sha256": shipped_adapter_sha256(pair.a.spec),
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "threads": torch.get_num_threads(),
     }
     if profile.max_new_tokens != 200:
@@ -115,8 +117,8 @@ def reproduce(profile: Profile, pair: Any, out: str | Path, *, backend: str = "a
 
     settings = GenerationSettings(max_new_tokens=profile.max_new_tokens, batch_size=profile.gen_batch, max_prompt_tokens=profile.max_prompt_tokens)
     ctx = RunContext(pair, be, settings, layer, out, seed=seed, n_boot=profile.n_boot, progress=progress)
-    tools = tool_suite(profile.n_tool, seed)
-    mixed = mixed_suite(profile.n_tool, profile.n_plain, seed) if profile.n_plain else tools
+    tools = tool_suite(profile.n_tool, seed, turn=profile.turn)
+    mixed = mixed_suite(profile.n_tool, profile.n_plain, seed, turn=profile.turn) if profile.n_plain else tools
     eval_acts = ctx.acts(mixed)
     is_tool = torch.tensor([i.is_tool for i in mixed.items])
     res["dictionaries"] = {k: dictionary_health(dicts.of(k), eval_acts, is_tool) for k in ("dfc", "dfc_penalised", "standard")}
@@ -174,12 +176,12 @@ def _run_experiments(res: dict[str, Any], ctx: RunContext, profile: Profile, dic
     if "ablation" in exps:
         _stage(res, "ablation", lambda: run_ablation(ctx, dfc, pen, tools), progress, out)
     if "sweep" in exps and dicts.sweep:
-        sweep_suite = tool_suite(profile.sweep_prompts or profile.n_tool, seed)
+        sweep_suite = tool_suite(profile.sweep_prompts or profile.n_tool, seed, turn=profile.turn)
         _stage(res, "sweep", lambda: run_sweep(ctx, [(v, dicts.trained[v.name]) for v in dicts.sweep], sweep_suite), progress, out)
     if "geometry" in exps:
         _stage(res, "geometry", lambda: run_geometry(dfc, std, seed=seed), progress, out)
     if "explain" in exps:
-        ex_suite = mixed_suite(max(1, profile.explain_prompts // 2), profile.explain_prompts // 2, seed)
+        ex_suite = mixed_suite(max(1, profile.explain_prompts // 2), profile.explain_prompts // 2, seed, turn=profile.turn)
         _stage(res, "explain", lambda: run_explain(ctx.pair, dfc, ranking, ex_suite, ctx.layer, per_partition=profile.explain_per_partition,
                                                    max_prompt_tokens=profile.max_prompt_tokens), progress, out)
 

@@ -71,20 +71,21 @@ class Suite:
         return h.hexdigest()[:16]
 
 
-def _render(task, mode: str, tokenizer) -> str:
-    return task.render(tokenizer, mode)
+def _render(task, mode: str, tokenizer, turn: str = "toolrl") -> str:
+    return task.render(tokenizer, mode, turn)
 
 
 def tool_suite(n: int, seed: int = 0, *, split: str = "test", categories: tuple[str, ...] | list[str] = ANSWERED_CATEGORIES,
-               mode: str = "raw", tokenizer: Any = None) -> Suite:
-    """``n`` BFCL tasks with ground truth, sampled with ``seed`` from ``split`` (test by default)."""
+               mode: str = "raw", tokenizer: Any = None, turn: str = "toolrl") -> Suite:
+    """``n`` BFCL tasks with ground truth, sampled with ``seed`` from ``split`` (test by default),
+    their user turn in ``turn``'s style (:class:`guardrail.tasks.UserTurn`)."""
     tasks = load_tasks(split, tuple(categories))
     if n > len(tasks):
         raise ValueError(f"asked for {n} tool prompts but the BFCL {split!r} split of {list(categories)} has {len(tasks)}")
     chosen = random.Random(seed).sample(tasks, n)
-    items = [EvalItem(t.id, "tool", _render(t, mode, tokenizer), t.tool_names, t.possible_answer, t.category, t.user)
+    items = [EvalItem(t.id, "tool", _render(t, mode, tokenizer, turn), t.tool_names, t.possible_answer, t.category, t.user)
              for t in chosen]
-    return Suite("tool", items, {"kind": "tool", "n": n, "seed": seed, "split": split, "categories": list(categories), "mode": mode})
+    return Suite("tool", items, {"kind": "tool", "n": n, "seed": seed, "split": split, "categories": list(categories), "mode": mode, "turn": turn})
 
 
 def chatable_questions(split: str = "test") -> list[tuple[str, str]]:
@@ -141,9 +142,9 @@ def plain_suite(n: int, seed: int = 0, *, mix: dict[str, float] | None = None, m
 
 
 def mixed_suite(n_tool: int, n_plain: int, seed: int = 0, *, mode: str = "raw", tokenizer: Any = None,
-                mix: dict[str, float] | None = None) -> Suite:
+                mix: dict[str, float] | None = None, turn: str = "toolrl") -> Suite:
     """Tool suite followed by a plain suite (for ranking and spillover checks)."""
-    tool = tool_suite(n_tool, seed, mode=mode, tokenizer=tokenizer)
+    tool = tool_suite(n_tool, seed, mode=mode, tokenizer=tokenizer, turn=turn)
     questions = {i.question.strip() for i in tool.items}
     plain = plain_suite(n_plain, seed, mix=mix, mode=mode, tokenizer=tokenizer, exclude_questions=questions)
     return Suite("mixed", tool.items + plain.items, {"tool": tool.recipe, "plain": plain.recipe})
