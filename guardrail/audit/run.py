@@ -248,8 +248,10 @@ def _generate(cc, b, a, texts: list[str], calib: Calibration, names: list[str], 
     n_conditions = condition_count(names) + (a is not None) + (0 if check is None else check.new_conditions())
     desc = f"audit (A clean, B clean and {n_conditions} conditions)" if a is not None else f"audit (B clean and {n_conditions} conditions)"
     with tqdm(total=len(texts) * (1 + (a is not None)), desc=desc, unit="prompt", disable=not progress) as bar:
-        a_outs, x_a = (None, None) if a is None else engine.generate_reading(a, texts, settings, layer=layer)
-        bar.update(len(texts) if a is not None else 0)
+        a_outs, x_a = None, None
+        if a is not None:
+            a_outs, x_a = engine.generate_reading(a, texts, settings, layer=layer)
+            bar.update(len(texts))
         plan = _condition_plan(cc, calib, x_a, names, check, policy)
         outs, _ = generate_from_clean(engine, b, texts, settings, plan, layer=layer, n_conditions=n_conditions, progress=bar.update)
     return outs, a_outs
