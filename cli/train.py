@@ -44,15 +44,21 @@ def train_cmd(
                    "holds more than the last prompt token); default: keep every row."),
     config: Optional[Path] = typer.Option(None, help="JSON/YAML with CrosscoderConfig fields (overrides the flags)."),
     fresh: bool = typer.Option(False, "--fresh", help="Ignore an existing checkpoint in --out."),
+    single_process: bool = typer.Option(False, "--single-process", help="Train in this process even when launched by torchrun."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
-    """Train a DFC (default) or standard crosscoder on a paired activation cache."""
+    """Train a DFC (default) or standard crosscoder on a paired activation cache.
+
+    Under torchrun (torchrun --nproc_per_node N guardrail train ...) the ranks train
+    data-parallel, each on its slice of every batch; rank 0 writes the artifact to --out.
+    """
     import yaml
 
     from guardrail.activations import ActivationCache
     from guardrail.dictionary import AuxKConfig, CrosscoderConfig, Partition
     from guardrail.training import TrainingConfig, train
     from guardrail.training.config import auto_steps
+    from guardrail.training.distributed import is_main_process
 
     cache_obj = ActivationCache.open(cache)
     d_model = cache_obj.manifest.d_model
@@ -70,8 +76,9 @@ def train_cmd(
         typer.echo(f"training {steps} steps ({cache_obj.manifest.n_rows} rows, batch {batch_size})", err=True)
     tc = TrainingConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, seed=seed,
                         checkpoint_every=checkpoint_every, threads=threads, progress=not quiet, max_norm_ratio=max_norm_ratio)
-    cc = train(cache_obj, cfg, out, training=tc, resume=not fresh)
-    typer.echo(_summary(cc.metrics, out))
+    cc = train(cache_obj, cfg, out, training=tc, resume=not fresh, distributed=False if single_process else None)
+    if is_main_process():
+        typer.echo(_summary(cc.metrics, out))
 
 
 def _summary(m: dict, out: Path) -> str:

@@ -30,8 +30,8 @@ class StepResult:
 def _partition_sums(cc: Crosscoder, codes: Codes | None, vals: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Sum of |f| per partition [3] (differentiable)."""
     if codes is None:  # dense f [N, D]
-        return torch.zeros(3, dtype=vals.dtype).index_add(0, labels, vals.abs().sum(0))
-    return torch.zeros(3, dtype=vals.dtype).index_add(0, labels[codes.cols], vals.abs())
+        return torch.zeros(3, dtype=vals.dtype, device=vals.device).index_add(0, labels, vals.abs().sum(0))
+    return torch.zeros(3, dtype=vals.dtype, device=vals.device).index_add(0, labels[codes.cols], vals.abs())
 
 
 def _penalty(cc: Crosscoder, sums: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, dict[str, float]]:
@@ -91,7 +91,7 @@ def compute_loss(cc: Crosscoder, x: torch.Tensor, dead: torch.Tensor | None = No
     xf = x.reshape(n, -1)
     W = cc.W_enc.reshape(-1, D)
     Wd = cc.W_dec.reshape(D, -1)
-    labels = cc.partition.labels()
+    labels = cc.partition.labels().to(x.device)
     with torch.no_grad():
         pre = torch.addmm(cc.b_enc, xf, W)
     min_active: float | None = None
@@ -101,7 +101,7 @@ def compute_loss(cc: Crosscoder, x: torch.Tensor, dead: torch.Tensor | None = No
         sums = _partition_sums(cc, None, f, labels)
         fired = (f > 0).any(0)
         l0_rows = (f > 0).sum(1).float()
-        l0_part = torch.zeros(3).index_add(0, labels, (f > 0).float().sum(0)) / n
+        l0_part = torch.zeros(3, device=x.device).index_add(0, labels, (f > 0).float().sum(0)) / n
         norms = cc.W_dec.norm(dim=-1).sum(-1)  # [D]
         l1_weighted = (f * norms).sum(1).mean()
         extra = cfg.l1_coef * l1_weighted
@@ -113,9 +113,9 @@ def compute_loss(cc: Crosscoder, x: torch.Tensor, dead: torch.Tensor | None = No
         with serial():
             sums = _partition_sums(cc, codes, vals, labels)
             active = vals.detach() > 0
-            fired = torch.zeros(D, dtype=torch.bool).index_fill_(0, codes.cols[active], True)
-            l0_rows = torch.zeros(n).index_add(0, codes.rows, active.float())
-            l0_part = torch.zeros(3).index_add(0, labels[codes.cols], active.float()) / n
+            fired = torch.zeros(D, dtype=torch.bool, device=x.device).index_fill_(0, codes.cols[active], True)
+            l0_rows = torch.zeros(n, device=x.device).index_add(0, codes.rows, active.float())
+            l0_part = torch.zeros(3, device=x.device).index_add(0, labels[codes.cols], active.float()) / n
             if active.any():
                 min_active = float(vals.detach()[active].min())
         extra = x_hat.new_zeros(())

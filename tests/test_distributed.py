@@ -1,0 +1,185 @@
+"""Training on several ranks: two gloo ranks on the CPU train what one process trains, resume, and write once.
+
+Ranks are spawned with torch.multiprocessing (a free local port each time); one test goes
+through ``torchrun`` and the CLI, as a user launches it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import load_file, save_file
+
+from guardrail.dictionary import DFCConfig, load_artifact
+from guardrail.training import TrainingConfig, train
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+ROOT = Path(__file__).resolve().parents[1]
+
+CFG = DFCConfig(dict_size=64, k=6, exclusive=0.1, lambda_shared=1e-3)
+TC = TrainingConfig(steps=20, batch_size=64, lr=2e-3, warmup_steps=3, progress=False, checkpoint_every=5)
+# BatchTopK and AuxK (features dead after 2 steps) exercise every piece of state kept outside the gradient.
+STATE_CFG = DFCConfig(dict_size=512, k=2, exclusive=0.1, sparsity="batchtopk", aux_k={"dead_steps": 2})
+# 1 rank vs 2: each rank's loss is the mean over its half of the batch and DDP averages the two
+# gradients, which is the full batch's gradient summed in another order; float32 rounding then
+# differs in the last bits and Adam carries it along for 20 steps. Seen: 6e-8; allowed: 1e-5.
+ATOL = 1e-5
+
+
+def _data(n: int = 700, d: int = 12, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, d, generator=g) * 3 + 1
+    return torch.stack([base + 0.3 * torch.randn(n, d, generator=g), base], dim=1)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world: int, port: int, fn, args: tuple) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        fn(rank, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(fn, *args, world: int = 2) -> None:
+    mp.spawn(_entry, args=(world, _free_port(), fn, args), nprocs=world)
+
+
+class Stop(RuntimeError):
+    pass
+
+
+def _forbid_writes() -> None:
+    """On ranks other than 0: any checkpoint or artifact write fails the run."""
+    import guardrail.training.trainer as trainer
+
+    def refuse(*_a, **_k):
+        raise AssertionError("a rank other than 0 wrote a file")
+
+    trainer.save_artifact = trainer.save_checkpoint = refuse
+
+
+def _train_worker(rank: int, out: str, results: str, stop_at: int | None) -> None:
+    """Train ``CFG`` (stopping after ``stop_at`` steps, as a crash would); save this rank's weights and state."""
+    from guardrail.training.distributed import setup
+    from guardrail.training.trainer import build_trainer
+
+    if rank:
+        _forbid_writes()
+
+    def stop(done, cc, res):
+        if done == stop_at:
+            raise Stop(done)
+
+    try:
+        cc = train(_data(), CFG, out, training=TC, callback=stop)
+    except Stop:
+        return
+    tensors = {f"cc.{k}": v.contiguous() for k, v in cc.state_dict().items()}
+    tr = build_trainer(_data(), STATE_CFG, TC.model_copy(update={"steps": 12}), comm=setup())
+    tr.run(0, None, None)
+    tensors |= {f"state.{k}": v.contiguous() for k, v in tr.cc.state_dict().items()}
+    tensors["state.steps_since_fired"] = tr.state.steps_since_fired
+    save_file(tensors, str(Path(results) / f"rank{rank}.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> Path:
+    """One uninterrupted 2-rank run (artifact in ``art``, each rank's tensors in ``rank{0,1}.safetensors``)."""
+    root = tmp_path_factory.mktemp("two-ranks")
+    _spawn(_train_worker, str(root / "art"), str(root), None)
+    return root
+
+
+def test_two_ranks_train_the_artifact_one_process_trains(two_ranks, tmp_path):
+    one = train(_data(), CFG, tmp_path / "one", training=TC)
+    two = load_artifact(two_ranks / "art")
+    for name, t in one.state_dict().items():
+        assert torch.allclose(t, two.state_dict()[name], rtol=0, atol=ATOL), name
+    assert two.manifest.training["world_size"] == 2 and "world_size" not in one.manifest.training
+    assert two.manifest.training_data_hash == one.manifest.training_data_hash
+    assert abs(two.manifest.metrics["fvu"] - one.metrics["fvu"]) < 1e-4
+    log = json.loads((two_ranks / "art" / "training_log.json").read_text())
+    assert [r["step"] for r in log] == [20] and abs(log[0]["mse"] - one.manifest.metrics["final_step"]["mse"]) < 1e-4
+    assert not (two_ranks / "art" / "checkpoints").exists()
+
+
+def test_every_rank_holds_the_same_dictionary_and_state(two_ranks):
+    """Weights, BatchTopK threshold and dead-feature counters agree bit for bit (the trainer reduces them)."""
+    r0, r1 = (load_file(str(two_ranks / f"rank{r}.safetensors")) for r in (0, 1))
+    assert r0.keys() == r1.keys()
+    for name in r0:
+        assert torch.equal(r0[name], r1[name]), name
+    assert float(r0["state.threshold"].max()) > 0 and int(r0["state.steps_since_fired"].max()) >= 2  # both really moved
+
+
+def test_a_stopped_two_rank_run_resumes_to_the_uninterrupted_one(two_ranks, tmp_path):
+    out = tmp_path / "stopped"
+    _spawn(_train_worker, str(out), str(tmp_path), 13)
+    assert json.loads((out / "checkpoints" / "latest.json").read_text())["step"] == 10
+    assert not (out / "tensors.safetensors").exists()
+    _spawn(_train_worker, str(out), str(tmp_path), None)
+    resumed, straight = load_artifact(out), load_artifact(two_ranks / "art")
+    for name, t in straight.state_dict().items():
+        assert torch.equal(t, resumed.state_dict()[name]), name
+
+
+def test_batch_must_split_evenly_between_ranks():
+    from guardrail.training.distributed import Comm
+
+    with pytest.raises(ValueError, match="multiple of the world size 3"):
+        Comm(rank=0, world_size=3).check_batch(64)
+    assert Comm(rank=1, world_size=2).local_rows(torch.arange(8)).tolist() == [4, 5, 6, 7]
+
+
+def _write_cache(root: Path, acts: torch.Tensor) -> None:
+    """A one-shard activation cache holding ``acts`` [N, 2, d] (what ``guardrail collect`` would write)."""
+    from guardrail.activations.cache import CacheManifest, ShardInfo
+    from guardrail.fileio import sha256_file
+    from guardrail.residual import Site
+
+    root.mkdir(parents=True)
+    n = len(acts)
+    a = acts.double()
+    save_file({"acts": acts, "is_tool": torch.arange(n) % 2 == 0, "is_last": torch.ones(n, dtype=torch.bool), "prompt_idx": torch.arange(n),
+               "position": torch.zeros(n, dtype=torch.long), "sum": a.sum(0), "sumsq": (a**2).sum(0)}, str(root / "shard_00000.safetensors"))
+    shard = ShardInfo(name="shard_00000.safetensors", first_prompt=0, n_prompts=n, n_rows=n, sha256=sha256_file(root / "shard_00000.safetensors"))
+    man = CacheManifest(model_a="a", model_b="b", layer=1, site=Site(layer=1), d_model=acts.shape[-1], n_prompts=n, n_tool_prompts=n // 2,
+                        data_hash="synthetic", shard_prompts=n, max_length=16, shards=[shard], complete=True)
+    (root / "manifest.json").write_text(man.model_dump_json())
+
+
+def test_torchrun_guardrail_train_matches_a_single_process(tmp_path):
+    from typer.testing import CliRunner
+
+    from guardrail.cli.main import app
+
+    _write_cache(tmp_path / "cache", _data(512))
+    flags = ["--cache", str(tmp_path / "cache"), "--dict-size", "64", "--k", "6", "--steps", "12", "--batch-size", "64",
+             "--lr", "2e-3", "--checkpoint-every", "5", "--quiet"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           "-m", "guardrail.cli", "train", *flags, "--out", str(tmp_path / "two")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=os.environ | {"OMP_NUM_THREADS": "1"}, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("artifact:") == 1  # rank 0 reports, rank 1 is silent
+    res = CliRunner().invoke(app, ["train", *flags, "--out", str(tmp_path / "one"), "--single-process"])
+    assert res.exit_code == 0, res.output
+    one, two = load_artifact(tmp_path / "one"), load_artifact(tmp_path / "two")
+    assert two.manifest.training["world_size"] == 2
+    for name, t in one.state_dict().items():
+        assert torch.allclose(t, two.state_dict()[name], rtol=0, atol=ATOL), name
