@@ -98,10 +98,16 @@ def sweep_cmd(
     only: Optional[list[str]] = typer.Option(None, "--only", help="Train only runs whose name contains this (repeatable)."),
     steps: Optional[int] = typer.Option(None, help="Override every run's steps (smoke tests)."),
     threads: Optional[int] = typer.Option(None, help="torch intra-op threads per run (default: torch's choice)."),
+    one_by_one: bool = typer.Option(False, "--one-by-one", help="Train the runs one after the other instead of together in one pass over the data."),
+    per_pass: Optional[int] = typer.Option(None, help="At most this many dictionaries share a pass (each holds its weights and Adam state in memory); default: all."),
     dry_run: bool = typer.Option(False, "--dry-run", help="List the runs and exit."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
-    """Train every configuration of a sweep grid (finished runs are skipped, interrupted ones resume)."""
+    """Train every configuration of a sweep grid (finished runs are skipped, interrupted ones resume).
+
+    The runs train together, one pass over the cache for all of them (the same dictionaries as
+    one by one: same batches in the same order, each its own initialisation and optimiser).
+    """
     from guardrail.training.sweep import expand_grid, load_grid, run_sweep
 
     g = load_grid(grid)
@@ -112,7 +118,7 @@ def sweep_cmd(
             typer.echo(f"{spec.name:34s} D={c.dict_size:6d} k={c.k:4d} lambda_sh={c.lambda_shared:g} lambda_excl={c.lambda_excl:g} {part}")
         return
     overrides = {k: v for k, v in {"steps": steps, "threads": threads}.items() if v is not None}
-    rows = run_sweep(g, cache, out, only=only, overrides=overrides, progress=not quiet)
+    rows = run_sweep(g, cache, out, only=only, overrides=overrides, progress=not quiet, one_pass=not one_by_one, per_pass=per_pass)
     for r in rows:
         typer.echo(f"{r['name']:34s} {r['status']:26s} FVU {r['fvu']:.4f}  L0 {r['l0']:.1f}  dead {r['dead']}")
 

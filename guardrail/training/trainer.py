@@ -126,6 +126,11 @@ def _log_row(step: int, terms: dict[str, float], cc: Crosscoder, dead: torch.Ten
     return row
 
 
+def gather_batch(td: TrainingData, order: BatchOrder, comm: Comm, step: int) -> torch.Tensor:
+    """This rank's rows of global batch ``step`` of ``order``, on the rank's device."""
+    return td.x[comm.local_rows(order.batch(step))].to(comm.device)
+
+
 class _Objective(nn.Module):
     """The loss as a module's forward, so that DistributedDataParallel can wrap it (it syncs what a forward used)."""
 
@@ -162,7 +167,7 @@ class Trainer:
 
     def batch(self, step: int) -> torch.Tensor:
         """This rank's rows of global batch ``step``, on the trainer's device."""
-        return self.td.x[self.comm.local_rows(self.order.batch(step))].to(self.comm.device)
+        return gather_batch(self.td, self.order, self.comm, step)
 
     def step(self, step: int, x: torch.Tensor | None = None) -> StepResult:
         """Optimiser step ``step`` on ``x`` (default: this run's own batch ``step``)."""
