@@ -252,16 +252,16 @@ def test_an_interrupted_pass_resumes_each_dictionary_from_its_own_checkpoint(tmp
     tc = TrainingConfig(steps=9, batch_size=32, lr=1e-3, checkpoint_every=3, progress=False)
     jobs = lambda root: [Job(f"k{k}", DFCConfig(dict_size=64, k=k, exclusive=0.1), tc, root / f"k{k}") for k in (4, 6)]  # noqa: E731
 
-    def crash(done, cc, res):  # k=6 steps after k=4 within a step: k=4 has saved step 6, k=6 only step 3
+    def crash(done, cc, res):  # k=6 takes steps 4..7 after k=4 did: k=4 has saved step 6, k=6 only step 3
         if done == 6 and cc.config.k == 6:
             raise Crash(done)
 
     with pytest.raises(Crash):
-        train_many(x, jobs(tmp_path / "r"), progress=False, callback=crash)
+        train_many(x, jobs(tmp_path / "r"), progress=False, callback=crash, window=4)
     import json
 
     assert [json.loads((tmp_path / "r" / n / "checkpoints" / "latest.json").read_text())["step"] for n in ("k4", "k6")] == [6, 3]
-    resumed = train_many(x, jobs(tmp_path / "r"), progress=False)
+    resumed = train_many(x, jobs(tmp_path / "r"), progress=False, window=4)
     straight = [train(x, j.config, j.out, training=tc) for j in jobs(tmp_path / "s")]
     for a, b in zip(resumed, straight):
         for name, t in b.state_dict().items():
