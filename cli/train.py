@@ -45,12 +45,16 @@ def train_cmd(
     config: Optional[Path] = typer.Option(None, help="JSON/YAML with CrosscoderConfig fields (overrides the flags)."),
     fresh: bool = typer.Option(False, "--fresh", help="Ignore an existing checkpoint in --out."),
     single_process: bool = typer.Option(False, "--single-process", help="Train in this process even when launched by torchrun."),
+    shard_features: bool = typer.Option(
+        False, "--shard-features", help="Under torchrun: split the dictionary's features between the ranks (a dictionary too large for one "
+                                        "device; joint top-k, needs --no-aux-k) instead of each batch."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
     """Train a DFC (default) or standard crosscoder on a paired activation cache.
 
     Under torchrun (torchrun --nproc_per_node N guardrail train ...) the ranks train
-    data-parallel, each on its slice of every batch; rank 0 writes the artifact to --out.
+    data-parallel, each on its slice of every batch (or each on a slice of the features with
+    --shard-features); rank 0 writes the artifact to --out.
     """
     import yaml
 
@@ -76,7 +80,7 @@ def train_cmd(
         typer.echo(f"training {steps} steps ({cache_obj.manifest.n_rows} rows, batch {batch_size})", err=True)
     tc = TrainingConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, seed=seed,
                         checkpoint_every=checkpoint_every, threads=threads, progress=not quiet, max_norm_ratio=max_norm_ratio)
-    cc = train(cache_obj, cfg, out, training=tc, resume=not fresh, distributed=False if single_process else None)
+    cc = train(cache_obj, cfg, out, training=tc, resume=not fresh, distributed=False if single_process else None, shard_features=shard_features)
     if is_main_process():
         typer.echo(_summary(cc.metrics, out))
 

@@ -9,12 +9,14 @@ einsum loss (checked in tests); only the work on inactive features is skipped.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
+from guardrail.dictionary.config import CrosscoderConfig
 from guardrail.dictionary.crosscoder import Crosscoder
-from guardrail.dictionary.partition import PARTITION_MODELS, PARTITION_NAMES
+from guardrail.dictionary.partition import PARTITION_MODELS, PARTITION_NAMES, Partition
 from guardrail.dictionary.sparse import Codes, select_linear, serial, sparse_decode
 
 
@@ -34,8 +36,7 @@ def _partition_sums(cc: Crosscoder, codes: Codes | None, vals: torch.Tensor, lab
     return torch.zeros(3, dtype=vals.dtype, device=vals.device).index_add(0, labels[codes.cols], vals.abs())
 
 
-def _penalty(cc: Crosscoder, sums: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, dict[str, float]]:
-    cfg, part = cc.config, cc.partition
+def _penalty(cfg: CrosscoderConfig, part: Partition, sums: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, dict[str, float]]:
     n_a, n_b, n_s = part.n_a, part.n_b, part.n_shared
     zero = sums.new_zeros(())
     l1_shared = sums[2] / (n_rows * n_s) if n_s else zero
@@ -84,8 +85,23 @@ def auxk_loss(cc: Crosscoder, xf: torch.Tensor, W: torch.Tensor, pre: torch.Tens
     return aux_cfg.coef * total, logs
 
 
-def compute_loss(cc: Crosscoder, x: torch.Tensor, dead: torch.Tensor | None = None) -> StepResult:
-    """Loss of one normalised batch [N, 2, d]; ``dead`` (bool [D]) enables AuxK on those features."""
+class FeatureSplit(Protocol):
+    """How a dictionary split over ranks by feature takes part in the loss (``guardrail.training.sharded``)."""
+
+    partition: Partition  # the whole dictionary's, for the penalties' denominators
+
+    def select(self, cc: Crosscoder, pre: torch.Tensor) -> Codes: ...  # this rank's share of the whole dictionary's top-k
+
+    def total(self, t: torch.Tensor) -> torch.Tensor: ...  # sum over ranks; the gradient passes through unchanged
+
+
+def compute_loss(cc: Crosscoder, x: torch.Tensor, dead: torch.Tensor | None = None, shard: FeatureSplit | None = None) -> StepResult:
+    """Loss of one normalised batch [N, 2, d]; ``dead`` (bool [D]) enables AuxK on those features.
+
+    With ``shard``, ``cc`` holds one rank's slice of the features: the top-k is merged over
+    ranks, and the partial reconstructions and partition sums are added up over them, so
+    every rank computes the whole dictionary's loss.
+    """
     cfg = cc.config
     n, D = x.shape[0], cc.dict_size
     xf = x.reshape(n, -1)
@@ -107,9 +123,10 @@ def compute_loss(cc: Crosscoder, x: torch.Tensor, dead: torch.Tensor | None = No
         extra = cfg.l1_coef * l1_weighted
         terms: dict[str, float] = {"l1_weighted": float(l1_weighted.detach())}
     else:
-        codes = cc.select(pre, batch_rule=True)
+        codes = cc.select(pre, batch_rule=True) if shard is None else shard.select(cc, pre)
         vals = F.relu(select_linear(xf, W, cc.b_enc, pre, codes))
-        x_hat = sparse_decode(vals, Wd, codes) + cc.b_dec.reshape(-1)
+        partial = sparse_decode(vals, Wd, codes)
+        x_hat = (partial if shard is None else shard.total(partial)) + cc.b_dec.reshape(-1)
         with serial():
             sums = _partition_sums(cc, codes, vals, labels)
             active = vals.detach() > 0
@@ -118,10 +135,12 @@ def compute_loss(cc: Crosscoder, x: torch.Tensor, dead: torch.Tensor | None = No
             l0_part = torch.zeros(3, device=x.device).index_add(0, labels[codes.cols], active.float()) / n
             if active.any():
                 min_active = float(vals.detach()[active].min())
+        if shard is not None:
+            sums, l0_rows, l0_part = shard.total(sums), shard.total(l0_rows), shard.total(l0_part)
         extra = x_hat.new_zeros(())
         terms = {}
     mse = F.mse_loss(x_hat, xf)
-    pen, pen_terms = _penalty(cc, sums, n)
+    pen, pen_terms = _penalty(cfg, shard.partition if shard is not None else cc.partition, sums, n)
     loss = mse + pen + extra
     terms.update(pen_terms)
     if dead is not None and cfg.aux_k.enabled and cfg.aux_k.coef > 0 and bool(dead.any()) and cfg.sparsity != "l1":

@@ -81,10 +81,11 @@ def _save(folder: Path, step: int, cc: Crosscoder, opt: torch.optim.Optimizer, c
     save_checkpoint(folder, step, tensors, _checkpoint_meta(cfg, tc, td, state, groups))
 
 
-def _resume(folder: Path, cc: Crosscoder, opt: torch.optim.Optimizer, cfg, tc, td, state: _State) -> int:
+def read_checkpoint(folder: Path, cfg: CrosscoderConfig, tc: TrainingConfig, td: TrainingData) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    """The newest checkpoint in ``folder`` if it belongs to this run (config, settings, data), None if there is none."""
     found = load_latest(folder)
     if found is None:
-        return 0
+        return None
     tensors, meta = found
     mismatches = [
         name
@@ -100,12 +101,22 @@ def _resume(folder: Path, cc: Crosscoder, opt: torch.optim.Optimizer, cfg, tc, t
             f"{folder} holds a checkpoint of a different run ({', '.join(mismatches)} differ); "
             "use another output folder or pass resume=False to start over"
         )
+    return tensors, meta
+
+
+def load_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any], cc: Crosscoder, opt: torch.optim.Optimizer, state: _State) -> int:
+    """Put a checkpoint's weights, Adam state and trainer state in place; returns its step."""
     cc.load_state_dict({k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")})
     load_optimizer(opt, tensors, meta["param_groups"])
     state.steps_since_fired = tensors["state.steps_since_fired"].clone()
     state.threshold_set = bool(meta["threshold_set"])
     state.history = list(meta["history"])
     return int(meta["step"])
+
+
+def _resume(folder: Path, cc: Crosscoder, opt: torch.optim.Optimizer, cfg, tc, td, state: _State) -> int:
+    found = read_checkpoint(folder, cfg, tc, td)
+    return 0 if found is None else load_state(*found, cc, opt, state)
 
 
 def _update_threshold(cc: Crosscoder, min_active: float | None, state: _State) -> None:
@@ -159,7 +170,10 @@ class Trainer:
         self.state = _State(cc.dict_size)
         self.state.steps_since_fired = self.state.steps_since_fired.to(comm.device)
         self.params = list(cc.parameters())
-        self.objective = comm.wrap(_Objective(cc))
+        self.objective = self._make_objective()
+
+    def _make_objective(self) -> Callable[[torch.Tensor, torch.Tensor | None], StepResult]:
+        return self.comm.wrap(_Objective(self.cc))
 
     @property
     def dead(self) -> torch.Tensor:
@@ -187,13 +201,29 @@ class Trainer:
         cc, comm = self.cc, self.comm
         cc.mask_gradients()
         if self.tc.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(self.params, self.tc.grad_clip)
+            self._clip(self.tc.grad_clip)
         self.opt.step()
         cc.apply_masks()
-        fired = comm.any(res.fired)
+        fired = self._fired_anywhere(res.fired)
         self.state.steps_since_fired = torch.where(fired, 0, self.state.steps_since_fired + 1)
         min_active = comm.min(res.min_active) if cc.config.sparsity == "batchtopk" else None
         _update_threshold(cc, min_active, self.state)
+
+    def _clip(self, max_norm: float) -> None:
+        torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+
+    def _fired_anywhere(self, fired: torch.Tensor) -> torch.Tensor:
+        """Features that fired on any rank's rows: every rank then counts the same dead features."""
+        return self.comm.any(fired)
+
+    def result(self) -> tuple[Crosscoder, _State]:
+        """The whole trained dictionary on the CPU, and its trainer state (dead-feature window, log)."""
+        self.state.steps_since_fired = self.state.steps_since_fired.cpu()
+        return self.cc.cpu(), self.state
+
+    def provenance(self) -> dict[str, Any]:
+        """What the manifest's ``training`` record adds about how the run was spread over processes."""
+        return {"world_size": self.comm.world_size} if self.comm.distributed else {}
 
     def after_step(self, done: int, res: StepResult, ck_dir: Path | None, callback: StepCallback | None) -> dict[str, Any] | None:
         """Bookkeeping after ``done`` steps: log row, callback, periodic checkpoint; returns the log row if one was written."""
@@ -236,8 +266,13 @@ class Trainer:
             bar.close()
 
 
-def build_trainer(data: Any, config: CrosscoderConfig, training: TrainingConfig, mean=None, std=None, comm: Comm = LOCAL) -> Trainer:
-    """A fresh crosscoder (seeded init, data normalisation stats set) and its optimisation state."""
+def build_trainer(data: Any, config: CrosscoderConfig, training: TrainingConfig, mean=None, std=None, comm: Comm = LOCAL,
+                  shard_features: bool = False) -> Trainer:
+    """A fresh crosscoder (seeded init, data normalisation stats set) and its optimisation state.
+
+    ``shard_features`` over several ranks splits the dictionary's features between them
+    (:mod:`guardrail.training.sharded`) instead of the batch.
+    """
     if training.threads:
         torch.set_num_threads(training.threads)
     td = prepare_data(data, mean, std, training.max_norm_ratio)
@@ -246,6 +281,10 @@ def build_trainer(data: Any, config: CrosscoderConfig, training: TrainingConfig,
     cfg = config.with_d_model(td.d_model)
     cc = Crosscoder(cfg, seed=training.seed)
     cc.set_normalization(td.mean, td.std)
+    if shard_features and comm.distributed:
+        from guardrail.training.sharded import ShardedTrainer
+
+        return ShardedTrainer(cc, td, training, comm)
     return Trainer(cc, td, training, comm)
 
 
@@ -265,6 +304,7 @@ def train(
     callback: StepCallback | None = None,
     manifest_fields: dict[str, Any] | None = None,
     distributed: bool | None = None,
+    shard_features: bool = False,
 ) -> Crosscoder:
     """Train ``config`` on ``data`` (ActivationCache, its folder, PairedActivations or [N, 2, d]).
 
@@ -275,13 +315,15 @@ def train(
     Launched as several ranks (``torchrun``, detected from the environment; ``distributed``
     False forces one process, True requires a launch) the run is data-parallel over the
     ranks (:mod:`guardrail.training.distributed`): the global ``batch_size`` is split
-    between them, and rank 0 alone writes checkpoints and the artifact.
+    between them, and rank 0 alone writes checkpoints and the artifact. ``shard_features``
+    splits the dictionary's features between the ranks instead, for a dictionary too large
+    for one device (:mod:`guardrail.training.sharded`: joint top-k, no AuxK).
     """
     tc = _resolve_training(training, steps=steps, batch_size=batch_size, lr=lr, seed=seed)
     comm = setup(distributed)
     failed = True
     try:
-        trainer = build_trainer(data, config, tc, mean, std, comm)
+        trainer = build_trainer(data, config, tc, mean, std, comm, shard_features)
         out_dir = Path(out) if out is not None else None
         ck_dir = out_dir / CHECKPOINT_DIR if out_dir is not None else None
         start = trainer.resume(ck_dir) if (ck_dir is not None and resume) else 0
@@ -293,36 +335,35 @@ def train(
         comm.close(barrier=not failed)
 
 
-def final_metrics(trainer: Trainer) -> dict[str, Any]:
+def final_metrics(trainer: Trainer, cc: Crosscoder, state: _State) -> dict[str, Any]:
     """Held-out metrics of a finished run plus the trainer's own dead-feature window and last log row."""
-    cc, td = trainer.cc, trainer.td
+    td = trainer.td
     metrics = evaluate(cc, td.x[trainer.eval_rows])
-    metrics["train_dead_fraction"] = dead_by_partition(cc, trainer.dead.cpu())
+    metrics["train_dead_fraction"] = dead_by_partition(cc, state.steps_since_fired >= cc.config.aux_k.dead_steps)
     held_out = len(trainer.eval_rows) + len(trainer.train_rows) == td.x.shape[0]
     metrics["eval_rows"] = "held out" if held_out else "sample of training rows"
-    if trainer.state.history:
-        metrics["final_step"] = trainer.state.history[-1]
+    if state.history:
+        metrics["final_step"] = state.history[-1]
     return metrics
 
 
 def finish(trainer: Trainer, out_dir: Path | None, manifest_fields: dict[str, Any]) -> Crosscoder:
     """The trained crosscoder (on the CPU, metrics at ``cc.metrics``); rank 0 evaluates it and writes the artifact."""
     comm = trainer.comm
-    cc = trainer.cc.cpu()
-    trainer.state.steps_since_fired = trainer.state.steps_since_fired.cpu()
-    cc.metrics = comm.broadcast(final_metrics(trainer) if comm.is_main else None)
+    cc, state = trainer.result()
+    cc.metrics = comm.broadcast(final_metrics(trainer, cc, state) if comm.is_main else None)
     if out_dir is not None and comm.is_main:
-        _finish(out_dir, cc, trainer.tc, trainer.td, trainer.state, cc.metrics, manifest_fields, comm.world_size)
+        _finish(out_dir, cc, trainer.tc, trainer.td, state, cc.metrics, manifest_fields, trainer.provenance())
     comm.barrier()
     return cc.eval()
 
 
-def _finish(out_dir: Path, cc: Crosscoder, tc: TrainingConfig, td: TrainingData, state: _State, metrics: dict, extra: dict, world_size: int = 1) -> None:
+def _finish(out_dir: Path, cc: Crosscoder, tc: TrainingConfig, td: TrainingData, state: _State, metrics: dict, extra: dict, provenance: dict) -> None:
     fields: dict[str, Any] = {k: td.meta[k] for k in ("model_a", "model_b", "layer", "positions") if k in td.meta}
     training = tc.model_dump(mode="json") | ({"outlier_rows_dropped": td.meta["outlier_rows_dropped"]} if "outlier_rows_dropped" in td.meta else {})
     fields.update(
         training_data_hash=td.data_hash,
-        training=training | ({"world_size": world_size} if world_size > 1 else {}),
+        training=training | provenance,
         metrics=metrics,
         normalization_source=td.stats_source,
     )
