@@ -223,3 +223,32 @@ def test_feature_sharding_names_what_it_does_not_support():
     with pytest.raises(ValueError, match="batchtopk.*divide by the world size 3"):
         check_shardable(DFCConfig(dict_size=64, k=6, sparsity="batchtopk", aux_k={"enabled": False}), 3)
     check_shardable(SHARD_CFG, 2)
+
+
+SWEEP_GRID = ("name: t\ntraining: {steps: 8, batch_size: 32, lr: 1.0e-3, checkpoint_every: 4}\n"
+              "groups:\n  - name: dfc\n    grid: {dict_size: [64], k: [4, 6], exclusive: [0.1]}\n  - name: cc\n    grid: {dict_size: [48], k: [4]}\n")
+
+
+def _sweep_worker(rank: int, grid: str, out: str) -> None:
+    from guardrail.training.sweep import run_sweep
+
+    if rank:
+        _forbid_writes()
+    rows = run_sweep(grid, _data(300), out, progress=False)
+    assert [r["status"] for r in rows] == ["trained"] * 3  # every rank returns the summary
+
+
+def test_a_one_pass_sweep_on_two_ranks_trains_what_one_process_trains(tmp_path):
+    from guardrail.training.sweep import run_sweep
+
+    grid = tmp_path / "g.yaml"
+    grid.write_text(SWEEP_GRID)
+    _spawn(_sweep_worker, str(grid), str(tmp_path / "two"))
+    rows = run_sweep(grid, _data(300), tmp_path / "one", progress=False)
+    summary = json.loads((tmp_path / "two" / "sweep.json").read_text())
+    assert [r["name"] for r in summary["runs"]] == [r["name"] for r in rows]
+    for r in rows:
+        one, two = load_artifact(r["artifact"]), load_artifact(tmp_path / "two" / r["name"])
+        assert two.manifest.training["world_size"] == 2
+        for name, t in one.state_dict().items():
+            assert torch.allclose(t, two.state_dict()[name], rtol=0, atol=ATOL), (r["name"], name)

@@ -28,6 +28,7 @@ from guardrail.dictionary.config import CrosscoderConfig
 from guardrail.dictionary.partition import Partition
 from guardrail.training.config import TrainingConfig
 from guardrail.training.data import prepare_data
+from guardrail.training.distributed import setup
 from guardrail.training.multi import Job, train_many
 from guardrail.training.trainer import train
 
@@ -169,6 +170,8 @@ def run_sweep(
     By default the unfinished runs train together in one pass over the data
     (:mod:`guardrail.training.multi`: the same dictionaries as one by one, in less time);
     ``one_pass=False`` trains them one after the other; ``per_pass`` caps how many share a pass.
+    Under a distributed launch every run trains data-parallel over the ranks, and rank 0
+    writes the artifacts and ``sweep.json``.
     """
     grid = grid if isinstance(grid, Grid) else load_grid(grid)
     specs = expand_grid(grid)
@@ -176,13 +179,24 @@ def run_sweep(
         specs = [s for s in specs if any(o in s.name for o in only)]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    prepared = prepare_data(data)
+    comm = setup()  # one process group for the whole sweep under a launcher; every run joins it
+    failed = True
+    try:
+        rows = _train_pending(grid, specs, prepare_data(data), out, overrides, progress and comm.is_main, one_pass, per_pass, comm.is_main)
+        failed = False
+        return rows
+    finally:
+        comm.close(barrier=not failed)
+
+
+def _train_pending(grid: Grid, specs: list[RunSpec], prepared: Any, out: Path, overrides: dict[str, Any] | None, progress: bool,
+                   one_pass: bool, per_pass: int | None, writes: bool) -> list[dict[str, Any]]:
     status = {s.name: "skipped (artifact exists)" for s in specs if _finished(out / s.name)}
     jobs = [_job(grid, spec, out, overrides, progress) for spec in specs if spec.name not in status]
 
     def record(job: Job, _cc: Any = None) -> None:
         status[job.name] = "trained"
-        _write_summary(grid, specs, out, status)
+        _write_summary(grid, specs, out, status, writes)
 
     if jobs and one_pass:
         if progress:
@@ -194,13 +208,14 @@ def run_sweep(
                 print(f"[{i}/{len(jobs)}] {job.name}", flush=True)
             train(prepared, job.config, job.out, training=job.training, manifest_fields=job.manifest_fields)
             record(job)
-    return _write_summary(grid, specs, out, status)
+    return _write_summary(grid, specs, out, status, writes)
 
 
-def _write_summary(grid: Grid, specs: list[RunSpec], out: Path, status: dict[str, str]) -> list[dict[str, Any]]:
-    """``sweep.json``: one row per run finished so far (trained or skipped), in grid order."""
+def _write_summary(grid: Grid, specs: list[RunSpec], out: Path, status: dict[str, str], writes: bool = True) -> list[dict[str, Any]]:
+    """``sweep.json`` (written by rank 0 of a launch): one row per run finished so far (trained or skipped), in grid order."""
     rows = [_summary_row(s, out / s.name, read_manifest(out / s.name), status[s.name]) for s in specs if s.name in status]
-    (out / SUMMARY_FILE).write_text(json.dumps({"grid": grid.name, "runs": rows}, indent=1))
+    if writes:
+        (out / SUMMARY_FILE).write_text(json.dumps({"grid": grid.name, "runs": rows}, indent=1))
     return rows
 
 
