@@ -128,6 +128,19 @@ def test_every_rank_holds_the_same_dictionary_and_state(two_ranks):
     assert float(r0["state.threshold"].max()) > 0 and int(r0["state.steps_since_fired"].max()) >= 2  # both really moved
 
 
+def test_batchtopk_and_auxk_on_two_ranks_follow_the_whole_batch(two_ranks):
+    """BatchTopK's cutoff and AuxK's normaliser are taken over every rank's rows: the run is one process's, to rounding."""
+    from guardrail.training.trainer import build_trainer
+
+    tr = build_trainer(_data(), STATE_CFG, TC.model_copy(update={"steps": 12}))
+    tr.run(0, None, None)
+    two = load_file(str(two_ranks / "rank0.safetensors"))
+    for name, t in tr.cc.state_dict().items():
+        assert torch.allclose(t, two[f"state.{name}"], rtol=0, atol=ATOL), name
+    assert torch.equal(tr.state.steps_since_fired, two["state.steps_since_fired"])
+    assert tr.state.history[-1]["aux"] > 0  # AuxK was at work
+
+
 def test_a_stopped_two_rank_run_resumes_to_the_uninterrupted_one(two_ranks, tmp_path):
     out = tmp_path / "stopped"
     _spawn(_train_worker, str(out), str(tmp_path), 13)

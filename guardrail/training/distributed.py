@@ -104,6 +104,22 @@ class Comm:
         v = float(t)
         return None if v == float("inf") else v
 
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` summed over ranks (a new tensor; no gradient flows through it)."""
+        if not self.distributed:
+            return t
+        out = t.detach().clone()
+        dist.all_reduce(out)
+        return out
+
+    def cat(self, t: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``t`` (same shape everywhere) concatenated along dim 0, in rank order."""
+        if not self.distributed:
+            return t
+        parts = [torch.empty_like(t) for _ in range(self.world_size)]
+        dist.all_gather(parts, t.detach().contiguous())
+        return torch.cat(parts)
+
     def mean_terms(self, terms: dict[str, float]) -> dict[str, float]:
         """Loss terms averaged over ranks, for the log (a term missing on a rank is averaged over the others)."""
         if not self.distributed:

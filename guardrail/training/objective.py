@@ -53,8 +53,23 @@ def _model_cols(part_name: str, d: int) -> slice:
     return slice(models[0] * d, (models[-1] + 1) * d)
 
 
-def auxk_loss(cc: Crosscoder, xf: torch.Tensor, W: torch.Tensor, pre: torch.Tensor, err: torch.Tensor, dead: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-    """AuxK: the top ``k_aux`` dead features (per partition) reconstruct the detached residual error."""
+def _spread(e: torch.Tensor, rows: RowSplit | None) -> torch.Tensor:
+    """Sum of squared deviations of ``e`` from its column means, over the whole batch (every rank's rows)."""
+    if rows is None:
+        return (e - e.mean(0)).pow(2).sum()
+    e64 = e.double()
+    n = rows.sum(e64.new_tensor(float(e.shape[0])))
+    return (rows.sum(e64.pow(2).sum()) - rows.sum(e64.sum(0)).pow(2).sum() / n).to(e.dtype)
+
+
+def auxk_loss(cc: Crosscoder, xf: torch.Tensor, W: torch.Tensor, pre: torch.Tensor, err: torch.Tensor, dead: torch.Tensor,
+              rows: RowSplit | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """AuxK: the top ``k_aux`` dead features (per partition) reconstruct the detached residual error.
+
+    The error is normalised by its spread over the whole batch; on a rank of a split batch
+    the term is scaled by the world size, so that the gradient average DDP takes is the
+    whole batch's gradient.
+    """
     aux_cfg, d = cc.config.aux_k, cc.d_model
     k_aux = aux_cfg.resolved_k_aux(d)
     Wd = cc.W_dec.reshape(cc.dict_size, -1)
@@ -76,10 +91,10 @@ def auxk_loss(cc: Crosscoder, xf: torch.Tensor, W: torch.Tensor, pre: torch.Tens
         e_hat = sparse_decode(vals, Wd, codes)
         cols = _model_cols(name, d) if name != "all" else slice(None)
         e = err[:, cols]
-        denom = (e - e.mean(0)).pow(2).sum()
+        denom = _spread(e, rows)
         if float(denom) <= 0:
             continue
-        part_loss = (e_hat[:, cols] - e).pow(2).sum() / denom
+        part_loss = (e_hat[:, cols] - e).pow(2).sum() / denom * (rows.world_size if rows is not None else 1)
         total = total + part_loss
         logs[f"aux_{name}"] = float(part_loss.detach())
     return aux_cfg.coef * total, logs
@@ -95,12 +110,42 @@ class FeatureSplit(Protocol):
     def total(self, t: torch.Tensor) -> torch.Tensor: ...  # sum over ranks; the gradient passes through unchanged
 
 
-def compute_loss(cc: Crosscoder, x: torch.Tensor, dead: torch.Tensor | None = None, shard: FeatureSplit | None = None) -> StepResult:
+class RowSplit(Protocol):
+    """How a batch split over ranks by rows takes part in the loss (``guardrail.training.distributed.Comm``)."""
+
+    world_size: int
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor: ...  # sum over ranks (no gradient)
+
+    def cat(self, t: torch.Tensor) -> torch.Tensor: ...  # every rank's ``t`` concatenated along dim 0
+
+
+def _batchtopk_over_ranks(cc: Crosscoder, pre: torch.Tensor, rows: RowSplit) -> Codes:
+    """BatchTopK's training rule on the whole batch: the cutoff is the (k x all rows)-th value over every rank's rows."""
+    n_sel = min(int(cc.config.k or 0) * pre.shape[0], pre.numel()) * rows.world_size
+    mine = pre.flatten().topk(min(n_sel, pre.numel()), sorted=False).values
+    cutoff = rows.cat(mine).topk(n_sel, sorted=False).values.min()
+    return Codes.from_mask((pre >= cutoff) & (pre > 0))
+
+
+def _select(cc: Crosscoder, pre: torch.Tensor, shard: FeatureSplit | None, rows: RowSplit | None) -> Codes:
+    if shard is not None:
+        return shard.select(cc, pre)
+    if rows is not None and cc.config.sparsity == "batchtopk":
+        return _batchtopk_over_ranks(cc, pre, rows)
+    return cc.select(pre, batch_rule=True)
+
+
+def compute_loss(cc: Crosscoder, x: torch.Tensor, dead: torch.Tensor | None = None, shard: FeatureSplit | None = None,
+                 rows: RowSplit | None = None) -> StepResult:
     """Loss of one normalised batch [N, 2, d]; ``dead`` (bool [D]) enables AuxK on those features.
 
     With ``shard``, ``cc`` holds one rank's slice of the features: the top-k is merged over
     ranks, and the partial reconstructions and partition sums are added up over them, so
-    every rank computes the whole dictionary's loss.
+    every rank computes the whole dictionary's loss. With ``rows``, ``x`` is one rank's
+    slice of the batch: the terms that are not means over rows (BatchTopK's cutoff, AuxK's
+    normaliser) are taken over the whole batch, so the gradients DDP averages are the
+    whole batch's.
     """
     cfg = cc.config
     n, D = x.shape[0], cc.dict_size
@@ -123,7 +168,7 @@ def compute_loss(cc: Crosscoder, x: torch.Tensor, dead: torch.Tensor | None = No
         extra = cfg.l1_coef * l1_weighted
         terms: dict[str, float] = {"l1_weighted": float(l1_weighted.detach())}
     else:
-        codes = cc.select(pre, batch_rule=True) if shard is None else shard.select(cc, pre)
+        codes = _select(cc, pre, shard, rows)
         vals = F.relu(select_linear(xf, W, cc.b_enc, pre, codes))
         partial = sparse_decode(vals, Wd, codes)
         x_hat = (partial if shard is None else shard.total(partial)) + cc.b_dec.reshape(-1)
@@ -144,7 +189,7 @@ def compute_loss(cc: Crosscoder, x: torch.Tensor, dead: torch.Tensor | None = No
     loss = mse + pen + extra
     terms.update(pen_terms)
     if dead is not None and cfg.aux_k.enabled and cfg.aux_k.coef > 0 and bool(dead.any()) and cfg.sparsity != "l1":
-        aux, aux_terms = auxk_loss(cc, xf, W, pre, (xf - x_hat).detach(), dead)
+        aux, aux_terms = auxk_loss(cc, xf, W, pre, (xf - x_hat).detach(), dead, rows)
         loss = loss + aux
         terms.update(aux_terms)
         terms["aux"] = float(aux.detach())

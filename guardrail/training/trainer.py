@@ -145,12 +145,12 @@ def gather_batch(td: TrainingData, order: BatchOrder, comm: Comm, step: int) -> 
 class _Objective(nn.Module):
     """The loss as a module's forward, so that DistributedDataParallel can wrap it (it syncs what a forward used)."""
 
-    def __init__(self, cc: Crosscoder) -> None:
+    def __init__(self, cc: Crosscoder, rows: Comm | None) -> None:
         super().__init__()
-        self.cc = cc
+        self.cc, self.rows = cc, rows
 
     def forward(self, x: torch.Tensor, dead: torch.Tensor | None) -> StepResult:
-        return compute_loss(self.cc, x, dead)
+        return compute_loss(self.cc, x, dead, rows=self.rows)
 
 
 class Trainer:
@@ -173,7 +173,7 @@ class Trainer:
         self.objective = self._make_objective()
 
     def _make_objective(self) -> Callable[[torch.Tensor, torch.Tensor | None], StepResult]:
-        return self.comm.wrap(_Objective(self.cc))
+        return self.comm.wrap(_Objective(self.cc, self.comm if self.comm.distributed else None))
 
     @property
     def dead(self) -> torch.Tensor:
