@@ -6,6 +6,7 @@ through ``torchrun`` and the CLI, as a user launches it.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import socket
@@ -53,6 +54,7 @@ def _entry(rank: int, world: int, port: int, fn, args: tuple) -> None:
     try:
         fn(rank, *args)
     finally:
+        gc.collect()  # free the ranks' DDP reducers before their group goes
         dist.destroy_process_group()
 
 

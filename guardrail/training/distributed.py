@@ -14,6 +14,7 @@ and left open; one created here is closed by :meth:`Comm.close`.
 
 from __future__ import annotations
 
+import gc
 import inspect
 import os
 from dataclasses import dataclass, field
@@ -147,6 +148,8 @@ class Comm:
         if self.owns_group and dist.is_initialized():
             if barrier:
                 dist.barrier()
+            # A DDP reducer freed after its group is destroyed can wait forever on a peer that has exited (seen with gloo).
+            gc.collect()
             dist.destroy_process_group()
             self.owns_group = False
 

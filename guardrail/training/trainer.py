@@ -321,7 +321,7 @@ def train(
     """
     tc = _resolve_training(training, steps=steps, batch_size=batch_size, lr=lr, seed=seed)
     comm = setup(distributed)
-    failed = True
+    failed, trainer = True, None
     try:
         trainer = build_trainer(data, config, tc, mean, std, comm, shard_features)
         out_dir = Path(out) if out is not None else None
@@ -332,6 +332,7 @@ def train(
         failed = False
         return cc
     finally:
+        del trainer  # its DDP holds the process group, which close() may destroy
         comm.close(barrier=not failed)
 
 
