@@ -47,7 +47,7 @@ def train_cmd(
     single_process: bool = typer.Option(False, "--single-process", help="Train in this process even when launched by torchrun."),
     shard_features: bool = typer.Option(
         False, "--shard-features", help="Under torchrun: split the dictionary's features between the ranks (a dictionary too large for one "
-                                        "device; joint top-k, needs --no-aux-k) instead of each batch."),
+                                        "device; joint top-k only) instead of each batch."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
     """Train a DFC (default) or standard crosscoder on a paired activation cache.

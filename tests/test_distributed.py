@@ -200,8 +200,9 @@ def test_torchrun_guardrail_train_matches_a_single_process(tmp_path):
         assert torch.allclose(t, two.state_dict()[name], rtol=0, atol=ATOL), name
 
 
-# The feature-sharded mode merges top-k over ranks and supports neither AuxK nor BatchTopK (yet).
-SHARD_CFG = DFCConfig(dict_size=64, k=6, exclusive=0.1, lambda_shared=1e-3, lambda_excl=1e-3, aux_k={"enabled": False})
+# The feature-sharded mode merges the top-k (and AuxK's top dead features) over ranks; rank 1's
+# half of 512 features is all shared, so it takes part in the exclusive partitions' AuxK with none.
+SHARD_CFG = DFCConfig(dict_size=512, k=4, exclusive=0.1, lambda_shared=1e-3, lambda_excl=1e-3, aux_k={"dead_steps": 2})
 
 
 def _sharded_worker(rank: int, out: str) -> None:
@@ -217,15 +218,17 @@ def _sharded_worker(rank: int, out: str) -> None:
         _forbid_writes()
     with pytest.raises(Stop):
         train(_data(), SHARD_CFG, out, training=TC, shard_features=True, callback=stop)
-    assert held == {32}  # each rank held half of the features
+    assert held == {256}  # each rank held half of the features
     train(_data(), SHARD_CFG, out, training=TC, shard_features=True)
 
 
 def test_features_split_over_two_ranks_train_what_one_process_trains(tmp_path):
-    """Each rank holds 32 of 64 features; top-k merged over ranks; stopped at 13 and resumed from the step-10 checkpoint."""
+    """Each rank holds 256 of 512 features; top-k merged over ranks; stopped at 13 and resumed from the step-10 checkpoint."""
     _spawn(_sharded_worker, str(tmp_path / "sharded"))
     one, two = train(_data(), SHARD_CFG, tmp_path / "one", training=TC), load_artifact(tmp_path / "sharded")
-    assert two.dict_size == 64 and two.manifest.training["feature_shards"] == 2 and two.partition_violation() == 0.0
+    assert two.dict_size == 512 and two.manifest.training["feature_shards"] == 2 and two.partition_violation() == 0.0
+    aux = one.metrics["final_step"]["aux"]
+    assert aux > 0 and abs(two.manifest.metrics["final_step"]["aux"] - aux) < 1e-5  # AuxK was at work, and the same
     for name, t in one.state_dict().items():
         assert torch.allclose(t, two.state_dict()[name], rtol=0, atol=ATOL), name
 
@@ -233,10 +236,10 @@ def test_features_split_over_two_ranks_train_what_one_process_trains(tmp_path):
 def test_feature_sharding_names_what_it_does_not_support():
     from guardrail.training.sharded import check_shardable
 
-    with pytest.raises(ValueError, match="AuxK"):
-        check_shardable(CFG, 2)
+    with pytest.raises(ValueError, match="k_exclusive"):
+        check_shardable(DFCConfig(dict_size=64, k=6, k_exclusive=1), 2)
     with pytest.raises(ValueError, match="batchtopk.*divide by the world size 3"):
-        check_shardable(DFCConfig(dict_size=64, k=6, sparsity="batchtopk", aux_k={"enabled": False}), 3)
+        check_shardable(DFCConfig(dict_size=64, k=6, sparsity="batchtopk"), 3)
     check_shardable(SHARD_CFG, 2)
 
 

@@ -63,12 +63,13 @@ def _spread(e: torch.Tensor, rows: RowSplit | None) -> torch.Tensor:
 
 
 def auxk_loss(cc: Crosscoder, xf: torch.Tensor, W: torch.Tensor, pre: torch.Tensor, err: torch.Tensor, dead: torch.Tensor,
-              rows: RowSplit | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+              rows: RowSplit | None = None, shard: FeatureSplit | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """AuxK: the top ``k_aux`` dead features (per partition) reconstruct the detached residual error.
 
     The error is normalised by its spread over the whole batch; on a rank of a split batch
     the term is scaled by the world size, so that the gradient average DDP takes is the
-    whole batch's gradient.
+    whole batch's gradient. On a rank holding a slice of the features the dead features are
+    counted and chosen over every rank's slice, and their partial reconstructions summed.
     """
     aux_cfg, d = cc.config.aux_k, cc.d_model
     k_aux = aux_cfg.resolved_k_aux(d)
@@ -76,19 +77,20 @@ def auxk_loss(cc: Crosscoder, xf: torch.Tensor, W: torch.Tensor, pre: torch.Tens
     groups = [(name, cc.partition.range(name)) for name in PARTITION_NAMES] if aux_cfg.per_partition else [("all", range(cc.dict_size))]
     total = xf.new_zeros(())
     logs: dict[str, float] = {}
-    for name, r in groups:
-        if len(r) == 0:
-            continue
+    for name, r in groups:  # on a feature slice r may be empty here and not on another rank: every rank goes through every group
         dead_r = dead[r.start : r.stop]
-        n_dead = int(dead_r.sum())
+        n_dead = int(dead_r.sum()) if shard is None else int(shard.total(dead_r.sum().float()))
         if n_dead == 0:
             continue
         kk = min(k_aux, n_dead)
         cand = pre[:, r.start : r.stop].masked_fill(~dead_r, float("-inf"))
-        idx = cand.topk(kk, dim=-1, sorted=False).indices + r.start
-        codes = Codes.from_topk(idx, cc.dict_size)
+        if shard is None:
+            codes = Codes.from_topk(cand.topk(kk, dim=-1, sorted=False).indices + r.start, cc.dict_size)
+        else:
+            codes = shard.top(cand, r.start, kk)
         vals = F.relu(select_linear(xf, W, cc.b_enc, pre, codes))
         e_hat = sparse_decode(vals, Wd, codes)
+        e_hat = e_hat if shard is None else shard.total(e_hat)
         cols = _model_cols(name, d) if name != "all" else slice(None)
         e = err[:, cols]
         denom = _spread(e, rows)
@@ -106,6 +108,8 @@ class FeatureSplit(Protocol):
     partition: Partition  # the whole dictionary's, for the penalties' denominators
 
     def select(self, cc: Crosscoder, pre: torch.Tensor) -> Codes: ...  # this rank's share of the whole dictionary's top-k
+
+    def top(self, cand: torch.Tensor, offset: int, k: int) -> Codes: ...  # the same for columns [offset, ...) of this slice
 
     def total(self, t: torch.Tensor) -> torch.Tensor: ...  # sum over ranks; the gradient passes through unchanged
 
@@ -188,8 +192,9 @@ def compute_loss(cc: Crosscoder, x: torch.Tensor, dead: torch.Tensor | None = No
     pen, pen_terms = _penalty(cfg, shard.partition if shard is not None else cc.partition, sums, n)
     loss = mse + pen + extra
     terms.update(pen_terms)
-    if dead is not None and cfg.aux_k.enabled and cfg.aux_k.coef > 0 and bool(dead.any()) and cfg.sparsity != "l1":
-        aux, aux_terms = auxk_loss(cc, xf, W, pre, (xf - x_hat).detach(), dead, rows)
+    any_dead = dead is not None and (bool(dead.any()) if shard is None else float(shard.total(dead.any().float())) > 0)
+    if any_dead and cfg.aux_k.enabled and cfg.aux_k.coef > 0 and cfg.sparsity != "l1":
+        aux, aux_terms = auxk_loss(cc, xf, W, pre, (xf - x_hat).detach(), dead, rows, shard)
         loss = loss + aux
         terms.update(aux_terms)
         terms["aux"] = float(aux.detach())

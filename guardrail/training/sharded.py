@@ -18,8 +18,10 @@ Checkpoints and the artifact hold the whole dictionary in the format of an unsha
 Every rank takes part in gathering them; rank 0 writes them. Each rank resumes by slicing
 the whole checkpoint.
 
-Limits, checked at the start: the joint top-k only (not BatchTopK, L1 or the per-partition
-top-k), no AuxK revival, and ``dict_size`` must divide evenly by the world size. The
+AuxK revival works the same way: dead features are counted over every rank, and the top
+``k_aux`` of them are chosen across ranks. Limits, checked at the start: only the joint
+top-k (not BatchTopK, L1 or the per-partition top-k), and ``dict_size`` must divide evenly
+by the world size. The
 initialisation is drawn whole (then sliced), so that it equals a single process's.
 """
 
@@ -92,12 +94,27 @@ class FeatureShard:
 
     def select(self, cc: Crosscoder, pre: torch.Tensor) -> Codes:
         """This rank's part of the whole dictionary's per-row top-k."""
-        vals, idx = pre.topk(min(self.k, self.size), dim=-1, sorted=False)
-        all_vals, all_idx = self.gather(vals, 1), self.gather(idx + self.lo, 1)
-        chosen = all_idx.gather(1, all_vals.topk(self.k, dim=-1, sorted=False).indices)  # [N, k] feature ids
-        mine = (chosen >= self.lo) & (chosen < self.hi)
-        mask = torch.zeros_like(pre, dtype=torch.bool)
-        rows = torch.arange(pre.shape[0], device=pre.device).unsqueeze(1).expand_as(chosen)
+        return self.top(pre, 0, self.k)
+
+    def top(self, cand: torch.Tensor, offset: int, k: int) -> Codes:
+        """This rank's part of the per-row top-``k`` over every rank's ``cand`` (columns ``offset...`` of each slice).
+
+        Each rank offers its own best ``k`` (padded with -inf where its slice has fewer), so
+        the gathered candidates always hold the whole top-k.
+        """
+        n, width = cand.shape
+        vals, idx = cand.topk(min(k, width), dim=-1, sorted=False)
+        ids = idx + offset + self.lo
+        if vals.shape[1] < k:
+            pad = k - vals.shape[1]
+            vals = torch.cat([vals, vals.new_full((n, pad), float("-inf"))], dim=1)
+            ids = torch.cat([ids, ids.new_full((n, pad), -1)], dim=1)
+        all_vals, all_ids = self.gather(vals, 1), self.gather(ids, 1)
+        best = all_vals.topk(k, dim=-1, sorted=False)
+        chosen = all_ids.gather(1, best.indices)  # [N, k] feature ids of the whole dictionary
+        mine = (chosen >= self.lo) & (chosen < self.hi) & torch.isfinite(best.values)
+        mask = torch.zeros(n, self.size, dtype=torch.bool, device=cand.device)
+        rows = torch.arange(n, device=cand.device).unsqueeze(1).expand_as(chosen)
         mask[rows[mine], chosen[mine] - self.lo] = True
         return Codes.from_mask(mask)
 
@@ -119,8 +136,6 @@ def check_shardable(cfg: CrosscoderConfig, world_size: int) -> None:
     problems = []
     if cfg.sparsity != "topk" or cfg.k_exclusive is not None:
         problems.append(f"sparsity={cfg.sparsity!r}{' with k_exclusive' if cfg.k_exclusive is not None else ''} (only the joint top-k merges over ranks)")
-    if cfg.aux_k.enabled:
-        problems.append("AuxK revival (disable it: aux_k.enabled=False, guardrail train --no-aux-k)")
     if cfg.dict_size % world_size:
         problems.append(f"dict_size {cfg.dict_size} does not divide by the world size {world_size}")
     if problems:
@@ -146,7 +161,7 @@ class ShardedTrainer(Trainer):
         return {k: self.shard.piece(v, FEATURE_DIM[k]) if k in FEATURE_DIM else v.clone() for k, v in sd.items()}
 
     def _make_objective(self) -> Callable[[torch.Tensor, torch.Tensor | None], StepResult]:
-        return lambda x, dead: compute_loss(self.cc, x, None, self.shard)
+        return lambda x, dead: compute_loss(self.cc, x, dead, self.shard)
 
     def batch(self, step: int) -> torch.Tensor:
         return self.td.x[self.order.batch(step)].to(self.comm.device)  # every rank reads the whole batch

@@ -317,7 +317,7 @@ def train(
     ranks (:mod:`guardrail.training.distributed`): the global ``batch_size`` is split
     between them, and rank 0 alone writes checkpoints and the artifact. ``shard_features``
     splits the dictionary's features between the ranks instead, for a dictionary too large
-    for one device (:mod:`guardrail.training.sharded`: joint top-k, no AuxK).
+    for one device (:mod:`guardrail.training.sharded`: joint top-k only).
     """
     tc = _resolve_training(training, steps=steps, batch_size=batch_size, lr=lr, seed=seed)
     comm = setup(distributed)
