@@ -150,6 +150,8 @@ def _param_dims(cc: Crosscoder) -> list[int | None]:
 class ShardedTrainer(Trainer):
     """The trainer of one rank's feature slice: the same step, loss and bookkeeping, with the slice's collectives."""
 
+    splits_batch = False  # every rank reads every whole batch
+
     def __init__(self, whole: Crosscoder, td: TrainingData, tc: TrainingConfig, comm: Comm) -> None:
         self.whole_config = whole.config
         self.shard = FeatureShard.of(whole.config, comm)

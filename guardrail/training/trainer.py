@@ -161,8 +161,11 @@ class Trainer:
     so every rank holds the same dictionary after every step.
     """
 
+    splits_batch = True  # each rank steps on its slice of every batch
+
     def __init__(self, cc: Crosscoder, td: TrainingData, tc: TrainingConfig, comm: Comm = LOCAL) -> None:
-        comm.check_batch(tc.batch_size)
+        if self.splits_batch:
+            comm.check_batch(tc.batch_size)
         self.cc, self.td, self.tc, self.comm = cc.to(comm.device), td, tc, comm
         self.opt = _make_optimizer(cc, tc)
         self.train_rows, self.eval_rows = split_rows(td.x.shape[0], tc.eval_fraction, tc.eval_max_rows, tc.seed)
