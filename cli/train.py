@@ -44,15 +44,25 @@ def train_cmd(
                    "holds more than the last prompt token); default: keep every row."),
     config: Optional[Path] = typer.Option(None, help="JSON/YAML with CrosscoderConfig fields (overrides the flags)."),
     fresh: bool = typer.Option(False, "--fresh", help="Ignore an existing checkpoint in --out."),
+    single_process: bool = typer.Option(False, "--single-process", help="Train in this process even when launched by torchrun."),
+    shard_features: bool = typer.Option(
+        False, "--shard-features", help="Under torchrun: split the dictionary's features between the ranks (a dictionary too large for one "
+                                        "device; joint top-k only) instead of each batch."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
-    """Train a DFC (default) or standard crosscoder on a paired activation cache."""
+    """Train a DFC (default) or standard crosscoder on a paired activation cache.
+
+    Under torchrun (torchrun --nproc_per_node N guardrail train ...) the ranks train
+    data-parallel, each on its slice of every batch (or each on a slice of the features with
+    --shard-features); rank 0 writes the artifact to --out.
+    """
     import yaml
 
     from guardrail.activations import ActivationCache
     from guardrail.dictionary import AuxKConfig, CrosscoderConfig, Partition
     from guardrail.training import TrainingConfig, train
     from guardrail.training.config import auto_steps
+    from guardrail.training.distributed import is_main_process
 
     cache_obj = ActivationCache.open(cache)
     d_model = cache_obj.manifest.d_model
@@ -70,8 +80,9 @@ def train_cmd(
         typer.echo(f"training {steps} steps ({cache_obj.manifest.n_rows} rows, batch {batch_size})", err=True)
     tc = TrainingConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, seed=seed,
                         checkpoint_every=checkpoint_every, threads=threads, progress=not quiet, max_norm_ratio=max_norm_ratio)
-    cc = train(cache_obj, cfg, out, training=tc, resume=not fresh)
-    typer.echo(_summary(cc.metrics, out))
+    cc = train(cache_obj, cfg, out, training=tc, resume=not fresh, distributed=False if single_process else None, shard_features=shard_features)
+    if is_main_process():
+        typer.echo(_summary(cc.metrics, out))
 
 
 def _summary(m: dict, out: Path) -> str:
@@ -91,10 +102,16 @@ def sweep_cmd(
     only: Optional[list[str]] = typer.Option(None, "--only", help="Train only runs whose name contains this (repeatable)."),
     steps: Optional[int] = typer.Option(None, help="Override every run's steps (smoke tests)."),
     threads: Optional[int] = typer.Option(None, help="torch intra-op threads per run (default: torch's choice)."),
+    one_by_one: bool = typer.Option(False, "--one-by-one", help="Train the runs one after the other instead of together in one pass over the data."),
+    per_pass: Optional[int] = typer.Option(None, help="At most this many dictionaries share a pass (each holds its weights and Adam state in memory); default: all."),
     dry_run: bool = typer.Option(False, "--dry-run", help="List the runs and exit."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
-    """Train every configuration of a sweep grid (finished runs are skipped, interrupted ones resume)."""
+    """Train every configuration of a sweep grid (finished runs are skipped, interrupted ones resume).
+
+    The runs train together, one pass over the cache for all of them (the same dictionaries as
+    one by one: same batches in the same order, each its own initialisation and optimiser).
+    """
     from guardrail.training.sweep import expand_grid, load_grid, run_sweep
 
     g = load_grid(grid)
@@ -105,7 +122,7 @@ def sweep_cmd(
             typer.echo(f"{spec.name:34s} D={c.dict_size:6d} k={c.k:4d} lambda_sh={c.lambda_shared:g} lambda_excl={c.lambda_excl:g} {part}")
         return
     overrides = {k: v for k, v in {"steps": steps, "threads": threads}.items() if v is not None}
-    rows = run_sweep(g, cache, out, only=only, overrides=overrides, progress=not quiet)
+    rows = run_sweep(g, cache, out, only=only, overrides=overrides, progress=not quiet, one_pass=not one_by_one, per_pass=per_pass)
     for r in rows:
         typer.echo(f"{r['name']:34s} {r['status']:26s} FVU {r['fvu']:.4f}  L0 {r['l0']:.1f}  dead {r['dead']}")
 

@@ -211,3 +211,58 @@ def test_kill9_then_resume_equals_uninterrupted(tmp_path):
     clean = train(_data(), CFG, tmp_path / "clean", training=tc)
     for name, t in clean.state_dict().items():
         assert torch.equal(t, resumed.state_dict()[name]), name
+
+
+ONE_PASS_GRID = (
+    "name: t\ntraining: {steps: 9, batch_size: 32, lr: 1.0e-3, checkpoint_every: 3, warmup_steps: 2}\n"
+    "groups:\n"
+    "  - name: dfc\n    grid: {dict_size: [64], k: [4, 6], exclusive: [0.1], lambda_excl: [0.0, 1.0e-3]}\n"
+    "  - name: cc\n    grid: {dict_size: [48], k: [4], lr: [3.0e-3], steps: [6]}\n"
+    "  - name: seed\n    grid: {dict_size: [64], k: [4], seed: [1]}\n"  # another batch stream: its own pass
+)
+
+
+def test_one_pass_sweep_trains_what_one_by_one_trains(tmp_path):
+    """Same batches in the same order, each dictionary its own init and Adam: bit for bit on one thread."""
+    import json
+
+    from guardrail.training.sweep import run_sweep
+
+    grid = tmp_path / "g.yaml"
+    grid.write_text(ONE_PASS_GRID)
+    x = _data(300)
+    together = run_sweep(grid, x, tmp_path / "together", progress=False)
+    apart = run_sweep(grid, x, tmp_path / "apart", progress=False, one_pass=False)
+    assert len(together) == 6 and [r["name"] for r in together] == [r["name"] for r in apart]
+    for a, b in zip(together, apart):
+        assert {k: v for k, v in a.items() if k != "artifact"} == {k: v for k, v in b.items() if k != "artifact"}
+        one, two = load_artifact(a["artifact"]), load_artifact(b["artifact"])
+        for name, t in one.state_dict().items():
+            assert torch.equal(t, two.state_dict()[name]), (a["name"], name)
+        assert one.manifest.metrics == two.manifest.metrics and one.manifest.training == two.manifest.training
+    assert load_artifact(tmp_path / "together" / "cc-dict_size48-k4-lr0.003-steps6").manifest.training["steps"] == 6
+    summary = json.loads((tmp_path / "together" / "sweep.json").read_text())
+    assert summary["grid"] == "t" and [r["status"] for r in summary["runs"]] == ["trained"] * 6
+
+
+def test_an_interrupted_pass_resumes_each_dictionary_from_its_own_checkpoint(tmp_path):
+    from guardrail.training.multi import Job, train_many
+
+    x = _data(300)
+    tc = TrainingConfig(steps=9, batch_size=32, lr=1e-3, checkpoint_every=3, progress=False)
+    jobs = lambda root: [Job(f"k{k}", DFCConfig(dict_size=64, k=k, exclusive=0.1), tc, root / f"k{k}") for k in (4, 6)]  # noqa: E731
+
+    def crash(done, cc, res):  # k=6 takes steps 4..7 after k=4 did: k=4 has saved step 6, k=6 only step 3
+        if done == 6 and cc.config.k == 6:
+            raise Crash(done)
+
+    with pytest.raises(Crash):
+        train_many(x, jobs(tmp_path / "r"), progress=False, callback=crash, window=4)
+    import json
+
+    assert [json.loads((tmp_path / "r" / n / "checkpoints" / "latest.json").read_text())["step"] for n in ("k4", "k6")] == [6, 3]
+    resumed = train_many(x, jobs(tmp_path / "r"), progress=False, window=4)
+    straight = [train(x, j.config, j.out, training=tc) for j in jobs(tmp_path / "s")]
+    for a, b in zip(resumed, straight):
+        for name, t in b.state_dict().items():
+            assert torch.equal(t, a.state_dict()[name]), name

@@ -6,8 +6,10 @@ partition share per model; 0 or absent = standard crosscoder) or, if they are tr
 settings, to ``TrainingConfig``. The paper's 48 runs are ``grids/paper.yaml``; the same
 design scaled to d = 576 for a CPU is ``grids/paper-d576.yaml``.
 
-Runs whose artifact already exists (and verifies) are skipped, so an interrupted sweep
-continues where it stopped; a run interrupted mid-way resumes from its checkpoint.
+By default the runs train together in one pass over the data (``guardrail.training.multi``);
+``one_pass=False`` trains them one by one. Runs whose artifact already exists (and
+verifies) are skipped, so an interrupted sweep continues where it stopped; a run
+interrupted mid-way resumes from its checkpoint, in either mode.
 """
 
 from __future__ import annotations
@@ -25,6 +27,10 @@ from guardrail.dictionary.artifact import ArtifactError, read_manifest
 from guardrail.dictionary.config import CrosscoderConfig
 from guardrail.dictionary.partition import Partition
 from guardrail.training.config import TrainingConfig
+from guardrail.training.data import prepare_data
+from guardrail.training.distributed import setup
+from guardrail.training.multi import Job, train_many
+from guardrail.training.trainer import train
 
 TRAINING_KEYS = set(TrainingConfig.model_fields)
 SUMMARY_FILE = "sweep.json"
@@ -155,37 +161,68 @@ def run_sweep(
     only: list[str] | None = None,
     overrides: dict[str, Any] | None = None,
     progress: bool = True,
+    one_pass: bool = True,
+    per_pass: int | None = None,
 ) -> list[dict[str, Any]]:
     """Train every run (or those whose names contain one of ``only``); returns the summary rows.
 
     ``overrides`` replace training settings of every run (e.g. ``{"steps": 100}`` for a smoke test).
+    By default the unfinished runs train together in one pass over the data
+    (:mod:`guardrail.training.multi`: the same dictionaries as one by one, in less time);
+    ``one_pass=False`` trains them one after the other; ``per_pass`` caps how many share a pass.
+    Under a distributed launch every run trains data-parallel over the ranks, and rank 0
+    writes the artifacts and ``sweep.json``.
     """
-    from guardrail.training.data import prepare_data
-    from guardrail.training.trainer import train
-
     grid = grid if isinstance(grid, Grid) else load_grid(grid)
     specs = expand_grid(grid)
     if only:
         specs = [s for s in specs if any(o in s.name for o in only)]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    prepared = prepare_data(data)
-    rows = []
-    for i, spec in enumerate(specs, 1):
-        folder = out / spec.name
-        tc = spec.training.model_copy(update={**(overrides or {}), "progress": progress})
-        if _finished(folder):
-            status = "skipped (artifact exists)"
-        else:
+    comm = setup()  # one process group for the whole sweep under a launcher; every run joins it
+    failed = True
+    try:
+        rows = _train_pending(grid, specs, prepare_data(data), out, overrides, progress and comm.is_main, one_pass, per_pass, comm.is_main)
+        failed = False
+        return rows
+    finally:
+        comm.close(barrier=not failed)
+
+
+def _train_pending(grid: Grid, specs: list[RunSpec], prepared: Any, out: Path, overrides: dict[str, Any] | None, progress: bool,
+                   one_pass: bool, per_pass: int | None, writes: bool) -> list[dict[str, Any]]:
+    status = {s.name: "skipped (artifact exists)" for s in specs if _finished(out / s.name)}
+    jobs = [_job(grid, spec, out, overrides, progress) for spec in specs if spec.name not in status]
+
+    def record(job: Job, _cc: Any = None) -> None:
+        status[job.name] = "trained"
+        _write_summary(grid, specs, out, status, writes)
+
+    if jobs and one_pass:
+        if progress:
+            print(f"one pass: {len(jobs)} of {len(specs)} runs ({len(specs) - len(jobs)} already finished)", flush=True)
+        train_many(prepared, jobs, per_pass=per_pass, progress=progress, on_finished=record)
+    else:
+        for i, job in enumerate(jobs, 1):
             if progress:
-                print(f"[{i}/{len(specs)}] {spec.name}", flush=True)
-            note = f"sweep {grid.name}, run {spec.name}"
-            train(prepared, spec.crosscoder, folder, training=tc, manifest_fields={"source": {"kind": "trained", "notes": [note]}})
-            status = "trained"
-        manifest = read_manifest(folder)
-        rows.append(_summary_row(spec, folder, manifest, status))
+                print(f"[{i}/{len(jobs)}] {job.name}", flush=True)
+            train(prepared, job.config, job.out, training=job.training, manifest_fields=job.manifest_fields)
+            record(job)
+    return _write_summary(grid, specs, out, status, writes)
+
+
+def _write_summary(grid: Grid, specs: list[RunSpec], out: Path, status: dict[str, str], writes: bool = True) -> list[dict[str, Any]]:
+    """``sweep.json`` (written by rank 0 of a launch): one row per run finished so far (trained or skipped), in grid order."""
+    rows = [_summary_row(s, out / s.name, read_manifest(out / s.name), status[s.name]) for s in specs if s.name in status]
+    if writes:
         (out / SUMMARY_FILE).write_text(json.dumps({"grid": grid.name, "runs": rows}, indent=1))
     return rows
+
+
+def _job(grid: Grid, spec: RunSpec, out: Path, overrides: dict[str, Any] | None, progress: bool) -> Job:
+    tc = spec.training.model_copy(update={**(overrides or {}), "progress": progress})
+    note = f"sweep {grid.name}, run {spec.name}"
+    return Job(name=spec.name, config=spec.crosscoder, training=tc, out=out / spec.name, manifest_fields={"source": {"kind": "trained", "notes": [note]}})
 
 
 def _summary_row(spec: RunSpec, folder: Path, manifest: Any, status: str) -> dict[str, Any]:
