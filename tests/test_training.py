@@ -266,3 +266,21 @@ def test_an_interrupted_pass_resumes_each_dictionary_from_its_own_checkpoint(tmp
     for a, b in zip(resumed, straight):
         for name, t in b.state_dict().items():
             assert torch.equal(t, a.state_dict()[name]), name
+
+
+@pytest.mark.parametrize("one_pass", [True, False])
+def test_a_sweep_applies_each_runs_outlier_rule(tmp_path, one_pass):
+    """A grid's ``max_norm_ratio`` leaves the outlier rows out in either mode; prepared data refuses another rule."""
+    from guardrail.training.data import prepare_data
+    from guardrail.training.sweep import run_sweep
+
+    grid = tmp_path / "g.yaml"
+    grid.write_text("name: t\ntraining: {steps: 4, batch_size: 32, lr: 1.0e-3, checkpoint_every: 0}\n"
+                    "groups:\n  - name: cc\n    grid: {dict_size: [32], k: [4], max_norm_ratio: [5.0, null]}\n")
+    x = _data(300)
+    x[:7] *= 100.0  # seven attention-sink-like rows
+    rows = run_sweep(grid, x, tmp_path / "out", progress=False, one_pass=one_pass)
+    dropped = {r["name"]: load_artifact(r["artifact"]).manifest.training.get("outlier_rows_dropped") for r in rows}
+    assert sorted(dropped.values(), key=str) == [7, None], dropped
+    with pytest.raises(ValueError, match="max_norm_ratio=5.0 now"):
+        prepare_data(prepare_data(x), max_norm_ratio=5.0)

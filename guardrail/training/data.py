@@ -68,6 +68,10 @@ def prepare_data(
     if isinstance(data, TrainingData):
         if mean is not None or std is not None:
             raise ValueError("data is already normalised (TrainingData); do not pass mean/std again")
+        applied = data.meta.get("max_norm_ratio")
+        if max_norm_ratio != applied:
+            raise ValueError(f"data is already normalised (TrainingData) with max_norm_ratio={applied}: its rows cannot be filtered by "
+                             f"max_norm_ratio={max_norm_ratio} now; pass the cache or the raw activations")
         return data
     meta: dict[str, Any] = {}
     data_hash: str | None = None
@@ -95,6 +99,7 @@ def prepare_data(
         raise ValueError("training data contains NaN or inf")
     if max_norm_ratio is not None:
         acts, meta["outlier_rows_dropped"] = _without_outliers(acts, max_norm_ratio)
+        meta["max_norm_ratio"] = max_norm_ratio
         if source == "activation cache statistics":
             mean = std = None
             source = "training data"

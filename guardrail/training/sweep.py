@@ -182,15 +182,16 @@ def run_sweep(
     comm = setup()  # one process group for the whole sweep under a launcher; every run joins it
     failed = True
     try:
-        rows = _train_pending(grid, specs, prepare_data(data), out, overrides, progress and comm.is_main, one_pass, per_pass, comm.is_main)
+        rows = _train_pending(grid, specs, data, out, overrides, progress and comm.is_main, one_pass, per_pass, comm.is_main)
         failed = False
         return rows
     finally:
         comm.close(barrier=not failed)
 
 
-def _train_pending(grid: Grid, specs: list[RunSpec], prepared: Any, out: Path, overrides: dict[str, Any] | None, progress: bool,
+def _train_pending(grid: Grid, specs: list[RunSpec], data: Any, out: Path, overrides: dict[str, Any] | None, progress: bool,
                    one_pass: bool, per_pass: int | None, writes: bool) -> list[dict[str, Any]]:
+    """Train the unfinished runs; the data is normalised once per outlier rule (``max_norm_ratio``) the runs ask for."""
     status = {s.name: "skipped (artifact exists)" for s in specs if _finished(out / s.name)}
     jobs = [_job(grid, spec, out, overrides, progress) for spec in specs if spec.name not in status]
 
@@ -201,12 +202,16 @@ def _train_pending(grid: Grid, specs: list[RunSpec], prepared: Any, out: Path, o
     if jobs and one_pass:
         if progress:
             print(f"one pass: {len(jobs)} of {len(specs)} runs ({len(specs) - len(jobs)} already finished)", flush=True)
-        train_many(prepared, jobs, per_pass=per_pass, progress=progress, on_finished=record)
+        train_many(data, jobs, per_pass=per_pass, progress=progress, on_finished=record)
     else:
+        prepared: dict[float | None, Any] = {}
         for i, job in enumerate(jobs, 1):
             if progress:
                 print(f"[{i}/{len(jobs)}] {job.name}", flush=True)
-            train(prepared, job.config, job.out, training=job.training, manifest_fields=job.manifest_fields)
+            ratio = job.training.max_norm_ratio
+            if ratio not in prepared:
+                prepared[ratio] = prepare_data(data, max_norm_ratio=ratio)
+            train(prepared[ratio], job.config, job.out, training=job.training, manifest_fields=job.manifest_fields)
             record(job)
     return _write_summary(grid, specs, out, status, writes)
 
