@@ -17,7 +17,7 @@ from guardrail.pages import FOLD_LINES, folder_images, render_page, write_page
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "eval" / "results"
 # the committed pages and the Markdown each is rendered from (quick-tiny has no page: its Markdown predates the renderer)
-PAGES = {"demo": "report.md", "phenomenon": "report.md", "audit-organism": "audit.md"}
+PAGES = {"demo": "report.md", "phenomenon": "report.md", "audit-organism": "audit.md", "quick-organism": "report.md"}
 CHROMIUM = Path("/usr/bin/chromium")
 
 SAMPLE = "\n".join([
@@ -117,3 +117,16 @@ def test_a_browser_shows_the_page(tmp_path):
     grey = Image.open(shot).convert("L")
     dark = sum(grey.histogram()[:128])
     assert grey.size == (1280, 2000) and dark > 0.01 * 1280 * 2000, "the page rendered blank"
+
+
+def test_every_committed_page_of_the_organism_names_the_shipped_adapter():
+    """A page made with a retired A is regenerated or removed: each names the sha256 of the adapter that ships."""
+    from guardrail.models.packaged import shipped_adapter
+
+    from guardrail.fileio import sha256_file
+
+    sha = sha256_file(shipped_adapter() / "adapter_model.safetensors")
+    for folder in ("demo", "phenomenon", "audit-organism", "quick-organism"):
+        held = [json.loads(p.read_text()) for p in (RESULTS / folder).glob("*.json")]
+        named = {h.get("adapter_sha256") for h in held} | {(h.get("meta") or {}).get("adapter_sha256") for h in held}
+        assert sha in named, f"{folder}: names no adapter sha256, or a retired one ({named - {None}})"
