@@ -425,19 +425,24 @@ SWEEP_KILLER = textwrap.dedent(
     import os, signal, sys
     import torch
     torch.set_num_threads(1)
-    from guardrail.training import trainer as trainer_mod
-    from guardrail.training.sweep import run_sweep
+    from guardrail.training import sweep as sweep_mod
     g = torch.Generator().manual_seed(0)
     base = torch.randn(300, 10, generator=g) * 2 + 1
     data = torch.stack([base + 0.3 * torch.randn(300, 10, generator=g), base], 1)
-    original, runs = trainer_mod.train, {"n": 0}
-    def train(*a, **kw):
-        runs["n"] += 1
-        if runs["n"] == 2:  # second run of the sweep: die after its step-5 checkpoint
-            kw["callback"] = lambda done, cc, res: os.kill(os.getpid(), signal.SIGKILL) if done == 8 else None
-        return original(*a, **kw)
-    trainer_mod.train = train
-    run_sweep(sys.argv[2], data, sys.argv[1], progress=False)
+    die = lambda done, cc, res: os.kill(os.getpid(), signal.SIGKILL) if done == 8 else None
+    one_pass = sys.argv[3] == "one-pass"
+    if one_pass:  # every dictionary steps through the same pass: die when the first reaches step 8
+        original_many = sweep_mod.train_many
+        sweep_mod.train_many = lambda *a, **kw: original_many(*a, **{**kw, "callback": die})
+    else:  # second run of the sweep: die after its step-5 checkpoint
+        original, runs = sweep_mod.train, {"n": 0}
+        def train(*a, **kw):
+            runs["n"] += 1
+            if runs["n"] == 2:
+                kw["callback"] = die
+            return original(*a, **kw)
+        sweep_mod.train = train
+    sweep_mod.run_sweep(sys.argv[2], data, sys.argv[1], progress=False, one_pass=one_pass)
     """
 )
 
@@ -448,22 +453,28 @@ def _sweep_data() -> torch.Tensor:
     return torch.stack([base + 0.3 * torch.randn(300, 10, generator=g), base], 1)
 
 
-def test_kill9_during_sweep_then_resume_equals_uninterrupted(tmp_path):
+@pytest.mark.parametrize("mode", ["one-by-one", "one-pass"])
+def test_kill9_during_sweep_then_resume_equals_uninterrupted(tmp_path, mode):
     from guardrail.training.sweep import run_sweep
 
     grid = tmp_path / "grid.yaml"
     grid.write_text(SWEEP_GRID)
     killed = tmp_path / "killed"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", SWEEP_KILLER, str(killed), str(grid)], capture_output=True, text=True, timeout=180, env=env)
+    proc = subprocess.run([sys.executable, "-c", SWEEP_KILLER, str(killed), str(grid), mode], capture_output=True, text=True, timeout=180, env=env)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     names = ["dfc-dict_size48-k4-exclusive0.1", "dfc-dict_size48-k6-exclusive0.1", "cc-dict_size48-k4"]
-    assert (killed / names[0] / MANIFEST_FILE).exists()
-    assert not (killed / names[1] / MANIFEST_FILE).exists()
-    assert json.loads((killed / names[1] / "checkpoints" / "latest.json").read_text())["step"] == 5
-    rows = run_sweep(grid, _sweep_data(), killed, progress=False)
-    assert [r["status"] for r in rows] == ["skipped (artifact exists)", "trained", "trained"]
-    clean = run_sweep(grid, _sweep_data(), tmp_path / "clean", progress=False)
+    one_pass = mode == "one-pass"
+    if one_pass:  # killed mid-pass: no run finished, the first left its step-5 checkpoint
+        assert not any((killed / n / MANIFEST_FILE).exists() for n in names)
+        assert json.loads((killed / names[0] / "checkpoints" / "latest.json").read_text())["step"] == 5
+    else:
+        assert (killed / names[0] / MANIFEST_FILE).exists()
+        assert not (killed / names[1] / MANIFEST_FILE).exists()
+        assert json.loads((killed / names[1] / "checkpoints" / "latest.json").read_text())["step"] == 5
+    rows = run_sweep(grid, _sweep_data(), killed, progress=False, one_pass=one_pass)
+    assert [r["status"] for r in rows] == ["trained"] * 3 if one_pass else ["skipped (artifact exists)", "trained", "trained"]
+    clean = run_sweep(grid, _sweep_data(), tmp_path / "clean", progress=False, one_pass=one_pass)
     assert [r["name"] for r in clean] == names
     for name in names:
         a, b = load_artifact(killed / name), load_artifact(tmp_path / "clean" / name)
