@@ -113,11 +113,14 @@ class TransformersReader:
         return SiteRows(paired, batch_idx, tok_idx - pad[batch_idx])
 
 
-def site_reader(engine: "str | SiteReader", batch_size: int = 8) -> SiteReader:
-    """``"transformers"`` (the reference), ``"vllm"`` (:class:`guardrail.vllm.collection.VLLMReader`), or a reader itself."""
+def site_reader(engine: "str | SiteReader", batch_size: int = 8, **engine_options: Any) -> SiteReader:
+    """``"transformers"`` (the reference), ``"vllm"`` (a :class:`guardrail.vllm.collection.VLLMReader`
+    made with ``engine_options``, e.g. ``tensor_parallel_size``), or a reader itself."""
     if not isinstance(engine, str):
         return engine
     if engine == "transformers":
+        if engine_options:
+            raise ValueError(f"the transformers engine takes no engine options: {sorted(engine_options)}")
         return TransformersReader(batch_size)
     if engine == "vllm":
         from guardrail.vllm import vllm_available
@@ -126,7 +129,7 @@ def site_reader(engine: "str | SiteReader", batch_size: int = 8) -> SiteReader:
             raise RuntimeError("vLLM is not installed: `pip install guardrail[vllm]`, or collect with engine='transformers'")
         from guardrail.vllm.collection import VLLMReader
 
-        return VLLMReader()
+        return VLLMReader(**engine_options)
     raise ValueError(f"unknown collection engine {engine!r}: transformers or vllm")
 
 
