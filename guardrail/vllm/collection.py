@@ -107,7 +107,7 @@ class VLLMReader:
         too_long = max(len(i) for i in ids)
         if too_long >= limit:
             raise ValueError(f"a prompt of {too_long} tokens leaves vLLM no position for the token it samples (max_model_len {limit}): "
-                             f"collect with max_length <= {limit - 1}, or with engine='transformers'")
+                             f"collect with max_length <= {limit - 1} (--max-length), or with engine='transformers'")
         reads = [self._read_model(m, site.layer, limit, ids, payload) for m in (pair.a, pair.b)]
         done(len(texts))
         return _paired(ids, reads, want)
