@@ -54,6 +54,7 @@ class CacheManifest(BaseModel):
     data_hash: str
     shard_prompts: int
     max_length: int
+    engine: str = "transformers"  # what read the site (caches written before vLLM collection were all transformers)
     shards: list[ShardInfo] = []
     complete: bool = False
 

@@ -8,6 +8,7 @@
 - :mod:`~guardrail.vllm.driver`: installing the hook on an in-process engine, and its handle;
 - :mod:`~guardrail.vllm.plugin` and :mod:`~guardrail.vllm.serve`: ``vllm serve`` with policies (``guardrail serve``);
 - :mod:`~guardrail.vllm.generation`: the vLLM generation backend; :mod:`~guardrail.vllm.mirror`: the organism build's engine.
+- :mod:`~guardrail.vllm.collection`: activation collection on vLLM (``collect(..., engine="vllm")``).
 
 Importing this package does not import vLLM: the modules import it where they use it, so
 the rest of guardrail runs where vLLM is not installed.

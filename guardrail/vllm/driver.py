@@ -12,11 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
-
 from guardrail.policy.engine import GuardError
 from guardrail.policy.schema import Policy
 from guardrail.policy.watch import DEFAULT_INTERVAL
+from guardrail.vllm.layout import ReadRows
 from guardrail.vllm.worker import WorkerGuard, drop_guard, guard_for, guard_of
 
 PolicySpec = tuple[str, "Policy | str", Any]  # name, policy (or its file), artifact
@@ -147,10 +146,10 @@ def install_guard(
 
 
 def enable_patches(llm: Any, layer: int) -> None:
-    """Let this engine's requests patch (``guardrail_patch``) or read (``guardrail_read``) their last prompt token after ``layer``."""
+    """Let this engine's requests patch (``guardrail_patch``) their last prompt token, or read (``guardrail_read``) their prompt, after ``layer``."""
     llm.collective_rpc(lambda worker: guard_for(worker_runner(worker)).enable_patches(layer))
 
 
-def take_reads(llm: Any, ids: list[str]) -> list[torch.Tensor | None]:
-    """The last-prompt-token residuals kept for these requests (``guardrail_read``), in order."""
+def take_reads(llm: Any, ids: list[str]) -> list[ReadRows | None]:
+    """What these requests read (``guardrail_read``), in order: rows and their prompt positions."""
     return llm.collective_rpc(lambda worker: guard_for(worker_runner(worker)).take_reads(ids))[0]

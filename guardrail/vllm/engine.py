@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import re
+import shutil
+from pathlib import Path
 from typing import Any
+
+from guardrail.paths import home
 
 PREFIX_TOKENS = 48_000  # default CPU KV cache: ~65 tool prompts of ~700 tokens held for reuse
 BLOCK_TOKENS = 16
@@ -50,3 +57,55 @@ def model_folder(loaded: Any) -> str:
     from guardrail.models.specs import weights_folder
 
     return str(weights_folder(loaded))
+
+
+_LAYER_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def truncated_folder(loaded: Any, n_layers: int) -> str:
+    """A folder of ``loaded``'s first ``n_layers`` decoder layers (the model's own folder when that is all of them).
+
+    vLLM has no early exit: an engine built from this folder stops after layer ``n_layers − 1``,
+    which is exact for reading that layer (no layer above it affects it in a causal forward
+    pass) and saves the layers above, as ``read_residual`` does in transformers. The final
+    norm and the head run on that layer's output, so what such an engine samples is
+    meaningless: it serves reads, not generation. Written once under ``$GUARDRAIL_HOME/vllm/truncated``,
+    named by the source folder's weights and the layer count; the copy holds the kept layers' tensors only.
+    """
+    src = Path(model_folder(loaded))
+    config = json.loads((src / "config.json").read_text())
+    if n_layers >= int(config["num_hidden_layers"]):
+        return str(src)
+    weights = sorted(src.glob("*.safetensors"))
+    stamp = [str(src.resolve()), n_layers] + [(w.name, w.stat().st_size, w.stat().st_mtime_ns) for w in weights]
+    out = home() / "vllm" / "truncated" / f"{src.name}-{n_layers}-{hashlib.sha256(json.dumps(stamp).encode()).hexdigest()[:10]}"
+    if not (out / "config.json").exists():
+        _write_truncated(src, config, weights, n_layers, out)
+    return str(out)
+
+
+def _write_truncated(src: Path, config: dict[str, Any], weights: list[Path], n_layers: int, out: Path) -> None:
+    """The copy :func:`truncated_folder` describes, written to a temporary folder then renamed (a killed write leaves none)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for f in src.iterdir():  # tokenizer, generation config, chat template
+        if f.is_file() and f.suffix != ".safetensors" and f.name not in ("config.json", "model.safetensors.index.json"):
+            shutil.copy2(f, tmp / f.name)
+    kept = {}
+    for w in weights:
+        with safe_open(str(w), framework="pt") as fh:
+            for name in fh.keys():
+                m = _LAYER_KEY.search(name)
+                if m is None or int(m.group(1)) < n_layers:
+                    kept[name] = fh.get_tensor(name)
+    save_file(kept, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    config = dict(config, num_hidden_layers=n_layers)
+    if isinstance(config.get("layer_types"), list):
+        config["layer_types"] = config["layer_types"][:n_layers]
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)

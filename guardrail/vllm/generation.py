@@ -99,7 +99,7 @@ class VLLMBackend:
         missing = [i for i, r in enumerate(rows) if r is None]
         if missing:
             raise RuntimeError(f"vLLM did not prefill the last prompt token of {len(missing)} request(s) at layer {layer}: nothing was read")
-        return texts, torch.stack(rows)
+        return texts, torch.stack([r.rows[-1] for r in rows])
 
     def _enable_patches(self, llm: Any, loaded: Any, layer: int) -> None:
         from guardrail.vllm.driver import enable_patches

@@ -3,12 +3,14 @@
 vLLM flattens every scheduled request's tokens into one ``[num_tokens, d]`` tensor. A token
 is a prompt token when its position is below the request's prompt length, and the last
 prompt token when it equals prompt length − 1: positions, not phases, decide, so chunked
-prefill and preemption-recompute see the same tokens as one prefill.
+prefill and preemption-recompute see the same tokens as one prefill. What a request reads
+arrives the same way, in pieces tagged with positions (:class:`ReadRows`).
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -79,3 +81,25 @@ def token_positions(runner: Any, req_idx: list[int], req_ids: list[str], qsl: li
     n_prompt = torch.repeat_interleave(n_prompt, lens)
     req = torch.repeat_interleave(torch.tensor([j for j, _ in keep]), lens)
     return rows, TokenPositions(pos < n_prompt, pos == n_prompt - 1, req, pos, ids)
+
+
+@dataclass(frozen=True)
+class ReadRows:
+    """Residual rows one request kept (``guardrail_read``), each with its position in the prompt."""
+
+    position: torch.Tensor  # long [n], ascending
+    rows: torch.Tensor  # [n, d]
+
+    @classmethod
+    def joined(cls, pieces: list["ReadRows"]) -> "ReadRows":
+        """One request's pieces in position order, each position once.
+
+        Chunked prefill runs a long prompt over several steps, so its rows arrive in pieces;
+        a request preempted and recomputed sends positions again (the later copy is kept:
+        both hold the same values).
+        """
+        position = torch.cat([p.position for p in pieces])
+        rows = torch.cat([p.rows for p in pieces])
+        latest = {int(q): i for i, q in enumerate(position.tolist())}
+        keep = torch.tensor([latest[q] for q in sorted(latest)], dtype=torch.long)
+        return cls(position[keep], rows[keep])

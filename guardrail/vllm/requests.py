@@ -4,15 +4,18 @@
   where allowed; a request that names none gets the engine's default policy, if any);
 - ``{"guardrail_patch": {"layer": L, "vector": [...]}}`` replaces the residual after layer L
   at the request's last prompt token, once, during its prefill (the paper's protocol);
-- ``{"guardrail_read": {"layer": L}}`` keeps the residual after layer L at the request's last
-  prompt token (after any patch), for the caller to take once the request is done.
+- ``{"guardrail_read": {"layer": L, "positions": "last" | "prompt", "last_n": N}}`` keeps the
+  residual after layer L (after any patch) at the request's last prompt token (``"last"``, the
+  default) or at its prompt tokens (``"prompt"``: all of them, or the last N), for the caller to
+  take once the request is done.
 
 A request that carries neither is never written, so it is token-identical to an unguarded engine.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Iterable, Literal, Sequence
 
 POLICY_KEY = "guardrail_policy"
 PATCH_KEY = "guardrail_patch"
@@ -40,15 +43,40 @@ def patch_vector(extra: dict[str, Any], layer: int) -> list[float] | None:
     return patch.get("vector")
 
 
-def read_args(layer: int) -> dict[str, Any]:
-    """``extra_args`` of a request whose last-prompt-token residual after ``layer`` is kept."""
-    return {READ_KEY: {"layer": int(layer)}}
+ReadPositions = Literal["last", "prompt"]
 
 
-def reads_at(extra: dict[str, Any], layer: int) -> bool:
-    """Whether a request asks for its last-prompt-token residual after ``layer``."""
+@dataclass(frozen=True)
+class ReadRequest:
+    """Which prompt positions a request keeps after ``layer`` (``guardrail_read``)."""
+
+    layer: int
+    positions: ReadPositions = "last"
+    last_n: int | None = None  # with "prompt": only the last N prompt tokens
+
+    def first_position(self, n_prompt: int) -> int:
+        """The first kept position of a prompt of ``n_prompt`` tokens (the rest up to its end are kept)."""
+        if self.positions == "last":
+            return n_prompt - 1
+        return 0 if self.last_n is None else max(n_prompt - self.last_n, 0)
+
+
+def read_args(layer: int, positions: ReadPositions = "last", last_n: int | None = None) -> dict[str, Any]:
+    """``extra_args`` of a request whose residual after ``layer`` is kept at ``positions``."""
+    if positions not in ("last", "prompt"):
+        raise ValueError(f"read positions must be 'last' or 'prompt', not {positions!r}")
+    read: dict[str, Any] = {"layer": int(layer), "positions": positions}
+    if last_n is not None:
+        read["last_n"] = int(last_n)
+    return {READ_KEY: read}
+
+
+def read_request(extra: dict[str, Any], layer: int) -> ReadRequest | None:
+    """What a request asks to keep after ``layer``, or None."""
     read = extra.get(READ_KEY)
-    return isinstance(read, dict) and read.get("layer") == layer
+    if not isinstance(read, dict) or read.get("layer") != layer:
+        return None
+    return ReadRequest(layer, read.get("positions", "last"), read.get("last_n"))
 
 
 def policy_choice_problem(extra_args: Any, names: Iterable[str], allow_none: bool) -> str | None:

