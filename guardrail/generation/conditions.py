@@ -79,21 +79,15 @@ def generate_from_clean(backend: Backend, loaded: Any, prompts: Sequence[str], s
 def _patched(backend: Backend, loaded: Any, prompts: list[str], settings: GenerationSettings, layer: int,
              planned: dict[str, Sequence[Patch]], clean: list[str]) -> dict[str, list[str]]:
     """Each planned condition's outputs; distinct (prompt, patch) pairs generated once, ``None`` rows clean."""
-    jobs: dict[tuple[int, bytes], int] = {}
-    for patches in planned.values():
-        for i, p in enumerate(patches):
-            if p is not None:
-                jobs.setdefault((i, p.detach().float().cpu().numpy().tobytes()), len(jobs))
-    first: dict[int, torch.Tensor] = {}
-    for name, patches in planned.items():
-        for i, p in enumerate(patches):
-            if p is not None:
-                first.setdefault(jobs[(i, p.detach().float().cpu().numpy().tobytes())], p)
-    order = sorted(jobs.items(), key=lambda kv: kv[1])
-    texts = backend.generate(loaded, [prompts[i] for (i, _), _ in order], settings, layer=layer,
-                             patches=[first[j] for _, j in order]) if order else []
-    return {name: [clean[i] if p is None else texts[jobs[(i, p.detach().float().cpu().numpy().tobytes())]] for i, p in enumerate(patches)]
+    jobs: dict[tuple[int, bytes], tuple[int, torch.Tensor]] = {}  # (prompt, patch bytes) -> (its place in the call, the patch)
+    keys = {name: [None if p is None else (i, p.detach().float().cpu().numpy().tobytes()) for i, p in enumerate(patches)]
             for name, patches in planned.items()}
+    for name, row_keys in keys.items():
+        for key, p in zip(row_keys, planned[name]):
+            if key is not None:
+                jobs.setdefault(key, (len(jobs), p))
+    texts = backend.generate(loaded, [prompts[i] for i, _ in jobs], settings, layer=layer, patches=[p for _, p in jobs.values()]) if jobs else []
+    return {name: [clean[i] if key is None else texts[jobs[key][0]] for i, key in enumerate(row_keys)] for name, row_keys in keys.items()}
 
 
 def generate_under_policies(backend: Backend, loaded: Any, prompts: Sequence[str], settings: GenerationSettings,

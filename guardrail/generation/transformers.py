@@ -89,8 +89,7 @@ def generate_texts(model: Any, tok: Any, prompts: Sequence[str], settings: Gener
 def generate_reading(model: Any, tok: Any, prompts: Sequence[str], settings: GenerationSettings, layer: int) -> tuple[list[str], torch.Tensor]:
     """Greedy completions of ``prompts`` and the residual ``[N, d]`` after ``layer`` at each
     prompt's last token, read on the prefill that generated them: no second forward pass."""
-    texts, acts = _generate(model, tok, prompts, settings, layer=layer, read=True)
-    return texts, acts  # type: ignore[return-value]
+    return _generate(model, tok, prompts, settings, layer=layer, read=True)  # type: ignore[return-value]
 
 
 def _generate(model: Any, tok: Any, prompts: Sequence[str], settings: GenerationSettings, *, layer: int | None = None,
