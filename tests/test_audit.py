@@ -129,7 +129,7 @@ def test_the_copys_steering_rows_are_the_audits_own():
     calib = Calibration(x_b=torch.randn(12, 16, generator=g), is_tool=is_tool, x_a_tool=torch.randn(6, 16, generator=g))
     policy = AuditPolicy(steer_top=2)
     check = plan_self_check(cc, calib, list(ARTIFACT_ONLY), policy)
-    inp = ThreatInputs.of(torch.randn(5, 16, generator=g), None, calib)
+    inp = ThreatInputs(torch.randn(5, 16, generator=g), None, calib)
     own, copy_ = threat_deltas(cc, inp, list(ARTIFACT_ONLY), policy), check.deltas(inp)
     assert torch.allclose(check.leak, calib.x_a_tool.mean(0) - calib.x_b[is_tool].mean(0))
     for name in STEERING:

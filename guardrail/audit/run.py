@@ -266,7 +266,7 @@ def _condition_plan(cc, calib: Calibration, x_a: torch.Tensor | None, names: lis
     not generated again.
     """
     def plan(idx: range, x_b: torch.Tensor) -> dict[str, list[torch.Tensor | None]]:
-        inp = ThreatInputs.of(x_b, None if x_a is None else x_a[idx.start : idx.stop], calib)
+        inp = ThreatInputs(x_b, None if x_a is None else x_a[idx.start : idx.stop], calib)
         deltas = {k: d for k, d in threat_deltas(cc, inp, names, policy).items() if d is not None}
         if x_a is not None:
             deltas[ORACLE] = oracle_transplant(cc, inp)

@@ -50,16 +50,11 @@ class Calibration:
 
 @dataclass
 class ThreatInputs:
-    """Activations at the site: scored prompts (B, and A when available) and B's calibration set."""
+    """Activations at the site: scored prompts (B, and A when available) and the calibration set."""
 
     x_b: torch.Tensor  # [n, d]
     x_a: torch.Tensor | None  # [n, d], None when A is not available
-    calib_b: torch.Tensor  # [m, d]
-    calib_is_tool: torch.Tensor  # bool [m]
-
-    @classmethod
-    def of(cls, x_b: torch.Tensor, x_a: torch.Tensor | None, calib: Calibration) -> "ThreatInputs":
-        return cls(x_b=x_b, x_a=x_a, calib_b=calib.x_b, calib_is_tool=calib.is_tool)
+    calib: Calibration
 
 
 @torch.no_grad()
@@ -85,9 +80,10 @@ def shared_indices(cc) -> torch.Tensor:
 def contrast_features(cc, inp: ThreatInputs, top: int) -> torch.Tensor:
     """Shared features whose B-only activation best separates B's tool prompts (Cohen's d)."""
     view = iv.dictionary_view(cc, MODEL_B)
-    f = iv.encode(view, inp.calib_b)
+    f = iv.encode(view, inp.calib.x_b)
     shared = shared_indices(cc)
-    d = cohens_d(f[inp.calib_is_tool][:, shared], f[~inp.calib_is_tool][:, shared])
+    tool = inp.calib.is_tool
+    d = cohens_d(f[tool][:, shared], f[~tool][:, shared])
     return shared[torch.argsort(d, descending=True)[:top]]
 
 
@@ -140,7 +136,8 @@ def steer_near_duplicate(cc, inp: ThreatInputs, top: int = 4, gain: float = 0.25
 @torch.no_grad()
 def control_delta(inp: ThreatInputs, attack: torch.Tensor) -> torch.Tensor:
     """B's own tool-minus-ordinary mean difference, rescaled to the attack's norm per prompt."""
-    diff = inp.calib_b[inp.calib_is_tool].mean(0) - inp.calib_b[~inp.calib_is_tool].mean(0)
+    x, tool = inp.calib.x_b, inp.calib.is_tool
+    diff = x[tool].mean(0) - x[~tool].mean(0)
     unit = diff / diff.norm().clamp_min(1e-12)
     return attack.norm(dim=-1, keepdim=True) * unit
 
