@@ -246,7 +246,7 @@ def _generate(cc, b, a, texts: list[str], calib: Calibration, names: list[str], 
         max_new_tokens=policy.max_new_tokens, batch_size=batch_size, max_prompt_tokens=policy.max_prompt_tokens, stop=("</tool_call>",)
     )
     n_conditions = condition_count(names) + (a is not None) + (0 if check is None else check.new_conditions())
-    desc = f"audit (A clean, B clean and {n_conditions} conditions)" if a is not None else f"audit (B clean and {n_conditions} conditions)"
+    desc = f"audit ({'A clean, ' if a is not None else ''}B clean and {n_conditions} conditions)"
     with tqdm(total=len(texts) * (1 + (a is not None)), desc=desc, unit="prompt", disable=not progress) as bar:
         a_outs, x_a = None, None
         if a is not None:

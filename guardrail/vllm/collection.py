@@ -30,16 +30,15 @@ from guardrail.models.pair import ModelPair
 from guardrail.residual.site import Site
 from guardrail.vllm.engine import engine_kwargs, kv_bytes_per_token, truncated_folder
 from guardrail.vllm.layout import ReadRows
-from guardrail.vllm.requests import ReadRequest, read_args
+from guardrail.vllm.requests import ReadRequest
 
 CPU_BATCHED_TOKENS = 4096  # vLLM's default max_num_batched_tokens for the LLM class on CPU
 
 
 def read_for(site: Site) -> tuple[dict[str, Any], ReadRequest]:
     """The read payload of a site's positions (collection reads prompts: ``all`` is ``prompt``), and its record."""
-    if site.positions == "last_prompt":
-        return read_args(site.layer), ReadRequest(site.layer)
-    return read_args(site.layer, "prompt", site.last_n), ReadRequest(site.layer, "prompt", site.last_n)
+    want = ReadRequest(site.layer) if site.positions == "last_prompt" else ReadRequest(site.layer, "prompt", site.last_n)
+    return want.extra_args(), want
 
 
 def prompt_ids(tok: Any, texts: list[str], max_length: int) -> list[list[int]]:

@@ -60,15 +60,19 @@ class ReadRequest:
             return n_prompt - 1
         return 0 if self.last_n is None else max(n_prompt - self.last_n, 0)
 
+    def extra_args(self) -> dict[str, Any]:
+        """The ``extra_args`` of a request that asks for this read."""
+        if self.positions not in ("last", "prompt"):
+            raise ValueError(f"read positions must be 'last' or 'prompt', not {self.positions!r}")
+        read: dict[str, Any] = {"layer": int(self.layer), "positions": self.positions}
+        if self.last_n is not None:
+            read["last_n"] = int(self.last_n)
+        return {READ_KEY: read}
+
 
 def read_args(layer: int, positions: ReadPositions = "last", last_n: int | None = None) -> dict[str, Any]:
     """``extra_args`` of a request whose residual after ``layer`` is kept at ``positions``."""
-    if positions not in ("last", "prompt"):
-        raise ValueError(f"read positions must be 'last' or 'prompt', not {positions!r}")
-    read: dict[str, Any] = {"layer": int(layer), "positions": positions}
-    if last_n is not None:
-        read["last_n"] = int(last_n)
-    return {READ_KEY: read}
+    return ReadRequest(layer, positions, last_n).extra_args()
 
 
 def read_request(extra: dict[str, Any], layer: int) -> ReadRequest | None:
