@@ -113,6 +113,21 @@ def test_smoke_build_writes_both_adapters_and_manifest(smoke_build):
     a = load_model("tiny-b", adapter=out)
     b = load_model("tiny-b")
     assert any(not torch.equal(pa, pb) for pa, pb in zip(a.model.parameters(), b.model.parameters()))
+    # … and its spec names the adapter, so an engine never loads B's folder for it
+    from guardrail.models.specs import weights_folder
+
+    assert a.spec.startswith("tiny-b+adapter@") and weights_folder(a) != weights_folder(b)
+
+
+def test_lora_layers_put_the_adapter_on_those_decoder_layers_only():
+    from guardrail.organism.build import _lora_model
+    from guardrail.organism.build_config import BuildConfig
+
+    model, _ = _lora_model(BuildConfig(base="tiny-b", lora_layers=[0]))
+    carriers = {name.split(".layers.")[1].split(".")[0] for name, _ in model.named_parameters() if "lora_A" in name}
+    assert carriers == {"0"}
+    with pytest.raises(ValueError, match="lora_layers"):
+        BuildConfig(lora_layers=[])
 
 
 def test_resume_rl_continues_history_and_keeps_the_warm_start(smoke_build, tmp_path):

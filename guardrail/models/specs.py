@@ -93,9 +93,20 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, adapter: str | Pat
     loaded = resolve(spec).load(dtype)
     if adapter is not None:
         loaded.model = merge_adapter(loaded.model, adapter)
+        # A merged model is not the base: its spec names the adapter's weights, so engine folders and caches keyed by
+        # the spec (weights_folder, activation caches) never take it for the base model or for another adapter's A.
+        loaded.spec = f"{loaded.spec}+adapter@{_adapter_digest(Path(adapter))}"
     loaded.model.eval()
     prepare_tokenizer(loaded.tokenizer)
     return loaded
+
+
+def _adapter_digest(folder: Path) -> str:
+    """The first 12 hex digits of the sha256 of an adapter's weights file."""
+    weights = next((folder / f for f in ("adapter_model.safetensors", "adapter_model.bin") if (folder / f).exists()), None)
+    if weights is None:
+        raise ModelLoadError(f"{folder} has no adapter_model.safetensors (or .bin): no adapter weights to merge")
+    return sha256_file(weights)[:12]
 
 
 # --------------------------------------------------------------------------- loaders

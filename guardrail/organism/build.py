@@ -74,7 +74,7 @@ def _lora_model(cfg: BuildConfig):
 
     loaded = load_model(cfg.base)
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=cfg.target_modules,
-                      task_type="CAUSAL_LM")
+                      layers_to_transform=cfg.lora_layers, task_type="CAUSAL_LM")
     model = get_peft_model(loaded.model, lora)
     return model, loaded
 

@@ -62,6 +62,9 @@ class BuildConfig(BaseModel):
     lora_r: int = 8  # LoRA rank
     lora_alpha: int = 32  # LoRA scale numerator
     target_modules: list[str] = Field(default_factory=lambda: list(LORA_TARGETS))  # projections that carry the LoRA
+    # decoder layers that carry the LoRA (None: every layer). A band ending at the dictionary's layer makes that
+    # layer's residual stream the only path by which A differs from B (docs/organism.md, "A banded A")
+    lora_layers: Annotated[list[int] | None, Legacy(None)] = None
     # the user turn A is trained and checked on (guardrail.tasks.task)
     user_turn: Annotated[UserTurn, Legacy("toolrl"), PER_SEGMENT] = "plain"
     # reference thoughts list every call first (ToolTask.reference_completion)
@@ -113,6 +116,13 @@ class BuildConfig(BaseModel):
         if unknown:
             raise ValueError(f"rl_repeat names unknown BFCL categories {sorted(unknown)}; choose from {CATEGORIES}")
         return repeat
+
+    @field_validator("lora_layers")
+    @classmethod
+    def _some_layers(cls, layers: list[int] | None) -> list[int] | None:
+        if layers is not None and (not layers or min(layers) < 0):
+            raise ValueError(f"lora_layers must name at least one decoder layer, each >= 0 (got {layers}); None means every layer")
+        return layers
 
     @model_validator(mode="after")
     def _one_resume(self) -> "BuildConfig":
