@@ -124,7 +124,7 @@ def _load_organism(spec: ModelSpec, dtype: torch.dtype) -> LoadedModel:
     adapter = shipped_adapter()
     loaded = load_model(SMOLLM2_SPEC, dtype=dtype, adapter=adapter)
     # The adapter's hash in the spec: caches and artifacts built from another A never mix.
-    loaded.spec = f"{SMOLLM2_SPEC}+organism-rl@{sha256_file(adapter / 'adapter_model.safetensors')[:12]}"
+    loaded.spec = f"{SMOLLM2_SPEC}+organism-rl@{_adapter_digest(adapter)}"
     return loaded
 
 
@@ -154,8 +154,9 @@ def _gguf_folder(spec: ModelSpec) -> Path:
 
 
 def _organism_folder(spec: ModelSpec) -> Path:
-    """The organism's A (SmolLM2 + the shipped LoRA, merged) as a plain folder."""
-    out = home() / "models" / "organism-a"
+    """The organism's A (SmolLM2 + the shipped LoRA, merged) as a plain folder, named by the adapter's
+    hash: a reinstalled package with another adapter never serves the old A's weights."""
+    out = home() / "models" / f"organism-a@{_adapter_digest(shipped_adapter())}"
     if not (out / "config.json").exists():
         save_folder(load_model(spec.name), out)
     return out
