@@ -223,7 +223,11 @@ ONE_PASS_GRID = (
 
 
 def test_one_pass_sweep_trains_what_one_by_one_trains(tmp_path):
-    """Same batches in the same order, each dictionary its own init and Adam: bit for bit on one thread."""
+    """Same batches in the same order, each dictionary its own init and Adam: bit for bit on one thread.
+
+    The four DFCs (one shape) step as one stack, the smaller crosscoder and the other seed's
+    run on their own (``tests/test_stacked.py`` has the stack's own cases).
+    """
     import json
 
     from guardrail.training.sweep import run_sweep
@@ -252,7 +256,7 @@ def test_an_interrupted_pass_resumes_each_dictionary_from_its_own_checkpoint(tmp
     tc = TrainingConfig(steps=9, batch_size=32, lr=1e-3, checkpoint_every=3, progress=False)
     jobs = lambda root: [Job(f"k{k}", DFCConfig(dict_size=64, k=k, exclusive=0.1), tc, root / f"k{k}") for k in (4, 6)]  # noqa: E731
 
-    def crash(done, cc, res):  # k=6 takes steps 4..7 after k=4 did: k=4 has saved step 6, k=6 only step 3
+    def crash(done, cc, res):  # one stack: k=4 has written its step-6 checkpoint when k=6 stops before writing its own
         if done == 6 and cc.config.k == 6:
             raise Crash(done)
 
@@ -261,7 +265,7 @@ def test_an_interrupted_pass_resumes_each_dictionary_from_its_own_checkpoint(tmp
     import json
 
     assert [json.loads((tmp_path / "r" / n / "checkpoints" / "latest.json").read_text())["step"] for n in ("k4", "k6")] == [6, 3]
-    resumed = train_many(x, jobs(tmp_path / "r"), progress=False, window=4)
+    resumed = train_many(x, jobs(tmp_path / "r"), progress=False, window=4)  # resuming at 6 and 3: two stacks
     straight = [train(x, j.config, j.out, training=tc) for j in jobs(tmp_path / "s")]
     for a, b in zip(resumed, straight):
         for name, t in b.state_dict().items():

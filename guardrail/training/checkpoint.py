@@ -81,6 +81,20 @@ def _prune(folder: Path, keep: int) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def latest_step(folder: Path) -> int:
+    """The step of the newest checkpoint in ``folder`` (0 if there is none), read from its pointer alone.
+
+    A one-pass sweep groups runs by the step they resume at before it loads any of them.
+    """
+    pointer = folder / LATEST
+    if not pointer.exists():
+        return 0
+    try:
+        return int(json.loads(pointer.read_text())["step"])
+    except (OSError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"checkpoint pointer {pointer} is unreadable: {exc}") from exc
+
+
 def load_latest(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
     """The newest complete checkpoint in ``folder``, or None if there is none."""
     pointer = folder / LATEST

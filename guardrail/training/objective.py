@@ -4,12 +4,16 @@ Pre-activations are computed densely once without autograd; the sparsity rule pi
 active positions; only those positions enter autograd (``select_linear``) and the decoder
 is a CSR matmul (``sparse_decode``). The value is the same function as the paper's dense
 einsum loss (checked in tests); only the work on inactive features is skipped.
+
+Those two products are the loss's :class:`Kernels`. A trainer that keeps its weight
+gradients in buffers of its own (``guardrail.training.stacked``) passes kernels that add
+into them, and so computes this same loss.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +22,22 @@ from guardrail.dictionary.config import CrosscoderConfig
 from guardrail.dictionary.crosscoder import Crosscoder
 from guardrail.dictionary.partition import PARTITION_MODELS, PARTITION_NAMES, Partition
 from guardrail.dictionary.sparse import Codes, select_linear, serial, sparse_decode
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """The loss's two sparse products: encoder values at the active positions, and the decoder on them.
+
+    ``encode(x, W, b, pre, codes)`` is differentiable ``(x @ W + b)[codes]`` given the
+    detached ``pre``; ``decode(vals, W_dec, codes)`` is ``CSR(vals) @ W_dec``. The default
+    pair (``guardrail.dictionary.sparse``) returns every gradient to autograd.
+    """
+
+    encode: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, Codes], torch.Tensor] = select_linear
+    decode: Callable[[torch.Tensor, torch.Tensor, Codes], torch.Tensor] = sparse_decode
+
+
+SPARSE = Kernels()
 
 
 @dataclass
@@ -63,7 +83,7 @@ def _spread(e: torch.Tensor, rows: RowSplit | None) -> torch.Tensor:
 
 
 def auxk_loss(cc: Crosscoder, xf: torch.Tensor, W: torch.Tensor, pre: torch.Tensor, err: torch.Tensor, dead: torch.Tensor,
-              rows: RowSplit | None = None, shard: FeatureSplit | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+              rows: RowSplit | None = None, shard: FeatureSplit | None = None, kernels: Kernels = SPARSE) -> tuple[torch.Tensor, dict[str, float]]:
     """AuxK: the top ``k_aux`` dead features (per partition) reconstruct the detached residual error.
 
     The error is normalised by its spread over the whole batch; on a rank of a split batch
@@ -88,8 +108,8 @@ def auxk_loss(cc: Crosscoder, xf: torch.Tensor, W: torch.Tensor, pre: torch.Tens
             codes = Codes.from_topk(cand.topk(kk, dim=-1, sorted=False).indices + r.start, cc.dict_size)
         else:
             codes = shard.top(cand, r.start, kk)
-        vals = F.relu(select_linear(xf, W, cc.b_enc, pre, codes))
-        e_hat = sparse_decode(vals, Wd, codes)
+        vals = F.relu(kernels.encode(xf, W, cc.b_enc, pre, codes))
+        e_hat = kernels.decode(vals, Wd, codes)
         e_hat = e_hat if shard is None else shard.total(e_hat)
         cols = _model_cols(name, d) if name != "all" else slice(None)
         e = err[:, cols]
@@ -141,7 +161,7 @@ def _select(cc: Crosscoder, pre: torch.Tensor, shard: FeatureSplit | None, rows:
 
 
 def compute_loss(cc: Crosscoder, x: torch.Tensor, dead: torch.Tensor | None = None, shard: FeatureSplit | None = None,
-                 rows: RowSplit | None = None) -> StepResult:
+                 rows: RowSplit | None = None, *, pre: torch.Tensor | None = None, kernels: Kernels = SPARSE) -> StepResult:
     """Loss of one normalised batch [N, 2, d]; ``dead`` (bool [D]) enables AuxK on those features.
 
     With ``shard``, ``cc`` holds one rank's slice of the features: the top-k is merged over
@@ -149,7 +169,8 @@ def compute_loss(cc: Crosscoder, x: torch.Tensor, dead: torch.Tensor | None = No
     every rank computes the whole dictionary's loss. With ``rows``, ``x`` is one rank's
     slice of the batch: the terms that are not means over rows (BatchTopK's cutoff, AuxK's
     normaliser) are taken over the whole batch, so the gradients DDP averages are the
-    whole batch's.
+    whole batch's. ``pre`` is the batch's encoder pre-activations when the caller has them
+    already (a stack of dictionaries computes all of theirs in one product).
     """
     cfg = cc.config
     n, D = x.shape[0], cc.dict_size
@@ -157,8 +178,9 @@ def compute_loss(cc: Crosscoder, x: torch.Tensor, dead: torch.Tensor | None = No
     W = cc.W_enc.reshape(-1, D)
     Wd = cc.W_dec.reshape(D, -1)
     labels = cc.partition.labels().to(x.device)
-    with torch.no_grad():
-        pre = torch.addmm(cc.b_enc, xf, W)
+    if pre is None:
+        with torch.no_grad():
+            pre = torch.addmm(cc.b_enc, xf, W)
     min_active: float | None = None
     if cfg.sparsity == "l1":
         f = F.relu(torch.addmm(cc.b_enc, xf, W))
@@ -173,8 +195,8 @@ def compute_loss(cc: Crosscoder, x: torch.Tensor, dead: torch.Tensor | None = No
         terms: dict[str, float] = {"l1_weighted": float(l1_weighted.detach())}
     else:
         codes = _select(cc, pre, shard, rows)
-        vals = F.relu(select_linear(xf, W, cc.b_enc, pre, codes))
-        partial = sparse_decode(vals, Wd, codes)
+        vals = F.relu(kernels.encode(xf, W, cc.b_enc, pre, codes))
+        partial = kernels.decode(vals, Wd, codes)
         x_hat = (partial if shard is None else shard.total(partial)) + cc.b_dec.reshape(-1)
         with serial():
             sums = _partition_sums(cc, codes, vals, labels)
@@ -194,7 +216,7 @@ def compute_loss(cc: Crosscoder, x: torch.Tensor, dead: torch.Tensor | None = No
     terms.update(pen_terms)
     any_dead = dead is not None and (bool(dead.any()) if shard is None else float(shard.total(dead.any().float())) > 0)
     if any_dead and cfg.aux_k.enabled and cfg.aux_k.coef > 0 and cfg.sparsity != "l1":
-        aux, aux_terms = auxk_loss(cc, xf, W, pre, (xf - x_hat).detach(), dead, rows, shard)
+        aux, aux_terms = auxk_loss(cc, xf, W, pre, (xf - x_hat).detach(), dead, rows, shard, kernels)
         loss = loss + aux
         terms.update(aux_terms)
         terms["aux"] = float(aux.detach())

@@ -163,13 +163,15 @@ def run_sweep(
     progress: bool = True,
     one_pass: bool = True,
     per_pass: int | None = None,
+    stack: bool = True,
 ) -> list[dict[str, Any]]:
     """Train every run (or those whose names contain one of ``only``); returns the summary rows.
 
     ``overrides`` replace training settings of every run (e.g. ``{"steps": 100}`` for a smoke test).
     By default the unfinished runs train together in one pass over the data
     (:mod:`guardrail.training.multi`: the same dictionaries as one by one, in less time);
-    ``one_pass=False`` trains them one after the other; ``per_pass`` caps how many share a pass.
+    ``one_pass=False`` trains them one after the other; ``per_pass`` caps how many share a pass;
+    ``stack=False`` keeps every run of a pass on its own trainer (no stacks: for comparison).
     Under a distributed launch every run trains data-parallel over the ranks, and rank 0
     writes the artifacts and ``sweep.json``.
     """
@@ -182,7 +184,7 @@ def run_sweep(
     comm = setup()  # one process group for the whole sweep under a launcher; every run joins it
     failed = True
     try:
-        rows = _train_pending(grid, specs, data, out, overrides, progress and comm.is_main, one_pass, per_pass, comm.is_main)
+        rows = _train_pending(grid, specs, data, out, overrides, progress and comm.is_main, one_pass, per_pass, comm.is_main, stack)
         failed = False
         return rows
     finally:
@@ -190,7 +192,7 @@ def run_sweep(
 
 
 def _train_pending(grid: Grid, specs: list[RunSpec], data: Any, out: Path, overrides: dict[str, Any] | None, progress: bool,
-                   one_pass: bool, per_pass: int | None, writes: bool) -> list[dict[str, Any]]:
+                   one_pass: bool, per_pass: int | None, writes: bool, stack: bool = True) -> list[dict[str, Any]]:
     """Train the unfinished runs; the data is normalised once per outlier rule (``max_norm_ratio``) the runs ask for."""
     status = {s.name: "skipped (artifact exists)" for s in specs if _finished(out / s.name)}
     jobs = [_job(grid, spec, out, overrides, progress) for spec in specs if spec.name not in status]
@@ -202,7 +204,7 @@ def _train_pending(grid: Grid, specs: list[RunSpec], data: Any, out: Path, overr
     if jobs and one_pass:
         if progress:
             print(f"one pass: {len(jobs)} of {len(specs)} runs ({len(specs) - len(jobs)} already finished)", flush=True)
-        train_many(data, jobs, per_pass=per_pass, progress=progress, on_finished=record)
+        train_many(data, jobs, per_pass=per_pass, progress=progress, on_finished=record, stack=stack)
     else:
         prepared: dict[float | None, Any] = {}
         for i, job in enumerate(jobs, 1):

@@ -186,21 +186,34 @@ class Trainer:
         """This rank's rows of global batch ``step``, on the trainer's device."""
         return gather_batch(self.td, self.order, self.comm, step)
 
+    @property
+    def aux_dead(self) -> torch.Tensor | None:
+        """What the loss gets as ``dead``: the dead features when AuxK is on, else None."""
+        return self.dead if self.cc.config.aux_k.enabled else None
+
     def step(self, step: int, x: torch.Tensor | None = None) -> StepResult:
         """Optimiser step ``step`` on ``x`` (default: this run's own batch ``step``)."""
+        lr_now = self.set_lr(step)
+        x = self.batch(step) if x is None else x
+        self.opt.zero_grad(set_to_none=True)
+        res = self.objective(x, self.aux_dead)
+        res.loss.backward()
+        self.update(res, lr_now)
+        return res
+
+    def set_lr(self, step: int) -> float:
+        """Put step ``step``'s learning rate (after warmup) on the optimiser; returns it."""
         lr_now = _lr_at(self.tc, step)
         for group in self.opt.param_groups:
             group["lr"] = lr_now
-        x = self.batch(step) if x is None else x
-        self.opt.zero_grad(set_to_none=True)
-        res = self.objective(x, self.dead if self.cc.config.aux_k.enabled else None)
-        res.loss.backward()
-        self._apply(res)
-        res.terms["lr"] = lr_now
-        return res
+        return lr_now
 
-    def _apply(self, res: StepResult) -> None:
-        """Masked, clipped Adam step, masks re-applied, then the dead-feature window and threshold (agreed over ranks)."""
+    def update(self, res: StepResult, lr_now: float) -> None:
+        """Everything after the backward: masked, clipped Adam step, masks re-applied, dead-feature window and threshold.
+
+        The state outside the gradient is agreed over ranks. A stack of dictionaries
+        (:mod:`guardrail.training.stacked`) calls this per run after its one backward.
+        """
         cc, comm = self.cc, self.comm
         cc.mask_gradients()
         if self.tc.grad_clip is not None:
@@ -211,9 +224,13 @@ class Trainer:
         self.state.steps_since_fired = torch.where(fired, 0, self.state.steps_since_fired + 1)
         min_active = comm.min(res.min_active) if cc.config.sparsity == "batchtopk" else None
         _update_threshold(cc, min_active, self.state)
+        res.terms["lr"] = lr_now
 
     def _clip(self, max_norm: float) -> None:
-        torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        """``clip_grad_norm_``, whose scaling is skipped when its factor is exactly 1 (most steps: a pass over every gradient saved)."""
+        norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+        if float(max_norm / (norm + 1e-6)) < 1.0:
+            torch.nn.utils.clip_grads_with_norm_(self.params, max_norm, norm)
 
     def _fired_anywhere(self, fired: torch.Tensor) -> torch.Tensor:
         """Features that fired on any rank's rows: every rank then counts the same dead features."""
@@ -269,6 +286,13 @@ class Trainer:
             bar.close()
 
 
+def new_crosscoder(td: TrainingData, config: CrosscoderConfig, seed: int) -> Crosscoder:
+    """The dictionary a run starts from: ``config`` at the data's width, its seeded init, the data's normalisation."""
+    cc = Crosscoder(config.with_d_model(td.d_model), seed=seed)
+    cc.set_normalization(td.mean, td.std)
+    return cc
+
+
 def build_trainer(data: Any, config: CrosscoderConfig, training: TrainingConfig, mean=None, std=None, comm: Comm = LOCAL,
                   shard_features: bool = False) -> Trainer:
     """A fresh crosscoder (seeded init, data normalisation stats set) and its optimisation state.
@@ -281,9 +305,7 @@ def build_trainer(data: Any, config: CrosscoderConfig, training: TrainingConfig,
     td = prepare_data(data, mean, std, training.max_norm_ratio)
     if comm.broadcast(td.data_hash) != td.data_hash:
         raise ValueError(f"rank {comm.rank} holds other training data than rank 0 (data hashes differ)")
-    cfg = config.with_d_model(td.d_model)
-    cc = Crosscoder(cfg, seed=training.seed)
-    cc.set_normalization(td.mean, td.std)
+    cc = new_crosscoder(td, config, training.seed)
     if shard_features and comm.distributed:
         from guardrail.training.sharded import ShardedTrainer
 
