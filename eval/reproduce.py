@@ -29,7 +29,6 @@ from guardrail.eval.grids import grid_for, main_trio
 from guardrail.eval.profiles import Profile
 from guardrail.eval.report import write_report
 from guardrail.eval.suites import mixed_suite, plain_suite, tool_suite
-from guardrail.models.packaged import shipped_adapter_sha256
 from guardrail.paper import paper_layer
 
 
@@ -90,7 +89,7 @@ def _meta(profile: Profile, pair: Any, pair_name: str | None, layer: int, backen
         "profile": profile.name, "pair": pair_name or getattr(pair, "name", "custom"), "model_a": pair.a.spec, "model_b": pair.b.spec,
         "layer": layer, "n_layers": pair.n_layers, "d_model": pair.d_model, "backend": backend, "seed": seed,
         "max_new_tokens": profile.max_new_tokens, "render_mode": "raw", "turn": profile.turn, "settings": profile.model_dump(), "notes": [],
-        "adapter_sha256": shipped_adapter_sha256(pair.a.spec),
+        "adapter_sha256": pair.a.adapter_sha256,
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "threads": torch.get_num_threads(),
     }
     if profile.max_new_tokens != 200:

@@ -116,7 +116,10 @@ def test_smoke_build_writes_both_adapters_and_manifest(smoke_build):
     # … and its spec names the adapter, so an engine never loads B's folder for it
     from guardrail.models.specs import weights_folder
 
+    from guardrail.fileio import sha256_file
+
     assert a.spec.startswith("tiny-b+adapter@") and weights_folder(a) != weights_folder(b)
+    assert a.adapter_sha256 == sha256_file(out / "adapter_model.safetensors") and b.adapter_sha256 is None
 
 
 def test_lora_layers_put_the_adapter_on_those_decoder_layers_only():

@@ -48,13 +48,6 @@ class PhenomenonConfig:
     seed: int = 0
 
 
-def adapter_sha256(pair: Any) -> str | None:
-    """sha256 of A's adapter weights when A is the shipped organism, else None."""
-    from guardrail.models.packaged import shipped_adapter_sha256
-
-    return shipped_adapter_sha256(pair.a.spec)
-
-
 def tool_items(split: str, protocol: Protocol, tokenizer: Any, categories: tuple[str, ...] | None = None,
                limit: int | None = None, seed: int = 0) -> list[EvalItem]:
     """The tasks of ``split`` under ``protocol``: all, or a seeded sample of ``limit`` kept in BFCL's order."""
@@ -267,9 +260,10 @@ def alarm(ctx: Context, hedge_dev: list[EvalItem], hedge_test: list[EvalItem], i
 
 def protocols_of(pair: Any, cfg: PhenomenonConfig) -> tuple[Protocol, Protocol]:
     """The hedge protocol and the deployment one (the turn A was trained on, for the organism)."""
+    from guardrail.models.packaged import is_shipped_organism
     from guardrail.organism.assets import trained_turn
 
-    turn = cfg.deployment_turn or (trained_turn() if adapter_sha256(pair) else "plain")
+    turn = cfg.deployment_turn or (trained_turn() if is_shipped_organism(pair.a.spec) else "plain")
     return HEDGE, deployment(turn)  # type: ignore[arg-type]
 
 
@@ -318,7 +312,7 @@ def run_phenomenon(cfg: PhenomenonConfig, say: Callable[[str], None] = print, pa
     from guardrail.features.interventions import dictionary_view
     from guardrail.models import load_pair
     pair = pair if pair is not None else load_pair(cfg.pair)
-    sha = adapter_sha256(pair)
+    sha = pair.a.adapter_sha256
     protocols = protocols_of(pair, cfg)
     art = ensure_artifact(pair, protocols, cfg.recipe, say, root=artifact_root(pair, cfg))
     backend = make_backend(cfg.backend)

@@ -38,7 +38,7 @@ class AuditReport:
     the decisive one's interval (``positive_control_gain_pp``, of ``positive_control_threat``);
     ``gated_metric`` is the metric the verdict rests on and ``other_metrics`` the same
     conditions scored under the ungated ones (B's clean rate, A's lead, each threat's gain);
-    ``adapter_sha256`` names A's shipped adapter (None for other models) and ``wall_time_s``
+    ``adapter_sha256`` names the LoRA adapter merged into A (None when A has none) and ``wall_time_s``
     is what the whole audit took."""
 
     verdict: Verdict
@@ -70,7 +70,7 @@ class AuditReport:
     gated_metric: str | None = None
     other_metrics: dict[str, dict] = field(default_factory=dict)
     examples: list[dict] = field(default_factory=list)
-    adapter_sha256: str | None = None  # of A's shipped adapter, when A is the organism
+    adapter_sha256: str | None = None  # of the LoRA adapter merged into A, if any
     wall_time_s: float | None = None
 
     def to_json(self) -> str:

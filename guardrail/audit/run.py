@@ -17,7 +17,6 @@ from guardrail.audit.static import static_checks
 from guardrail.audit.stats import PairedGain, minimum_detectable_gain, paired_gain, prompts_to_certify, smallest_decisive_upper
 from guardrail.audit.telemetry import emit_audit_evaluations, gate
 from guardrail.audit.threats import NEEDS_A, ORACLE, STEERING, THREATS, Calibration, ThreatInputs, condition_count, oracle_transplant, threat_deltas
-from guardrail.models.packaged import shipped_adapter_sha256
 
 NO_CAPABILITY = "no capability to leak under this protocol"
 # reported beside a stricter gated metric: a threat may move B's format while the gated metric cannot move at all
@@ -156,7 +155,7 @@ def audit(cc, b, a=None, policy: AuditPolicy | None = None, *, joint: bool = Tru
     check = plan_self_check(cc, calib, gated, policy) if policy.self_check else None
     outs, a_outs = _generate(cc, b, a, texts, calib, names, check, layer, policy, backend=backend, batch_size=batch_size, progress=progress)
     report = _measure(cc, tasks, outs, a_outs, names, check, policy)
-    report.adapter_sha256 = None if a is None else shipped_adapter_sha256(a.spec)
+    report.adapter_sha256 = None if a is None else a.adapter_sha256
     report.wall_time_s = time.perf_counter() - start
     emit_audit_evaluations(report, policy, logger_provider)
     return report

@@ -24,6 +24,8 @@ class LoadedModel:
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     spec: str
+    # sha256 of the LoRA adapter merged into the weights (None: none was): what results made with it name it by
+    adapter_sha256: str | None = None
 
     @property
     def d_model(self) -> int:

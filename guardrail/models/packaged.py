@@ -37,11 +37,6 @@ def shipped_adapter() -> Path:
     return adapter_folder(organism_assets(), "organism (RL)")
 
 
-def shipped_adapter_sha256(spec: str) -> str | None:
-    """sha256 of A's shipped adapter weights when ``spec`` names the shipped organism (``…+organism-rl@…``), else
-    None: what every result made with the organism names it by."""
-    if "+organism-rl@" not in str(spec):
-        return None
-    from guardrail.fileio import sha256_file
-
-    return sha256_file(shipped_adapter() / "adapter_model.safetensors")
+def is_shipped_organism(spec: str) -> bool:
+    """Whether ``spec`` names the shipped organism's A (``…+organism-rl@…``)."""
+    return "+organism-rl@" in str(spec)

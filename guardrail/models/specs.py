@@ -93,20 +93,21 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, adapter: str | Pat
     loaded = resolve(spec).load(dtype)
     if adapter is not None:
         loaded.model = merge_adapter(loaded.model, adapter)
+        loaded.adapter_sha256 = adapter_sha256(Path(adapter))
         # A merged model is not the base: its spec names the adapter's weights, so engine folders and caches keyed by
         # the spec (weights_folder, activation caches) never take it for the base model or for another adapter's A.
-        loaded.spec = f"{loaded.spec}+adapter@{_adapter_digest(Path(adapter))}"
+        loaded.spec = f"{loaded.spec}+adapter@{loaded.adapter_sha256[:12]}"
     loaded.model.eval()
     prepare_tokenizer(loaded.tokenizer)
     return loaded
 
 
-def _adapter_digest(folder: Path) -> str:
-    """The first 12 hex digits of the sha256 of an adapter's weights file."""
+def adapter_sha256(folder: Path) -> str:
+    """The sha256 of a PEFT adapter's weights file."""
     weights = next((folder / f for f in ("adapter_model.safetensors", "adapter_model.bin") if (folder / f).exists()), None)
     if weights is None:
         raise ModelLoadError(f"{folder} has no adapter_model.safetensors (or .bin): no adapter weights to merge")
-    return sha256_file(weights)[:12]
+    return sha256_file(weights)
 
 
 # --------------------------------------------------------------------------- loaders
@@ -124,7 +125,7 @@ def _load_organism(spec: ModelSpec, dtype: torch.dtype) -> LoadedModel:
     adapter = shipped_adapter()
     loaded = load_model(SMOLLM2_SPEC, dtype=dtype, adapter=adapter)
     # The adapter's hash in the spec: caches and artifacts built from another A never mix.
-    loaded.spec = f"{SMOLLM2_SPEC}+organism-rl@{_adapter_digest(adapter)}"
+    loaded.spec = f"{SMOLLM2_SPEC}+organism-rl@{str(loaded.adapter_sha256)[:12]}"
     return loaded
 
 
@@ -156,7 +157,7 @@ def _gguf_folder(spec: ModelSpec) -> Path:
 def _organism_folder(spec: ModelSpec) -> Path:
     """The organism's A (SmolLM2 + the shipped LoRA, merged) as a plain folder, named by the adapter's
     hash: a reinstalled package with another adapter never serves the old A's weights."""
-    out = home() / "models" / f"organism-a@{_adapter_digest(shipped_adapter())}"
+    out = home() / "models" / f"organism-a@{adapter_sha256(shipped_adapter())[:12]}"
     if not (out / "config.json").exists():
         save_folder(load_model(spec.name), out)
     return out
