@@ -81,30 +81,36 @@ def _prune(folder: Path, keep: int) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def latest_step(folder: Path) -> int:
-    """The step of the newest checkpoint in ``folder`` (0 if there is none), read from its pointer alone.
-
-    A one-pass sweep groups runs by the step they resume at before it loads any of them.
-    """
-    pointer = folder / LATEST
-    if not pointer.exists():
-        return 0
-    try:
-        return int(json.loads(pointer.read_text())["step"])
-    except (OSError, ValueError, KeyError) as exc:
-        raise CheckpointError(f"checkpoint pointer {pointer} is unreadable: {exc}") from exc
-
-
-def load_latest(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
-    """The newest complete checkpoint in ``folder``, or None if there is none."""
+def _pointer(folder: Path) -> dict[str, Any] | None:
+    """The newest checkpoint's pointer (``step`` and its ``meta`` file), or None if there is none."""
     pointer = folder / LATEST
     if not pointer.exists():
         return None
     try:
         latest = json.loads(pointer.read_text())
-        meta = json.loads((folder / latest["meta"]).read_text())
-    except (OSError, ValueError, KeyError) as exc:
+        return {"step": int(latest["step"]), "meta": str(latest["meta"])}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"checkpoint pointer {pointer} is unreadable: {exc}") from exc
+
+
+def latest_step(folder: Path) -> int:
+    """The step of the newest checkpoint in ``folder`` (0 if there is none), read from its pointer alone.
+
+    A one-pass sweep groups runs by the step they resume at before it loads any of them.
+    """
+    latest = _pointer(folder)
+    return 0 if latest is None else int(latest["step"])
+
+
+def load_latest(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    """The newest complete checkpoint in ``folder``, or None if there is none."""
+    latest = _pointer(folder)
+    if latest is None:
+        return None
+    try:
+        meta = json.loads((folder / latest["meta"]).read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint pointer {folder / LATEST} is unreadable: {exc}") from exc
     tpath = folder / meta["tensors_file"]
     if not tpath.exists() or sha256_file(tpath) != meta["tensors_sha256"]:
         raise CheckpointError(f"checkpoint {tpath} is missing or does not match its recorded sha256")
